@@ -1,0 +1,106 @@
+"""Device-side pair sets: a bit-packed N×M mask (1 bit per pair) for positives and for negatives.
+
+A :class:`PackedPairMask` is what ``dk.functional.multi_similarity_mask`` returns, and what losses
+accept as ``indices_tuple`` besides PML's index tuples. Row ``i`` holds ``ceil(M / 8)`` bytes; pair
+``(i, k)`` is bit ``k % 8`` of byte ``k // 8``. Building or reading it never syncs with the host;
+only ``to_indices()`` (PML's tuple, whose length depends on the data) does.
+"""
+from __future__ import annotations
+
+import torch
+
+_BIT_WEIGHTS = 2 ** torch.arange(8)
+
+
+def pack_bits(dense: torch.Tensor) -> torch.Tensor:
+    """N×M bool → N×ceil(M/8) uint8, little-endian bit order within each byte."""
+    n, m = dense.shape
+    nbytes = (m + 7) // 8
+    padded = torch.zeros(n, nbytes * 8, dtype=torch.uint8, device=dense.device)
+    padded[:, :m] = dense
+    weights = _BIT_WEIGHTS.to(device=dense.device, dtype=torch.int32)
+    return (padded.view(n, nbytes, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, m: int) -> torch.Tensor:
+    """N×ceil(M/8) uint8 → N×M bool."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(packed.shape[0], -1)[:, :m].bool()
+
+
+class PackedPairMask:
+    """Positive and negative pair sets of N queries against M references, 1 bit per pair."""
+
+    def __init__(self, pos_bits: torch.Tensor, neg_bits: torch.Tensor, num_refs: int):
+        expected = (pos_bits.shape[0], (num_refs + 7) // 8)
+        for name, t in (("pos_bits", pos_bits), ("neg_bits", neg_bits)):
+            if t.dtype != torch.uint8 or t.dim() != 2 or tuple(t.shape) != expected:
+                raise ValueError(f"{name} must be a uint8 tensor of shape {expected}, got {t.dtype} {tuple(t.shape)}")
+        self.pos_bits = pos_bits
+        self.neg_bits = neg_bits
+        self.num_refs = num_refs
+
+    @property
+    def shape(self):
+        return (self.pos_bits.shape[0], self.num_refs)
+
+    @property
+    def device(self):
+        return self.pos_bits.device
+
+    @classmethod
+    def from_dense(cls, pos: torch.Tensor, neg: torch.Tensor) -> "PackedPairMask":
+        if pos.shape != neg.shape or pos.dim() != 2:
+            raise ValueError("pos and neg masks must both be N×M")
+        return cls(pack_bits(pos.bool()), pack_bits(neg.bool()), pos.shape[1])
+
+    @classmethod
+    def from_indices(cls, indices_tuple, num_queries: int, num_refs: int, device=None) -> "PackedPairMask":
+        """PML 3-tuple (a, p, n) or 4-tuple (a1, p, a2, n) → mask (duplicates collapse to one bit)."""
+        a1, p, a2, n = indices_to_pairs(indices_tuple)
+        device = device if device is not None else a1.device
+        pos = torch.zeros(num_queries, num_refs, dtype=torch.bool, device=device)
+        neg = torch.zeros_like(pos)
+        pos[a1.to(device), p.to(device)] = True
+        neg[a2.to(device), n.to(device)] = True
+        return cls.from_dense(pos, neg)
+
+    def to_dense(self):
+        """(pos, neg) as N×M bool tensors."""
+        return unpack_bits(self.pos_bits, self.num_refs), unpack_bits(self.neg_bits, self.num_refs)
+
+    def to_indices(self):
+        """PML's 4-tuple (a1, p, a2, n), row-major (host sync: its length depends on the data)."""
+        pos, neg = self.to_dense()
+        a1, p = torch.where(pos)
+        a2, n = torch.where(neg)
+        return a1, p, a2, n
+
+    def count(self):
+        """(number of positive pairs, number of negative pairs) as 0-dim device tensors."""
+        pos, neg = self.to_dense()
+        return pos.sum(), neg.sum()
+
+    def to(self, device):
+        return PackedPairMask(self.pos_bits.to(device), self.neg_bits.to(device), self.num_refs)
+
+    def __repr__(self):
+        return f"PackedPairMask(shape={self.shape}, device={self.device})"
+
+
+def indices_to_pairs(indices_tuple):
+    """PML's ``convert_to_pairs`` for a given tuple: a triplet (a, p, n) becomes (a, p, a, n)."""
+    if len(indices_tuple) == 4:
+        return tuple(indices_tuple)
+    a, p, n = indices_tuple
+    return a, p, a, n
+
+
+def indices_to_triplets(indices_tuple):
+    """PML's ``convert_to_triplets`` for a given tuple: pairs sharing an anchor are joined."""
+    if len(indices_tuple) == 3:
+        return tuple(indices_tuple)
+    a1, p, a2, n = indices_tuple
+    p_idx, n_idx = torch.where(a1.unsqueeze(1) == a2)
+    return a1[p_idx], p[p_idx], n[n_idx]
