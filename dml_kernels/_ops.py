@@ -1,0 +1,39 @@
+"""The canonical op contract every backend implements (reference/, triton/, csrc_ops.py).
+
+The functional layer (``functional.py``) validates user input and calls
+``_backends.call(op, backend, device_type, *args, **kwargs)``; an implementation registered with
+``@_backends.register(op, backend)`` receives exactly these arguments (already validated: float
+tensors on one device, labels int64 on that device, ``distance`` a :class:`dml_kernels.Distance`).
+
+``ref is None`` means *self mode*: references are the queries, the (i, i) pair is excluded and the
+gradient flows into ``x`` from both sides. Otherwise ``ref`` (M×D) with ``ref_labels`` (M,) and no
+pair is excluded. Losses return a 0-dim tensor attached to the graph of every differentiable input
+(also when the value is 0). Raise ``_backends.Unsupported`` for an argument combination not handled;
+``backend="auto"`` then falls back to the next backend.
+
+op                                   signature
+-----------------------------------  ------------------------------------------------------------------
+pairwise_similarity                  (x, ref, *, distance) -> N×M
+multi_similarity_thresholds          (x, labels, ref, ref_labels, *, distance) -> (hardest_pos (N,), hardest_neg (N,))
+multi_similarity_mask                (x, labels, ref, ref_labels, *, epsilon, distance) -> PackedPairMask
+batch_hard_mining                    (x, labels, ref, ref_labels, *, distance) -> (pos_idx (N,), neg_idx (N,)), -1 = none
+triplet_margin_mining                (x, labels, ref, ref_labels, *, margin, type_of_triplets, distance) -> (a, p, n)
+multi_similarity_loss                (x, labels, ref, ref_labels, *, alpha, beta, base, epsilon, distance, pairs, pair_rule)
+generalized_lifted_structure_loss    (x, labels, ref, ref_labels, *, neg_margin, pos_margin, distance, pairs, pair_rule)
+lifted_structure_loss                (x, labels, *, neg_margin, pos_margin, distance, pairs, pair_rule)
+contrastive_loss                     (x, labels, ref, ref_labels, *, pos_margin, neg_margin, distance, pairs, pair_rule)
+n_pairs_loss                         (x, labels, *, distance, pairs)
+triplet_margin_loss                  (x, labels, ref, ref_labels, *, margin, swap, smooth_loss, mining, distance, triplets)
+proxy_nca_loss                       (x, labels, proxies, *, softmax_scale, exclude_positive, distance, weights)
+proxy_anchor_loss                    (x, labels, proxies, *, margin, alpha, distance, weights)
+
+``pairs``: None (all label pairs), a PackedPairMask (matrix-based losses: MS, generalized lifted), or a
+PML 4-tuple (a1, p, a2, n) with duplicates that count (pair-based: lifted, contrastive); ``(a, p)`` for
+N-pairs. ``labels`` may be None when ``pairs`` is given. ``pair_rule``: apply PML's "≤1 positive and ≤1
+negative pair → 0" on the pairs used, counted on the device. ``triplets``: None or (a, p, n).
+``weights``: None or PML's per-sample miner weights (N,). ``epsilon``: None or the MS mining margin.
+"""
+OPS = ("pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_mask", "batch_hard_mining",
+       "triplet_margin_mining", "multi_similarity_loss", "generalized_lifted_structure_loss",
+       "lifted_structure_loss", "contrastive_loss", "n_pairs_loss", "triplet_margin_loss", "proxy_nca_loss",
+       "proxy_anchor_loss")

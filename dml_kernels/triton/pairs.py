@@ -1,0 +1,1 @@
+"""Triton pair losses and miners (registered on import)."""

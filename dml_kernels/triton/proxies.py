@@ -1,0 +1,1 @@
+"""Triton proxy losses (registered on import)."""
