@@ -1,0 +1,147 @@
+"""dml_kernels (reference backend) against PML 2.9 itself: float64 values and gradients within 1e-9,
+every loss and label pattern, PML distance objects, PML index tuples, and the miners (compared as sets)."""
+import pytest
+import torch
+
+import dml_kernels as dk
+from patterns import PATTERNS, make
+
+pml = pytest.importorskip("pytorch_metric_learning")
+from pytorch_metric_learning import distances as pd  # noqa: E402
+from pytorch_metric_learning import losses as pl  # noqa: E402
+from pytorch_metric_learning import miners as pm  # noqa: E402
+
+TOL = dict(rtol=1e-9, atol=1e-9)
+
+
+def same_loss(ours, theirs, x, y, *args, **kwargs):
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, b = ours(xa, y, *args, **kwargs), theirs(xb, y, *args, **kwargs)
+    assert a.dim() == 0
+    torch.testing.assert_close(a, b.to(a.dtype), **TOL)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(xa.grad, xb.grad if xb.grad is not None else torch.zeros_like(x), **TOL)
+
+
+PAIR_LOSSES = {
+    "MultiSimilarityLoss": (dict(), dict(alpha=0.1, beta=40, base=0.5)),
+    "LiftedStructureLoss": (dict(), dict(neg_margin=0.5, pos_margin=0.1)),
+    "GeneralizedLiftedStructureLoss": (dict(), dict(neg_margin=0.5)),
+    "NPairsLoss": (dict(), dict()),
+    "ContrastiveLoss": (dict(), dict(pos_margin=0.1, neg_margin=1.3)),
+    "TripletMarginLoss": (dict(), dict(margin=0.3, swap=True)),
+}
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("name", PAIR_LOSSES)
+@pytest.mark.parametrize("which", [0, 1])
+def test_pair_losses_match_pml(pattern, name, which):
+    kwargs = PAIR_LOSSES[name][which]
+    x, y = make(pattern, n=11, d=6)
+    same_loss(getattr(dk.losses, name)(backend="reference", **kwargs), getattr(pl, name)(**kwargs), x, y)
+
+
+DIST_OBJECTS = [pd.CosineSimilarity(), pd.DotProductSimilarity(), pd.DotProductSimilarity(normalize_embeddings=False),
+                pd.LpDistance(), pd.LpDistance(power=2), pd.LpDistance(normalize_embeddings=False)]
+
+
+@pytest.mark.parametrize("dist", DIST_OBJECTS, ids=lambda d: f"{type(d).__name__}-{d.power}-{d.normalize_embeddings}")
+@pytest.mark.parametrize("name", ["MultiSimilarityLoss", "GeneralizedLiftedStructureLoss", "ContrastiveLoss",
+                                  "TripletMarginLoss", "LiftedStructureLoss"])
+def test_pml_distance_objects(dist, name):
+    x, y = make("random", n=10, d=4)
+    same_loss(getattr(dk.losses, name)(distance=dist, backend="reference"), getattr(pl, name)(distance=dist), x, y)
+
+
+@pytest.mark.parametrize("pattern", ["random", "pairs", "all_same", "all_distinct", "singletons_and_pairs"])
+@pytest.mark.parametrize("dist", [pd.CosineSimilarity(), pd.LpDistance()], ids=["cos", "lp"])
+def test_fused_ms_mining_matches_pml_pipeline(pattern, dist):
+    x, y = make(pattern, n=12, d=4)
+    miner = pm.MultiSimilarityMiner(epsilon=0.1, distance=dist)
+    same_loss(dk.losses.MultiSimilarityLoss(epsilon=0.1, distance=dist, backend="reference"),
+              lambda e, lab: pl.MultiSimilarityLoss(distance=dist)(e, lab, miner(e, lab)), x, y)
+
+
+@pytest.mark.parametrize("pattern", ["random", "pairs", "all_same", "all_distinct"])
+def test_fused_batch_hard_matches_pml_pipeline(pattern):
+    x, y = make(pattern, n=12, d=4)
+    miner = pm.BatchHardMiner()
+    same_loss(dk.losses.TripletMarginLoss(mining="batch_hard", backend="reference"),
+              lambda e, lab: pl.TripletMarginLoss()(e, lab, miner(e, lab)), x, y)
+
+
+@pytest.mark.parametrize("name", ["MultiSimilarityLoss", "ContrastiveLoss", "TripletMarginLoss",
+                                  "GeneralizedLiftedStructureLoss", "LiftedStructureLoss", "NPairsLoss"])
+@pytest.mark.parametrize("miner", ["ms", "batch_hard", "triplet_margin"])
+def test_indices_tuple_from_pml_miners(name, miner):
+    x, y = make("random", n=12, d=4)
+    m = {"ms": pm.MultiSimilarityMiner(0.3), "batch_hard": pm.BatchHardMiner(),
+         "triplet_margin": pm.TripletMarginMiner(0.3)}[miner]
+    same_loss(lambda e, lab: getattr(dk.losses, name)(backend="reference")(e, lab, m(e, lab)),
+              lambda e, lab: getattr(pl, name)()(e, lab, m(e, lab)), x, y)
+
+
+@pytest.mark.parametrize("name", ["MultiSimilarityLoss", "ContrastiveLoss", "TripletMarginLoss",
+                                  "GeneralizedLiftedStructureLoss"])
+def test_ref_emb_matches_pml(name):
+    x, y = make("random", n=6, d=4)
+    ref, ref_y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 4, (20,))
+    ra, rb = ref.clone().requires_grad_(), ref.clone().requires_grad_()
+    same_loss(lambda e, lab: getattr(dk.losses, name)(backend="reference")(e, lab, None, ra, ref_y),
+              lambda e, lab: getattr(pl, name)()(e, lab, None, rb, ref_y), x, y)
+    torch.testing.assert_close(ra.grad, rb.grad, **TOL)
+
+
+@pytest.mark.parametrize("pattern", ["random", "all_same", "all_distinct", "one_sample"])
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_proxy_nca_matches_pml(pattern, scale):
+    x, y = make(pattern, n=10, d=6)
+    ours = dk.losses.ProxyNCALoss(12, 6, softmax_scale=scale, backend="reference").double()
+    theirs = pl.ProxyNCALoss(12, 6, softmax_scale=scale).double()
+    theirs.proxies = torch.nn.Parameter(ours.proxies.detach().clone())
+    same_loss(ours, theirs, x, y)
+    torch.testing.assert_close(ours.proxies.grad, theirs.proxies.grad, **TOL)
+    torch.testing.assert_close(ours.get_logits(x), theirs.get_logits(x), **TOL)
+
+
+@pytest.mark.parametrize("pattern", ["random", "all_same", "all_distinct", "one_sample"])
+def test_proxy_anchor_matches_pml(pattern):
+    x, y = make(pattern, n=10, d=6)
+    ours = dk.losses.ProxyAnchorLoss(12, 6, margin=0.5, backend="reference").double()
+    theirs = pl.ProxyAnchorLoss(12, 6, margin=0.5).double()
+    theirs.proxies = torch.nn.Parameter(ours.proxies.detach().clone())
+    same_loss(ours, theirs, x, y)
+    torch.testing.assert_close(ours.proxies.grad, theirs.proxies.grad, **TOL)
+    torch.testing.assert_close(ours.get_logits(x), theirs.get_logits(x), **TOL)
+
+
+@pytest.mark.parametrize("name", ["ProxyNCALoss", "ProxyAnchorLoss"])
+def test_proxy_miner_weights_match_pml(name):
+    x, y = make("random", n=12, d=4)
+    ours = getattr(dk.losses, name)(5, 4, backend="reference").double()
+    theirs = getattr(pl, name)(5, 4).double()
+    theirs.proxies = torch.nn.Parameter(ours.proxies.detach().clone())
+    miner = pm.MultiSimilarityMiner(0.2)
+    same_loss(lambda e, lab: ours(e, lab, miner(e, lab)), lambda e, lab: theirs(e, lab, miner(e, lab)), x, y)
+
+
+@pytest.mark.parametrize("pattern", ["random", "pairs", "all_same", "all_distinct"])
+@pytest.mark.parametrize("dist", [pd.CosineSimilarity(), pd.LpDistance()], ids=["cos", "lp"])
+def test_miners_match_pml_as_sets(pattern, dist):
+    x, y = make(pattern, n=12, d=4)
+    for ours, theirs in [(dk.miners.MultiSimilarityMiner(0.1, distance=dist, backend="reference"),
+                          pm.MultiSimilarityMiner(0.1, distance=dist)),
+                         (dk.miners.TripletMarginMiner(0.2, "semihard", distance=dist, backend="reference"),
+                          pm.TripletMarginMiner(0.2, "semihard", distance=dist))]:
+        a, b = ours(x, y), theirs(x, y)
+        assert len(a) == len(b)
+        if len(a) == 4:
+            assert set(zip(a[0].tolist(), a[1].tolist())) == set(zip(b[0].tolist(), b[1].tolist()))
+            assert set(zip(a[2].tolist(), a[3].tolist())) == set(zip(b[2].tolist(), b[3].tolist()))
+        else:
+            assert set(zip(*[t.tolist() for t in a])) == set(zip(*[t.tolist() for t in b]))
+    a = dk.miners.BatchHardMiner(distance=dist, backend="reference")(x, y)
+    b = pm.BatchHardMiner(distance=dist)(x, y)
+    assert [t.tolist() for t in a] == [t.tolist() for t in b]
