@@ -1,0 +1,25 @@
+"""``python -m dml_kernels verify | bench``."""
+import sys
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = ("usage: python -m dml_kernels {verify,bench} [options]\n"
+             "  verify  check every available backend against the float64 reference (and PML) and print a table\n"
+             "  bench   run the benchmark harness (see --help)")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "verify":
+        from .verify import main as verify_main
+        return verify_main(rest)
+    if command == "bench":
+        from .bench import main as bench_main
+        return bench_main(rest)
+    print(f"unknown command {command!r}\n{usage}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
