@@ -2,11 +2,24 @@
 import sys
 
 
+def ops_table() -> str:
+    """Markdown table of which backends register which op (loads every backend that can load here)."""
+    from . import _backends
+    from ._ops import OPS
+
+    lines = ["| op | " + " | ".join(_backends.BACKENDS) + " |", "|---|" + "---|" * len(_backends.BACKENDS)]
+    for op in OPS:
+        have = _backends.implemented(op)
+        lines.append(f"| `{op}` | " + " | ".join("✓" if b in have else "—" for b in _backends.BACKENDS) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = ("usage: python -m dml_kernels {verify,bench} [options]\n"
              "  verify  check every available backend against the float64 reference (and PML) and print a table\n"
-             "  bench   run the benchmark harness (see --help)")
+             "  bench   run the benchmark harness (see --help)\n"
+             "  ops     print the op × backend table (which backends implement which op) as Markdown")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0
@@ -17,6 +30,9 @@ def main(argv=None) -> int:
     if command == "bench":
         from .bench import main as bench_main
         return bench_main(rest)
+    if command == "ops":
+        print(ops_table())
+        return 0
     print(f"unknown command {command!r}\n{usage}", file=sys.stderr)
     return 2
 
