@@ -56,7 +56,7 @@ def ms_mined_pairs(x, labels, ref, ref_labels, epsilon, name, normalize=True):
     out = []
     for i in range(len(labels)):
         pos, neg = pairs_of(i, labels, ref_labels, self_mode)
-        s = {k: float(value(x[i], ref[k], name, normalize)) for k in pos + neg}
+        s = {k: float(value(x[i], ref[k], name, normalize).detach()) for k in pos + neg}
         if epsilon is None:
             out.append((pos, neg))
             continue
@@ -141,7 +141,7 @@ def triplet(x, labels, ref=None, ref_labels=None, m=0.05, swap=False, smooth=Fal
         if batch_hard:
             if not pos or not neg:
                 continue
-            key = (lambda k: float(value(x[a], r[k], name, normalize)))
+            key = (lambda k: float(value(x[a], r[k], name, normalize).detach()))
             # hardest positive: farthest (least similar); hardest negative: closest (most similar); lowest index on ties
             if is_sim(name):
                 pos = [min(pos, key=key)]
@@ -209,7 +209,7 @@ def triplet_margin_miner(x, labels, ref=None, ref_labels=None, m=0.2, kind="all"
         pos, neg = pairs_of(a, labels, ref_labels, self_mode)
         for p in pos:
             for n in neg:
-                ap, an = float(value(x[a], r[p], name, normalize)), float(value(x[a], r[n], name, normalize))
+                ap, an = float(value(x[a], r[p], name, normalize).detach()), float(value(x[a], r[n], name, normalize).detach())
                 t = ap - an if is_sim(name) else an - ap
                 keep = {"all": t <= m, "hard": t <= m and t <= 0, "semihard": 0 < t <= m, "easy": t > m}[kind]
                 if keep:
