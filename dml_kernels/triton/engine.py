@@ -1,0 +1,496 @@
+"""The tiled pair engine: one similarity tile, many loss epilogues.
+
+A program owns a block of query rows (``BA``) and streams reference tiles (``BB``). Each tile is formed
+with ``tl.dot`` over D-chunks from the *raw* embeddings; normalisation is fused through per-row scales
+computed once on the host (``s = 1/max(‖x‖, 1e-12)`` or 1, and for euclidean distances the squared norm
+``n = ‖x s‖²``):
+
+    c  = (x_i · r_k) · (s_i s_k)                         cosine / dot    (DIST = 0)
+    sq = max(n_i + n_k − 2c, 0)                           squared L2      (DIST = 1)
+    d  = sqrt(sq) if sq > 0 else 0 (zero gradient at 0)   L2              (DIST = 2)
+
+Label / diagonal / packed-pair masking is applied to the tile, which is then handed to a loss-specific
+``@triton.jit`` epilogue passed as a ``tl.constexpr`` argument. Two epilogue kinds exist:
+
+* forward ``FWD(v, pos, neg, ia, ib, na, nb, st, nst, p0, p1, p2, p3, DIST, FLAG)`` returns six tiles,
+  each reduced along the row by the kind named in ``KINDS`` (sum, LSE, LSE with the implicit zero
+  term, max, min) into per-row statistics (:func:`row_stats`);
+* backward ``BWD(v, pos, neg, ia, ib, na, nb, st, nst, sc, p0, p1, p2, p3, DIST, FLAG)`` returns
+  dL/dv for the tile (:func:`grad`).
+
+``ia``/``ib`` are the anchor / reference indices broadcastable to the tile (``[:, None]`` / ``[None, :]``,
+or swapped for the transposed role), so an epilogue loads whichever per-row statistics it needs from
+``st`` (K rows of ``nst`` values). In self mode the backward forms G_IJ (rows as anchors) *and* G_JI
+(the columns as anchors, from the same tile) so a row-block program owns its output rows: dX = (G + Gᵀ)X
+without atomics. With a reference set a second column-block kernel produces dRef.
+
+The autograd plumbing (:class:`FusedPairLoss`) saves the inputs plus the O(N) statistics a loss returns
+and recomputes every tile in the backward. Nothing here syncs with the host.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backends import Unsupported  # noqa: F401  (re-exported for the loss modules)
+from .._distance import Distance
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Row-reduction kinds of the forward slots.
+NONE, SUM, LSE, LSE1, MAX, MIN = 0, 1, 2, 3, 4, 5
+
+
+# ----------------------------------------------------------------------------------------------- tiles
+
+
+@triton.jit
+def dot_tile(a_ptr, b_ptr, offs_a, offs_b, NA, NB, D, stride_a, stride_b,
+             BA: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, ACC_T: tl.constexpr, PREC: tl.constexpr):
+    """Raw inner products a_i · b_k of a BA×BB tile, accumulated over D in ACC_T (64-bit offsets)."""
+    acc = tl.zeros((BA, BB), dtype=ACC_T)
+    row_a = offs_a.to(tl.int64) * stride_a
+    row_b = offs_b.to(tl.int64) * stride_b
+    in_a = offs_a < NA
+    in_b = offs_b < NB
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        in_d = offs_d < D
+        a = tl.load(a_ptr + row_a[:, None] + offs_d[None, :], mask=in_a[:, None] & in_d[None, :], other=0.0)
+        b = tl.load(b_ptr + row_b[None, :] + offs_d[:, None], mask=in_b[None, :] & in_d[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=ACC_T)
+    return acc
+
+
+@triton.jit
+def tile_values(c, s_a, s_b, n_a, n_b, DIST: tl.constexpr):
+    """Similarity / distance from raw dots and the per-row scales and squared norms (symmetric in a, b)."""
+    cs = c * (s_a[:, None] * s_b[None, :])
+    if DIST == 0:
+        return cs
+    sq = tl.maximum((n_a[:, None] + n_b[None, :]) - 2.0 * cs, 0.0)
+    if DIST == 1:
+        return sq
+    pos = sq > 0
+    return tl.where(pos, tl.sqrt(tl.where(pos, sq, 1.0)), 0.0)
+
+
+@triton.jit
+def chain(w, v, DIST: tl.constexpr):
+    """dL/dv → (dL/dc, dL/dn) elementwise, c = scaled inner product, n = squared norm of either side."""
+    if DIST == 0:
+        return w, w * 0.0
+    if DIST == 1:
+        g = tl.where(v > 0, w, 0.0)
+    else:
+        g = tl.where(v > 0, w / (2.0 * tl.where(v > 0, v, 1.0)), 0.0)
+    return -2.0 * g, g
+
+
+@triton.jit
+def load_bits(bits_ptr, nbytes, rows, cols, mask):
+    """Bit (row, col) of a packed N×ceil(M/8) uint8 mask, for broadcastable index tensors."""
+    byte = tl.load(bits_ptr + rows.to(tl.int64) * nbytes + (cols // 8), mask=mask, other=0)
+    return ((byte.to(tl.int32) >> (cols % 8).to(tl.int32)) & 1) != 0
+
+
+@triton.jit
+def pair_masks(lab_a, lab_b, offs_a, offs_b, NA, NB, pos_bits, neg_bits, nbytes,
+               SELF: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_PAIRS: tl.constexpr, TRANS: tl.constexpr):
+    """(pos, neg) of the tile rows offs_a × cols offs_b; TRANS reads the pair bits of (col, row)."""
+    valid = (offs_a < NA)[:, None] & (offs_b < NB)[None, :]
+    if HAS_PAIRS:
+        if TRANS:
+            pos = load_bits(pos_bits, nbytes, offs_b[None, :], offs_a[:, None], valid) & valid
+            neg = load_bits(neg_bits, nbytes, offs_b[None, :], offs_a[:, None], valid) & valid
+        else:
+            pos = load_bits(pos_bits, nbytes, offs_a[:, None], offs_b[None, :], valid) & valid
+            neg = load_bits(neg_bits, nbytes, offs_a[:, None], offs_b[None, :], valid) & valid
+    elif HAS_LABELS:
+        same = lab_a[:, None] == lab_b[None, :]
+        pos = same & valid
+        if SELF:
+            pos = pos & (offs_a[:, None] != offs_b[None, :])
+        neg = (same == 0) & valid
+    else:
+        pos = valid & (offs_a[:, None] != offs_b[None, :])
+        neg = valid
+    return pos, neg
+
+
+@triton.jit
+def load_rows(x_ptr, s_ptr, n_ptr, lab_ptr, offs, N, HAS_LABELS: tl.constexpr):
+    """Per-row scale, squared norm and label of a block of rows (masked)."""
+    inside = offs < N
+    s = tl.load(s_ptr + offs, mask=inside, other=0.0)
+    n = tl.load(n_ptr + offs, mask=inside, other=0.0)
+    if HAS_LABELS:
+        lab = tl.load(lab_ptr + offs, mask=inside, other=-1)
+    else:
+        lab = offs
+    return s, n, lab
+
+
+@triton.jit
+def value_tile(x_ptr, r_ptr, offs_a, offs_b, s_a, s_b, n_a, n_b, N, M, D, stride_x, stride_r,
+               DIST: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    c = dot_tile(x_ptr, r_ptr, offs_a, offs_b, N, M, D, stride_x, stride_r, BA, BB, BD,
+                 s_a.dtype, PREC)
+    return tile_values(c, s_a, s_b, n_a, n_b, DIST)
+
+
+# ------------------------------------------------------------------------------- online row reductions
+
+
+@triton.jit
+def acc_init(KIND: tl.constexpr, BA: tl.constexpr, CT: tl.constexpr):
+    if KIND == 2:  # LSE: empty → -inf
+        return tl.full((BA,), float("-inf"), CT), tl.zeros((BA,), CT)
+    elif KIND == 3:  # LSE with the implicit zero term: m = 0, l = 1
+        return tl.zeros((BA,), CT), tl.full((BA,), 1.0, CT)
+    elif KIND == 4:
+        return tl.full((BA,), float("-inf"), CT), tl.zeros((BA,), CT)
+    elif KIND == 5:
+        return tl.full((BA,), float("inf"), CT), tl.zeros((BA,), CT)
+    else:
+        return tl.zeros((BA,), CT), tl.zeros((BA,), CT)
+
+
+@triton.jit
+def acc_update(m, l, t, KIND: tl.constexpr):
+    """Merge a tile's row contributions ``t`` (entries outside the set hold the identity) into (m, l)."""
+    if KIND == 1:
+        return m + tl.sum(t, axis=1), l
+    elif KIND == 2 or KIND == 3:
+        m_new = tl.maximum(m, tl.max(t, axis=1))
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_new = l * tl.exp(m - safe) + tl.sum(tl.exp(t - safe[:, None]), axis=1)
+        return m_new, l_new
+    elif KIND == 4:
+        return tl.maximum(m, tl.max(t, axis=1)), l
+    elif KIND == 5:
+        return tl.minimum(m, tl.min(t, axis=1)), l
+    else:
+        return m, l
+
+
+@triton.jit
+def acc_final(m, l, KIND: tl.constexpr):
+    if KIND == 2 or KIND == 3:
+        return m + tl.log(l)
+    return m
+
+
+@triton.jit
+def _row_stats_kernel(x_ptr, r_ptr, sx_ptr, sr_ptr, nx_ptr, nr_ptr, lx_ptr, lr_ptr, pos_bits, neg_bits, nbytes,
+                      st_ptr, nst, out_ptr, N, M, D, stride_x, stride_r, p0, p1, p2, p3,
+                      FWD: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+                      K3: tl.constexpr, K4: tl.constexpr, K5: tl.constexpr,
+                      SELF: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_PAIRS: tl.constexpr,
+                      DIST: tl.constexpr, FLAG: tl.constexpr,
+                      BA: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    CT: tl.constexpr = sx_ptr.dtype.element_ty
+    offs_a = tl.program_id(0) * BA + tl.arange(0, BA)
+    s_a, n_a, lab_a = load_rows(x_ptr, sx_ptr, nx_ptr, lx_ptr, offs_a, N, HAS_LABELS)
+    m0, l0 = acc_init(K0, BA, CT)
+    m1, l1 = acc_init(K1, BA, CT)
+    m2, l2 = acc_init(K2, BA, CT)
+    m3, l3 = acc_init(K3, BA, CT)
+    m4, l4 = acc_init(K4, BA, CT)
+    m5, l5 = acc_init(K5, BA, CT)
+    for b0 in range(0, M, BB):
+        offs_b = b0 + tl.arange(0, BB)
+        s_b, n_b, lab_b = load_rows(r_ptr, sr_ptr, nr_ptr, lr_ptr, offs_b, M, HAS_LABELS)
+        v = value_tile(x_ptr, r_ptr, offs_a, offs_b, s_a, s_b, n_a, n_b, N, M, D, stride_x, stride_r,
+                       DIST, BA, BB, BD, PREC)
+        pos, neg = pair_masks(lab_a, lab_b, offs_a, offs_b, N, M, pos_bits, neg_bits, nbytes,
+                              SELF, HAS_LABELS, HAS_PAIRS, False)
+        t0, t1, t2, t3, t4, t5 = FWD(v, pos, neg, offs_a[:, None], offs_b[None, :], N, M, st_ptr, nst,
+                                     p0, p1, p2, p3, DIST, FLAG)
+        m0, l0 = acc_update(m0, l0, t0, K0)
+        m1, l1 = acc_update(m1, l1, t1, K1)
+        m2, l2 = acc_update(m2, l2, t2, K2)
+        m3, l3 = acc_update(m3, l3, t3, K3)
+        m4, l4 = acc_update(m4, l4, t4, K4)
+        m5, l5 = acc_update(m5, l5, t5, K5)
+    inside = offs_a < N
+    tl.store(out_ptr + offs_a, acc_final(m0, l0, K0), mask=inside)
+    tl.store(out_ptr + N + offs_a, acc_final(m1, l1, K1), mask=inside)
+    tl.store(out_ptr + 2 * N + offs_a, acc_final(m2, l2, K2), mask=inside)
+    tl.store(out_ptr + 3 * N + offs_a, acc_final(m3, l3, K3), mask=inside)
+    tl.store(out_ptr + 4 * N + offs_a, acc_final(m4, l4, K4), mask=inside)
+    tl.store(out_ptr + 5 * N + offs_a, acc_final(m5, l5, K5), mask=inside)
+
+
+# ------------------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _grad_rows_kernel(x_ptr, r_ptr, sx_ptr, sr_ptr, nx_ptr, nr_ptr, lx_ptr, lr_ptr, pos_bits, neg_bits, nbytes,
+                      st_ptr, nst, sc_ptr, acc_ptr, dn_ptr, N, M, D, stride_x, stride_r, p0, p1, p2, p3,
+                      BWD: tl.constexpr, SELF: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_PAIRS: tl.constexpr,
+                      DIST: tl.constexpr, FLAG: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr,
+                      BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr):
+    """acc_i = Σ_k (G_ik [+ G_ki in self mode]) s_k r_k and dn_i = Σ_k dL/dn_i for a block of rows."""
+    CT: tl.constexpr = sx_ptr.dtype.element_ty
+    offs_a = tl.program_id(0) * BA + tl.arange(0, BA)
+    offs_o = tl.program_id(1) * BDO + tl.arange(0, BDO)
+    s_a, n_a, lab_a = load_rows(x_ptr, sx_ptr, nx_ptr, lx_ptr, offs_a, N, HAS_LABELS)
+    acc = tl.zeros((BA, BDO), CT)
+    dn = tl.zeros((BA,), CT)
+    for b0 in range(0, M, BB):
+        offs_b = b0 + tl.arange(0, BB)
+        s_b, n_b, lab_b = load_rows(r_ptr, sr_ptr, nr_ptr, lr_ptr, offs_b, M, HAS_LABELS)
+        v = value_tile(x_ptr, r_ptr, offs_a, offs_b, s_a, s_b, n_a, n_b, N, M, D, stride_x, stride_r,
+                       DIST, BA, BB, BD, PREC)
+        pos, neg = pair_masks(lab_a, lab_b, offs_a, offs_b, N, M, pos_bits, neg_bits, nbytes,
+                              SELF, HAS_LABELS, HAS_PAIRS, False)
+        w = BWD(v, pos, neg, offs_a[:, None], offs_b[None, :], N, M, st_ptr, nst, sc_ptr, p0, p1, p2, p3,
+                DIST, FLAG)
+        if SELF:  # G_JI from the same tile: the columns play the anchors
+            pos_t, neg_t = pair_masks(lab_a, lab_b, offs_a, offs_b, N, M, pos_bits, neg_bits, nbytes,
+                                      SELF, HAS_LABELS, HAS_PAIRS, True)
+            w += BWD(v, pos_t, neg_t, offs_b[None, :], offs_a[:, None], M, N, st_ptr, nst, sc_ptr,
+                     p0, p1, p2, p3, DIST, FLAG)
+        gc, gn = chain(w, v, DIST)
+        gc = gc * s_b[None, :]
+        r = tl.load(r_ptr + offs_b.to(tl.int64)[:, None] * stride_r + offs_o[None, :],
+                    mask=(offs_b < M)[:, None] & (offs_o < D)[None, :], other=0.0).to(CT)
+        acc = tl.dot(gc, r, acc, input_precision=GPREC, out_dtype=CT)
+        dn += tl.sum(gn, axis=1)
+    inside = offs_a < N
+    tl.store(acc_ptr + offs_a.to(tl.int64)[:, None] * D + offs_o[None, :], acc,
+             mask=inside[:, None] & (offs_o < D)[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(dn_ptr + offs_a, dn, mask=inside)
+
+
+@triton.jit
+def _grad_cols_kernel(x_ptr, r_ptr, sx_ptr, sr_ptr, nx_ptr, nr_ptr, lx_ptr, lr_ptr, pos_bits, neg_bits, nbytes,
+                      st_ptr, nst, sc_ptr, acc_ptr, dn_ptr, N, M, D, stride_x, stride_r, p0, p1, p2, p3,
+                      BWD: tl.constexpr, SELF: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_PAIRS: tl.constexpr,
+                      DIST: tl.constexpr, FLAG: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr,
+                      BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr):
+    """The reference side: acc_k = Σ_i G_ik s_i x_i and dn_k = Σ_i dL/dn_k for a block of columns."""
+    CT: tl.constexpr = sx_ptr.dtype.element_ty
+    offs_b = tl.program_id(0) * BB + tl.arange(0, BB)
+    offs_o = tl.program_id(1) * BDO + tl.arange(0, BDO)
+    s_b, n_b, lab_b = load_rows(r_ptr, sr_ptr, nr_ptr, lr_ptr, offs_b, M, HAS_LABELS)
+    acc = tl.zeros((BB, BDO), CT)
+    dn = tl.zeros((BB,), CT)
+    for a0 in range(0, N, BA):
+        offs_a = a0 + tl.arange(0, BA)
+        s_a, n_a, lab_a = load_rows(x_ptr, sx_ptr, nx_ptr, lx_ptr, offs_a, N, HAS_LABELS)
+        v = value_tile(x_ptr, r_ptr, offs_a, offs_b, s_a, s_b, n_a, n_b, N, M, D, stride_x, stride_r,
+                       DIST, BA, BB, BD, PREC)
+        pos, neg = pair_masks(lab_a, lab_b, offs_a, offs_b, N, M, pos_bits, neg_bits, nbytes,
+                              SELF, HAS_LABELS, HAS_PAIRS, False)
+        w = BWD(v, pos, neg, offs_a[:, None], offs_b[None, :], N, M, st_ptr, nst, sc_ptr, p0, p1, p2, p3,
+                DIST, FLAG)
+        gc, gn = chain(w, v, DIST)
+        gc = gc * s_a[:, None]
+        xa = tl.load(x_ptr + offs_a.to(tl.int64)[:, None] * stride_x + offs_o[None, :],
+                     mask=(offs_a < N)[:, None] & (offs_o < D)[None, :], other=0.0).to(CT)
+        acc = tl.dot(tl.trans(gc), xa, acc, input_precision=GPREC, out_dtype=CT)
+        dn += tl.sum(gn, axis=0)
+    inside = offs_b < M
+    tl.store(acc_ptr + offs_b.to(tl.int64)[:, None] * D + offs_o[None, :], acc,
+             mask=inside[:, None] & (offs_o < D)[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(dn_ptr + offs_b, dn, mask=inside)
+
+
+# ----------------------------------------------------------------------------------------------- host
+
+
+def compute_dtype(dtype):
+    """fp64 stays fp64 (gradcheck); everything else accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dist_code(distance: Distance) -> int:
+    return {"cosine": 0, "dot": 0, "squared_euclidean": 1, "euclidean": 2}[distance.name]
+
+
+def row_scales(x, distance: Distance):
+    """(s, n): the fused normalisation scale and the squared norm of the scaled row (O(N), autograd)."""
+    ct = compute_dtype(x.dtype)
+    if distance.normalize:
+        norm = torch.linalg.vector_norm(x, dim=1, dtype=ct)
+        s = 1.0 / norm.clamp_min(1e-12)
+    else:
+        norm = None
+        s = torch.ones(x.shape[0], dtype=ct, device=x.device)
+    if distance.is_similarity:
+        n = torch.zeros(x.shape[0], dtype=ct, device=x.device)
+    elif norm is not None:
+        n = (norm * s) ** 2
+    else:
+        n = (x.to(ct) * x.to(ct)).sum(1)
+    return s, n
+
+
+def _pow2(n, lo=16):
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+class Tiles:
+    """The tile space of one call: queries × references, their masks, distance and launch shapes."""
+
+    def __init__(self, x, labels, ref, ref_labels, distance: Distance, pairs=None, *, use_labels=True):
+        self.self_mode = ref is None
+        self.n, self.d = x.shape
+        self.m = self.n if ref is None else ref.shape[0]
+        self.device = x.device
+        self.dtype = x.dtype
+        self.ct = compute_dtype(x.dtype)
+        self.distance = distance
+        self.dist = dist_code(distance)
+        self.sign = 1.0 if distance.is_similarity else -1.0
+        self.has_pairs = pairs is not None
+        self.has_labels = use_labels and labels is not None and not self.has_pairs
+        dummy_i = torch.zeros(1, dtype=torch.int64, device=x.device)
+        dummy_u = torch.zeros(1, dtype=torch.uint8, device=x.device)
+        self.labels = labels.contiguous() if self.has_labels else dummy_i
+        self.ref_labels = (self.labels if ref_labels is None else ref_labels.contiguous()) if self.has_labels \
+            else dummy_i
+        if self.has_pairs:
+            self.pos_bits, self.neg_bits = pairs.pos_bits.contiguous(), pairs.neg_bits.contiguous()
+            self.nbytes = self.pos_bits.shape[1]
+        else:
+            self.pos_bits = self.neg_bits = dummy_u
+            self.nbytes = 1
+        fp32_tf32 = (x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+        self.prec = "tf32" if fp32_tf32 else "ieee"
+        self.gprec = "tf32" if (x.is_cuda and x.dtype != torch.float64 and torch.backends.cuda.matmul.allow_tf32) \
+            else "ieee"
+        if INTERPRET or not x.is_cuda:
+            self.ba = self.bb = 16
+            self.bd = min(_pow2(self.d), 32)
+            self.bdo = min(_pow2(self.d), 64)
+            self.warps = 1
+        else:
+            big = x.dtype != torch.float64
+            self.ba = self.bb = 64 if big else 32
+            self.bd = min(_pow2(self.d), 64 if big else 32)
+            self.bdo = min(_pow2(self.d), 64 if big else 32)
+            self.warps = 4
+
+    def embed(self, x, ref, distance=None):
+        """Per-row scales of both sides (autograd-tracked): (s, n, sr, nr)."""
+        distance = distance or self.distance
+        s, n = row_scales(x, distance)
+        if ref is None:
+            return s, n, None, None
+        sr, nr = row_scales(ref, distance)
+        return s, n, sr, nr
+
+    def _common(self, x, s, n, r, sr, nr):
+        r, sr, nr = (x, s, n) if r is None else (r, sr, nr)
+        return (x.contiguous(), r.contiguous(), s.contiguous(), sr.contiguous(), n.contiguous(), nr.contiguous(),
+                self.labels, self.ref_labels, self.pos_bits, self.neg_bits, self.nbytes)
+
+    def _flags(self):
+        return dict(SELF=self.self_mode, HAS_LABELS=self.has_labels, HAS_PAIRS=self.has_pairs, DIST=self.dist)
+
+    def row_stats(self, xs, fwd, kinds, params=(0.0, 0.0, 0.0, 0.0), stats=None, flag=0):
+        """(6, N) per-row reductions of the forward epilogue ``fwd`` (compute dtype)."""
+        kinds = tuple(kinds) + (NONE,) * (6 - len(kinds))
+        out = torch.empty(6, self.n, dtype=self.ct, device=self.device)
+        st = stats if stats is not None else out
+        c = self._common(*xs)
+        grid = (triton.cdiv(self.n, self.ba),)
+        _row_stats_kernel[grid](*c, st, st.shape[-1], out, self.n, self.m, self.d, c[0].stride(0), c[1].stride(0),
+                                *[float(p) for p in params], FWD=fwd, K0=kinds[0], K1=kinds[1], K2=kinds[2],
+                                K3=kinds[3], K4=kinds[4], K5=kinds[5], FLAG=flag, BA=self.ba, BB=self.bb,
+                                BD=self.bd, PREC=self.prec, num_warps=self.warps, **self._flags())
+        return out
+
+    def grad(self, xs, bwd, stats, sc, params=(0.0, 0.0, 0.0, 0.0), flag=0, need_x=True, need_r=False):
+        """(acc, dn, acc_r, dn_r) with acc_i = Σ_k G_ik s_k r_k (plus Gᵀ in self mode); None where not needed."""
+        c = self._common(*xs)
+        p = [float(v) for v in params]
+        kw = dict(BWD=bwd, FLAG=flag, BA=self.ba, BB=self.bb, BD=self.bd, BDO=self.bdo, PREC=self.prec,
+                  GPREC=self.gprec, num_warps=self.warps, **self._flags())
+        nst = stats.shape[-1]
+        sc = sc.to(self.ct).contiguous()
+        acc = dn = acc_r = dn_r = None
+        if need_x:
+            acc = torch.empty(self.n, self.d, dtype=self.ct, device=self.device)
+            dn = torch.empty(self.n, dtype=self.ct, device=self.device)
+            grid = (triton.cdiv(self.n, self.ba), triton.cdiv(self.d, self.bdo))
+            _grad_rows_kernel[grid](*c, stats, nst, sc, acc, dn, self.n, self.m, self.d, c[0].stride(0),
+                                    c[1].stride(0), *p, **kw)
+        if need_r:
+            acc_r = torch.empty(self.m, self.d, dtype=self.ct, device=self.device)
+            dn_r = torch.empty(self.m, dtype=self.ct, device=self.device)
+            grid = (triton.cdiv(self.m, self.bb), triton.cdiv(self.d, self.bdo))
+            _grad_cols_kernel[grid](*c, stats, nst, sc, acc_r, dn_r, self.n, self.m, self.d, c[0].stride(0),
+                                    c[1].stride(0), *p, **kw)
+        return acc, dn, acc_r, dn_r
+
+
+def embedding_grads(x, s, acc, dn, needs):
+    """Turn a kernel's (acc, dn) into the gradients of (x, s, n): v depends on x only through s·x and n."""
+    if acc is None:
+        return None, None, None
+    dx = (acc * s.unsqueeze(1)).to(x.dtype) if needs[0] else None
+    ds = torch.einsum("nd,nd->n", x.to(acc.dtype), acc) if needs[1] else None
+    return dx, ds, (dn if needs[2] else None)
+
+
+class FusedPairLoss(torch.autograd.Function):
+    """loss = impl(x, ref): forward via ``impl.forward`` (kernels → scalar + O(N) stats), backward via the
+    engine's gradient kernels with ``impl``'s backward epilogue and device scalars (no host sync)."""
+
+    @staticmethod
+    def forward(ctx, impl, tiles, x, s, n, r, sr, nr):
+        xs = (x, s, n, r, sr, nr)
+        loss, stats, aux = impl.forward(tiles, xs)
+        ctx.impl, ctx.tiles = impl, tiles
+        ctx.save_for_backward(x, s, n, r, sr, nr, stats, aux)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        x, s, n, r, sr, nr, stats, aux = ctx.saved_tensors
+        impl, tiles = ctx.impl, ctx.tiles
+        needs = ctx.needs_input_grad
+        need_x, need_r = any(needs[2:5]), (r is not None and any(needs[5:8]))
+        sc = impl.grad_scalars(g, aux)
+        acc, dn, acc_r, dn_r = impl.grad(tiles, (x, s, n, r, sr, nr), stats, sc, need_x, need_r)
+        dx, ds, dnx = embedding_grads(x, s, acc, dn, needs[2:5])
+        dr = dsr = dnr = None
+        if need_r:
+            dr, dsr, dnr = embedding_grads(r, sr, acc_r, dn_r, needs[5:8])
+        return None, None, dx, ds, dnx, dr, dsr, dnr
+
+
+def fused_loss(impl, x, labels, ref, ref_labels, distance, pairs=None, *, use_labels=True):
+    """Run ``impl`` (an object with forward / grad_scalars / grad) as a differentiable fused pair loss."""
+    tiles = Tiles(x, labels, ref, ref_labels, distance, pairs, use_labels=use_labels)
+    s, n, sr, nr = tiles.embed(x, ref)
+    return FusedPairLoss.apply(impl, tiles, x, s, n, ref, sr, nr)
+
+
+class PairLossImpl:
+    """Base of a loss run by the generic engine: subclasses set ``BWD`` (a backward epilogue), ``params``
+    and ``flag`` and implement ``forward(tiles, xs) -> (loss, stats (K, N), aux (device scalars))`` and
+    ``grad_scalars(g, aux) -> sc``."""
+
+    BWD = None
+    params = (0.0, 0.0, 0.0, 0.0)
+    flag = 0
+
+    def grad(self, tiles, xs, stats, sc, need_x, need_r):
+        return tiles.grad(xs, self.BWD, stats, sc, self.params, self.flag, need_x, need_r)
+
+
+def few_pairs_keep(n_pos, n_neg, pair_rule):
+    """PML's "≤1 positive and ≤1 negative pair → 0" as a device 0/1 factor (1 = keep the loss)."""
+    if not pair_rule:
+        return torch.ones((), dtype=n_pos.dtype, device=n_pos.device)
+    return (~((n_pos <= 1) & (n_neg <= 1))).to(n_pos.dtype)
