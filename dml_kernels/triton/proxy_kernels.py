@@ -1,0 +1,456 @@
+"""Triton kernels of the proxy losses (ProxyNCA / ProxyNCA++ and Proxy Anchor) at million-class scale.
+
+Shapes: embeddings X (B×D), proxies P (C×D), C up to millions. No kernel ever holds or writes a B×C
+buffer: every similarity tile is recomputed from X and P where it is needed.
+
+Conventions shared by every kernel
+----------------------------------
+* ``u_i = x_i·rx_i`` and ``v_c = p_c·rp_c`` are the (optionally L2-normalised) vectors; ``rx`` / ``rp``
+  are precomputed reciprocal norms (1 without normalisation), so the raw dot ``x_i·p_c`` is formed in the
+  compute dtype (tensor cores for fp16/bf16) with fp32 accumulation and scaled afterwards: normalisation
+  is fused, nothing is copied.
+* ``KIND`` picks the value a loss sees: 0 = similarity ``s = u·v`` (cosine / dot), 1 = squared euclidean
+  ``d = max(a_i + b_c − 2s, 0)`` (``a = ‖u‖²``, ``b = ‖v‖²``), 2 = euclidean ``sqrt(d)`` (zero gradient at 0),
+  matching the reference's clamp / where exactly, gradients included.
+* Gradients are first taken w.r.t. ``u`` and ``v`` (``dU``, ``dV``); :func:`_l2norm_bwd_kernel` applies the
+  chain rule through the normalisation afterwards (a row-local epilogue over O(B·D) / O(C·D)).
+* All offsets are computed in int64 (C·D can pass 2³¹).
+* Under ``TRITON_INTERPRET=1`` the interpreter's bf16 ``tl.dot`` is wrong and its fp32→bf16 cast truncates;
+  ``EMU_BF16`` then rounds tiles to bf16 exactly (round-to-nearest-even on the bit pattern) and multiplies
+  them in fp32, which is what bf16 tensor cores compute (exact products, fp32 accumulation).
+
+Tile skipping (Cut Cross-Entropy's gradient filtering, made sound)
+--------------------------------------------------------------------
+In backward every gradient entry of a tile is ``coef · e_ic · (bounded factor)`` with ``e_ic = exp(z_ic −
+lse) ∈ [0, 1]`` (a softmax / column-softmax probability) plus, for ProxyNCA, a ``−1`` at the target. With
+normalised vectors, ``‖∂value/∂u‖ ≤ 4`` for every supported value, so a skipped entry moves any gradient
+row by at most ``4·|coef|·e_ic``. A tile is skipped (both ``tl.dot``s and the exps of the second product are
+not done) only when it holds no ProxyNCA target and ``max e_ic < τ`` with ``τ = u / max(B, C)`` (u = unit
+roundoff of the accumulator: 2⁻²⁴ for fp32, 2⁻⁵³ for fp64). Every gradient row then loses at most
+``4·u·Σ|coef|`` over *all* skipped tiles together — the size of the rounding error of the unskipped sum
+itself. Tiles with e_ic exactly 0 (underflow, masked) are skipped exactly. Skipping is only enabled with
+normalised vectors (the bound needs ‖u‖, ‖v‖ ≤ 1).
+
+fp16: tile gradients are divided by their per-output-row maximum before the cast to fp16 and multiplied back
+after the dot (fp16's range would otherwise flush the small entries of a large sum to zero).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rne_bf16(v):
+    """Round fp32 ``v`` to the nearest bf16 (ties to even), returned as fp32."""
+    b = v.to(tl.uint32, bitcast=True)
+    b = b + 0x7FFF + ((b >> 16) & 1)
+    b = (b >> 16) << 16
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _cvt(t, CD: tl.constexpr, EMU_BF16: tl.constexpr):
+    """A tile in the compute dtype (an exactly bf16-rounded fp32 tile under the interpreter)."""
+    if EMU_BF16:
+        return _rne_bf16(t.to(tl.float32))
+    else:
+        return t.to(CD)
+
+
+@triton.jit
+def _raw_dot_tile(x_ptr, sxb, sxd, rows, rmask, p_ptr, spc, spd, cols, cmask, D,
+                  BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                  CD: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
+    """The BLOCK_B×BLOCK_C tile of raw dots x_i·p_c (compute dtype in, ACC accumulate)."""
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=ACC)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        km = ks < D
+        ks64 = ks.to(tl.int64)
+        xt = tl.load(x_ptr + rows64[:, None] * sxb + ks64[None, :] * sxd, mask=rmask[:, None] & km[None, :],
+                     other=0.0)
+        pt = tl.load(p_ptr + cols64[:, None] * spc + ks64[None, :] * spd, mask=cmask[:, None] & km[None, :],
+                     other=0.0)
+        acc = tl.dot(_cvt(xt, CD, EMU_BF16), tl.trans(_cvt(pt, CD, EMU_BF16)), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _value(raw, rx, ax, rp, bp, KIND: tl.constexpr):
+    """(value, squared distance before the clamp) of a tile; see KIND in the module docstring."""
+    s = raw * rx[:, None] * rp[None, :]
+    if KIND == 0:
+        return s, s
+    else:
+        dd = ax[:, None] + bp[None, :] - 2.0 * s
+        if KIND == 1:
+            return tl.maximum(dd, 0.0), dd
+        else:
+            return tl.where(dd > 0, tl.sqrt(tl.where(dd > 0, dd, 1.0)), 0.0), dd
+
+
+@triton.jit
+def _chain_value(gv, val, dd, KIND: tl.constexpr):
+    """dL/dvalue → (Gs = dL/ds, Gd = dL/d(a+b−2s) through the clamp / sqrt)."""
+    if KIND == 0:
+        return gv, gv * 0.0
+    else:
+        if KIND == 1:
+            gd = tl.where(dd >= 0, gv, 0.0)
+        else:
+            gd = tl.where(dd > 0, gv * 0.5 / tl.where(dd > 0, val, 1.0), 0.0)
+        return -2.0 * gd, gd
+
+
+@triton.jit
+def _tile_grad(val, rows, rmask, cols, cmask, y, C, r0, r1, c0, c1, g0, g1, k0, k1, k2, k3,
+               LOSS: tl.constexpr, EXCL: tl.constexpr):
+    """dL/dvalue of a tile, and the tile's skip statistic (max e, or 1 where a ProxyNCA target sits).
+
+    LOSS 0 (ProxyNCA): r0 = lse_i, r1 = coef_i (grad_out·w_i/B, 0 for invalid rows), k0 = logit scale.
+    LOSS 1 (Proxy Anchor): r0 = exponent offset w_i − 1, c0 = lse⁺_c, c1 = lse⁻_c, g0 / g1 = grad_out
+    over |C⁺| / over C; positive exponent k0·value + k1 + r0, negative k2·value + k3 + r0.
+    """
+    valid = rmask & (y >= 0) & (y < C)  # a row with an out-of-range label takes no part (validation off)
+    is_tgt = (y[:, None] == cols[None, :]) & valid[:, None] & cmask[None, :]
+    if LOSS == 0:
+        allowed = valid[:, None] & cmask[None, :]
+        if EXCL:
+            allowed = allowed & (~is_tgt)
+        e = tl.exp(tl.where(allowed, k0 * val - r0[:, None], float("-inf")))
+        gv = (e - tl.where(is_tgt, 1.0, 0.0)) * (r1 * k0)[:, None]
+        stat = tl.max(tl.max(tl.where(is_tgt, 1.0, e), axis=1), axis=0)
+    else:
+        neg = valid[:, None] & cmask[None, :] & (~is_tgt)
+        ep = tl.exp(tl.where(is_tgt, k0 * val + k1 + r0[:, None] - c0[None, :], float("-inf")))
+        en = tl.exp(tl.where(neg, k2 * val + k3 + r0[:, None] - c1[None, :], float("-inf")))
+        gv = (k0 * g0) * ep + (k2 * g1) * en
+        stat = tl.max(tl.max(tl.maximum(ep, en), axis=1), axis=0)
+    return gv, stat
+
+
+# --------------------------------------------------------------------------- forward kernels
+
+
+@triton.jit
+def _sqnorm_kernel(x_ptr, sxr, sxd, out_ptr, R, D,
+                   ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out_r = ‖x_r‖² accumulated in ACC (fp32 for half inputs, without any copy of x)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    rows64 = rows.to(tl.int64)
+    acc = tl.zeros((BLOCK_R,), dtype=ACC)
+    for k0 in range(0, D, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        km = ks < D
+        t = tl.load(x_ptr + rows64[:, None] * sxr + ks.to(tl.int64)[None, :] * sxd,
+                    mask=rmask[:, None] & km[None, :], other=0.0).to(ACC)
+        acc += tl.sum(t * t, axis=1)
+    tl.store(out_ptr + rows, acc, mask=rmask)
+
+
+@triton.jit
+def _nca_fwd_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, rx_ptr, ax_ptr, rp_ptr, bp_ptr,
+                    m_ptr, l_ptr, t_ptr, sc_ptr, B, C, D, tiles_per_split,
+                    KIND: tl.constexpr, EXCL: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                    CD: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
+    """ProxyNCA forward, program (row block, C split): online row LSE over the split's proxy tiles and the
+    target logit (taken from the tile that holds it: no separate gather, and the same rounding as the LSE).
+    Writes per-split partials m, l (LSE = m + log l) and t (target logit, 0 if not in this split)."""
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    logit_scale = tl.load(sc_ptr)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    y = tl.load(y_ptr + rows, mask=rmask, other=-1)
+    valid = rmask & (y >= 0) & (y < C)
+    rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
+    ax = tl.load(ax_ptr + rows, mask=rmask, other=0.0)
+    m = tl.full((BLOCK_B,), float("-inf"), dtype=ACC)
+    l = tl.zeros((BLOCK_B,), dtype=ACC)
+    t = tl.zeros((BLOCK_B,), dtype=ACC)
+    c_begin = pid_s * tiles_per_split * BLOCK_C
+    c_end = tl.minimum(c_begin + tiles_per_split * BLOCK_C, C)
+    for c0 in range(c_begin, c_end, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < c_end
+        rp = tl.load(rp_ptr + cols, mask=cmask, other=0.0)
+        bp = tl.load(bp_ptr + cols, mask=cmask, other=0.0)
+        raw = _raw_dot_tile(x_ptr, sxb, sxd, rows, rmask, p_ptr, spc, spd, cols, cmask, D,
+                            BLOCK_B, BLOCK_C, BLOCK_K, CD, ACC, EMU_BF16, PREC)
+        val, dd = _value(raw, rx, ax, rp, bp, KIND)
+        logit = logit_scale * val
+        is_tgt = (y[:, None] == cols[None, :]) & valid[:, None] & cmask[None, :]
+        t += tl.sum(tl.where(is_tgt, logit, 0.0), axis=1)
+        allowed = cmask[None, :] & rmask[:, None]
+        if EXCL:
+            allowed = allowed & (~is_tgt)
+        z = tl.where(allowed, logit, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+        m = m_new
+    out = pid_s.to(tl.int64) * B + rows
+    tl.store(m_ptr + out, m, mask=rmask)
+    tl.store(l_ptr + out, l, mask=rmask)
+    tl.store(t_ptr + out, t, mask=rmask)
+
+
+@triton.jit
+def _pa_fwd_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, off_ptr, rx_ptr, ax_ptr, rp_ptr, bp_ptr,
+                   lsep_ptr, lsen_ptr, haspos_ptr, sc_ptr, B, C, D,
+                   KIND: tl.constexpr, HAS_OFF: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                   CD: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
+    """Proxy Anchor forward, program per proxy block: two column LSEs over the batch, each started with the
+    implicit zero term (m = 0, l = 1), i.e. log(1 + Σ e^z); an empty set gives exactly 0."""
+    pid = tl.program_id(0)
+    k0 = tl.load(sc_ptr)
+    k1 = tl.load(sc_ptr + 1)
+    k2 = tl.load(sc_ptr + 2)
+    k3 = tl.load(sc_ptr + 3)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    rp = tl.load(rp_ptr + cols, mask=cmask, other=0.0)
+    bp = tl.load(bp_ptr + cols, mask=cmask, other=0.0)
+    mp = tl.zeros((BLOCK_C,), dtype=ACC)
+    lp = tl.full((BLOCK_C,), 1.0, dtype=ACC)
+    mn = tl.zeros((BLOCK_C,), dtype=ACC)
+    ln = tl.full((BLOCK_C,), 1.0, dtype=ACC)
+    npos = tl.zeros((BLOCK_C,), dtype=tl.int32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        rmask = rows < B
+        y = tl.load(y_ptr + rows, mask=rmask, other=-1)
+        valid = rmask & (y >= 0) & (y < C)
+        rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
+        ax = tl.load(ax_ptr + rows, mask=rmask, other=0.0)
+        if HAS_OFF:
+            off = tl.load(off_ptr + rows, mask=rmask, other=0.0)
+        else:
+            off = tl.zeros((BLOCK_B,), dtype=ACC)
+        raw = _raw_dot_tile(x_ptr, sxb, sxd, rows, rmask, p_ptr, spc, spd, cols, cmask, D,
+                            BLOCK_B, BLOCK_C, BLOCK_K, CD, ACC, EMU_BF16, PREC)
+        val, dd = _value(raw, rx, ax, rp, bp, KIND)
+        is_tgt = (y[:, None] == cols[None, :]) & valid[:, None] & cmask[None, :]
+        neg = valid[:, None] & cmask[None, :] & (~is_tgt)
+        npos += tl.sum(is_tgt.to(tl.int32), axis=0)
+        zp = tl.where(is_tgt, k0 * val + k1 + off[:, None], float("-inf"))
+        m_new = tl.maximum(mp, tl.max(zp, axis=0))
+        lp = lp * tl.exp(mp - m_new) + tl.sum(tl.exp(zp - m_new[None, :]), axis=0)
+        mp = m_new
+        zn = tl.where(neg, k2 * val + k3 + off[:, None], float("-inf"))
+        m_new = tl.maximum(mn, tl.max(zn, axis=0))
+        ln = ln * tl.exp(mn - m_new) + tl.sum(tl.exp(zn - m_new[None, :]), axis=0)
+        mn = m_new
+    tl.store(lsep_ptr + cols, mp + tl.log(lp), mask=cmask)
+    tl.store(lsen_ptr + cols, mn + tl.log(ln), mask=cmask)
+    tl.store(haspos_ptr + cols, (npos > 0).to(tl.int32), mask=cmask)
+
+
+# --------------------------------------------------------------------------- backward kernels
+
+
+@triton.jit
+def _bwd_rows_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, rx_ptr, ax_ptr, rp_ptr, bp_ptr,
+                     r0_ptr, r1_ptr, c0_ptr, c1_ptr, g_ptr, du_ptr,
+                     sc_ptr, cnt_ptr, B, C, D, tiles_per_split,
+                     LOSS: tl.constexpr, KIND: tl.constexpr, EXCL: tl.constexpr, HAS_R0: tl.constexpr,
+                     COUNT: tl.constexpr, SCALE_G: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                     CD: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
+    """dL/du for a (row block, D chunk, C split): recompute each S tile, form the tile gradient, and
+    accumulate G·V (plus the ‖u‖² term of the distances). Writes the split's partial du[s, rows, chunk]."""
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    k0 = tl.load(sc_ptr)
+    k1 = tl.load(sc_ptr + 1)
+    k2 = tl.load(sc_ptr + 2)
+    k3 = tl.load(sc_ptr + 3)
+    tau = tl.load(sc_ptr + 4)  # < 0: never skip
+    skipped = 0
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)
+    y = tl.load(y_ptr + rows, mask=rmask, other=-1)
+    rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
+    ax = tl.load(ax_ptr + rows, mask=rmask, other=0.0)
+    if HAS_R0:
+        r0 = tl.load(r0_ptr + rows, mask=rmask, other=0.0)
+    else:
+        r0 = tl.zeros((BLOCK_B,), dtype=ACC)
+    if LOSS == 0:
+        r1 = tl.load(r1_ptr + rows, mask=rmask, other=0.0)
+        g0 = 0.0
+        g1 = 0.0
+    else:
+        r1 = r0
+        g0 = tl.load(g_ptr)
+        g1 = tl.load(g_ptr + 1)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = ds < D
+    ds64 = ds.to(tl.int64)
+    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC)
+    rsum = tl.zeros((BLOCK_B,), dtype=ACC)
+    c_begin = pid_s * tiles_per_split * BLOCK_C
+    c_end = tl.minimum(c_begin + tiles_per_split * BLOCK_C, C)
+    for cb in range(c_begin, c_end, BLOCK_C):
+        cols = cb + tl.arange(0, BLOCK_C)
+        cmask = cols < c_end
+        rp = tl.load(rp_ptr + cols, mask=cmask, other=0.0)
+        bp = tl.load(bp_ptr + cols, mask=cmask, other=0.0)
+        if LOSS == 1:
+            c0 = tl.load(c0_ptr + cols, mask=cmask, other=0.0)
+            c1 = tl.load(c1_ptr + cols, mask=cmask, other=0.0)
+        else:
+            c0 = rp
+            c1 = rp
+        raw = _raw_dot_tile(x_ptr, sxb, sxd, rows, rmask, p_ptr, spc, spd, cols, cmask, D,
+                            BLOCK_B, BLOCK_C, BLOCK_K, CD, ACC, EMU_BF16, PREC)
+        val, dd = _value(raw, rx, ax, rp, bp, KIND)
+        gv, stat = _tile_grad(val, rows, rmask, cols, cmask, y, C, r0, r1, c0, c1, g0, g1, k0, k1, k2, k3,
+                              LOSS, EXCL)
+        if stat >= tau:
+            gs, gd = _chain_value(gv, val, dd, KIND)
+            gs = gs * rp[None, :]  # dL/ds · ∂s/∂v-scaling: s = u·(p·rp)
+            pt = tl.load(p_ptr + cols.to(tl.int64)[:, None] * spc + ds64[None, :] * spd,
+                         mask=cmask[:, None] & dmask[None, :], other=0.0)
+            if SCALE_G:
+                sc = tl.max(tl.abs(gs), axis=1)
+                sc = tl.where(sc > 0, sc, 1.0)
+                part = tl.dot(_cvt(gs / sc[:, None], CD, EMU_BF16), _cvt(pt, CD, EMU_BF16), input_precision=PREC)
+                acc += part.to(ACC) * sc[:, None]
+            else:
+                acc = tl.dot(_cvt(gs, CD, EMU_BF16), _cvt(pt, CD, EMU_BF16), acc, input_precision=PREC)
+            if KIND != 0:
+                rsum += tl.sum(gd, axis=1)
+        else:
+            skipped += 1
+    if KIND != 0:
+        xt = tl.load(x_ptr + rows64[:, None] * sxb + ds64[None, :] * sxd, mask=rmask[:, None] & dmask[None, :],
+                     other=0.0).to(ACC)
+        acc += 2.0 * xt * (rx * rsum)[:, None]
+    if COUNT:
+        tl.store(cnt_ptr + (pid_s * tl.num_programs(1) + pid_d) * tl.num_programs(0) + pid_b, skipped)
+    out = du_ptr + (pid_s.to(tl.int64) * B + rows64)[:, None] * D + ds64[None, :]
+    tl.store(out, acc, mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _bwd_cols_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, rx_ptr, ax_ptr, rp_ptr, bp_ptr,
+                     r0_ptr, r1_ptr, c0_ptr, c1_ptr, g_ptr, dv_ptr,
+                     sc_ptr, cnt_ptr, B, C, D,
+                     LOSS: tl.constexpr, KIND: tl.constexpr, EXCL: tl.constexpr, HAS_R0: tl.constexpr,
+                     COUNT: tl.constexpr, SCALE_G: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                     CD: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
+    """dL/dv for a (proxy block, D chunk): loop over batch tiles, recompute S, accumulate Gᵀ·U (plus the
+    ‖v‖² term of the distances). Each program owns its proxy rows: deterministic, no atomics."""
+    pid_c = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    k0 = tl.load(sc_ptr)
+    k1 = tl.load(sc_ptr + 1)
+    k2 = tl.load(sc_ptr + 2)
+    k3 = tl.load(sc_ptr + 3)
+    tau = tl.load(sc_ptr + 4)  # < 0: never skip
+    skipped = 0
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    cols64 = cols.to(tl.int64)
+    rp = tl.load(rp_ptr + cols, mask=cmask, other=0.0)
+    bp = tl.load(bp_ptr + cols, mask=cmask, other=0.0)
+    if LOSS == 1:
+        c0 = tl.load(c0_ptr + cols, mask=cmask, other=0.0)
+        c1 = tl.load(c1_ptr + cols, mask=cmask, other=0.0)
+        g0 = tl.load(g_ptr)
+        g1 = tl.load(g_ptr + 1)
+    else:
+        c0 = rp
+        c1 = rp
+        g0 = 0.0
+        g1 = 0.0
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = ds < D
+    ds64 = ds.to(tl.int64)
+    acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=ACC)
+    csum = tl.zeros((BLOCK_C,), dtype=ACC)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        rmask = rows < B
+        y = tl.load(y_ptr + rows, mask=rmask, other=-1)
+        rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
+        ax = tl.load(ax_ptr + rows, mask=rmask, other=0.0)
+        if HAS_R0:
+            r0 = tl.load(r0_ptr + rows, mask=rmask, other=0.0)
+        else:
+            r0 = tl.zeros((BLOCK_B,), dtype=ACC)
+        if LOSS == 0:
+            r1 = tl.load(r1_ptr + rows, mask=rmask, other=0.0)
+        else:
+            r1 = r0
+        raw = _raw_dot_tile(x_ptr, sxb, sxd, rows, rmask, p_ptr, spc, spd, cols, cmask, D,
+                            BLOCK_B, BLOCK_C, BLOCK_K, CD, ACC, EMU_BF16, PREC)
+        val, dd = _value(raw, rx, ax, rp, bp, KIND)
+        gv, stat = _tile_grad(val, rows, rmask, cols, cmask, y, C, r0, r1, c0, c1, g0, g1, k0, k1, k2, k3,
+                              LOSS, EXCL)
+        if stat >= tau:
+            gs, gd = _chain_value(gv, val, dd, KIND)
+            gs = gs * rx[:, None]
+            xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxb + ds64[None, :] * sxd,
+                         mask=rmask[:, None] & dmask[None, :], other=0.0)
+            gst = tl.trans(gs)
+            if SCALE_G:
+                sc = tl.max(tl.abs(gst), axis=1)
+                sc = tl.where(sc > 0, sc, 1.0)
+                part = tl.dot(_cvt(gst / sc[:, None], CD, EMU_BF16), _cvt(xt, CD, EMU_BF16), input_precision=PREC)
+                acc += part.to(ACC) * sc[:, None]
+            else:
+                acc = tl.dot(_cvt(gst, CD, EMU_BF16), _cvt(xt, CD, EMU_BF16), acc, input_precision=PREC)
+            if KIND != 0:
+                csum += tl.sum(gd, axis=0)
+        else:
+            skipped += 1
+    if KIND != 0:
+        pt = tl.load(p_ptr + cols64[:, None] * spc + ds64[None, :] * spd, mask=cmask[:, None] & dmask[None, :],
+                     other=0.0).to(ACC)
+        acc += 2.0 * pt * (rp * csum)[:, None]
+    if COUNT:
+        tl.store(cnt_ptr + pid_d * tl.num_programs(0) + pid_c, skipped)
+    out = dv_ptr + cols64[:, None] * D + ds64[None, :]
+    tl.store(out, acc, mask=cmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _l2norm_bwd_kernel(g_ptr, x_ptr, sxr, sxd, r_ptr, pr_ptr, out_ptr, R, D,
+                       ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Chain rule through F.normalize(x, eps): g = dL/du (R×D, ACC) → dL/dx = r·g − r³(x·g)·x when
+    ‖x‖ ≥ eps (r = 1/‖x‖), else g/eps (the clamped norm passes no gradient, as torch's clamp_min);
+    ``r`` and ``pr`` (= r³ or 0) come from the host's O(R) vectors.
+    Row-local, so ``out`` may alias ``g``."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    rows64 = rows.to(tl.int64)
+    r = tl.load(r_ptr + rows, mask=rmask, other=0.0)
+    pr = tl.load(pr_ptr + rows, mask=rmask, other=0.0)  # r³ where ‖x‖ ≥ eps, else 0
+    xg = tl.zeros((BLOCK_R,), dtype=ACC)
+    for k0 in range(0, D, BLOCK_D):
+        ks = (k0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+        m2 = rmask[:, None] & (ks < D)[None, :]
+        g = tl.load(g_ptr + rows64[:, None] * D + ks[None, :], mask=m2, other=0.0)
+        xt = tl.load(x_ptr + rows64[:, None] * sxr + ks[None, :] * sxd, mask=m2, other=0.0).to(ACC)
+        xg += tl.sum(g * xt, axis=1)
+    q = pr * xg
+    for k0 in range(0, D, BLOCK_D):
+        ks = (k0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+        m2 = rmask[:, None] & (ks < D)[None, :]
+        g = tl.load(g_ptr + rows64[:, None] * D + ks[None, :], mask=m2, other=0.0)
+        xt = tl.load(x_ptr + rows64[:, None] * sxr + ks[None, :] * sxd, mask=m2, other=0.0).to(ACC)
+        dx = r[:, None] * g - q[:, None] * xt
+        tl.store(out_ptr + rows64[:, None] * D + ks[None, :], dx.to(out_ptr.dtype.element_ty), mask=m2)
