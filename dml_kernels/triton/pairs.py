@@ -1,15 +1,22 @@
 """Triton pair losses and miners (registered on import).
 
-Every op here runs on the tiled engine (``engine.py``) with a loss-specific epilogue; see the module
-of each loss for its statistics and gradient.
+Every op here runs on the tiled engine (``engine.py``) with a loss-specific epilogue; each loss's module
+documents its statistics and gradient.
 """
 from .._backends import register
-from . import multi_similarity
+from . import contrastive, lifted_structure, multi_similarity, n_pairs, similarity, triplet
 
 _OPS = {
+    "pairwise_similarity": similarity.pairwise_similarity,
+    "batch_hard_mining": similarity.batch_hard_mining,
     "multi_similarity_loss": multi_similarity.multi_similarity_loss,
     "multi_similarity_thresholds": multi_similarity.multi_similarity_thresholds,
     "multi_similarity_mask": multi_similarity.multi_similarity_mask,
+    "generalized_lifted_structure_loss": lifted_structure.generalized_lifted_structure_loss,
+    "lifted_structure_loss": lifted_structure.lifted_structure_loss,
+    "contrastive_loss": contrastive.contrastive_loss,
+    "n_pairs_loss": n_pairs.n_pairs_loss,
+    "triplet_margin_loss": triplet.triplet_margin_loss,
 }
 
 for _name, _fn in _OPS.items():

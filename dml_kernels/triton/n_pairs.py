@@ -1,0 +1,85 @@
+"""N-pairs loss on the tiled engine, without a host sync.
+
+Per label with ≥2 samples the anchor is its lowest index and the positive its second lowest (found with
+a stable sort, O(N)). With sv = v for a similarity and −v for a distance, for each anchor row i:
+LSE_i over the positive columns of sv and the target sv(i, its positive); loss = (1/K) Σ_anchors (LSE_i − target_i).
+Per-row statistics: [is_anchor, is_positive, LSE].
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import engine
+from .engine import LSE, SUM
+
+
+def anchor_positive_flags(labels):
+    """(is_anchor, is_positive) bool vectors: rank 0 / rank 1 within each label group (rank-0 needs a rank 1)."""
+    n = labels.shape[0]
+    order = torch.sort(labels, stable=True).indices
+    sl = labels[order]
+    idx = torch.arange(n, device=labels.device)
+    new_group = torch.ones(n, dtype=torch.bool, device=labels.device)
+    new_group[1:] = sl[1:] != sl[:-1]
+    start = torch.cummax(torch.where(new_group, idx, 0), 0).values
+    rank = idx - start
+    has_next = torch.zeros(n, dtype=torch.bool, device=labels.device)
+    has_next[:-1] = ~new_group[1:]
+    is_anchor, is_positive = torch.empty_like(new_group), torch.empty_like(new_group)
+    is_anchor[order] = (rank == 0) & has_next
+    is_positive[order] = rank == 1
+    return is_anchor, is_positive
+
+
+@triton.jit
+def _sg(DIST: tl.constexpr):
+    if DIST == 0:
+        return 1.0
+    return -1.0
+
+
+@triton.jit
+def npairs_fwd(v, pos, neg, ia, ib, na, nb, st, nst, p0, p1, p2, p3, DIST: tl.constexpr, FLAG: tl.constexpr):
+    is_pos = tl.load(st + nst + ib, mask=ib < nb, other=0.0) > 0
+    sv = _sg(DIST) * v
+    cols = (pos | neg) & is_pos
+    return tl.where(cols, sv, float("-inf")), tl.where(pos & is_pos, sv, 0.0), v, v, v, v
+
+
+@triton.jit
+def npairs_bwd(v, pos, neg, ia, ib, na, nb, st, nst, sc, p0, p1, p2, p3, DIST: tl.constexpr, FLAG: tl.constexpr):
+    is_pos = tl.load(st + nst + ib, mask=ib < nb, other=0.0) > 0
+    is_anchor = tl.load(st + ia, mask=ia < na, other=0.0) > 0
+    lse = tl.load(st + 2 * nst + ia, mask=ia < na, other=0.0)
+    sg = _sg(DIST)
+    cols = (pos | neg) & is_pos & is_anchor
+    w = tl.where(cols, tl.exp(sg * v - tl.where(is_anchor, lse, 0.0)), 0.0)
+    w = w - tl.where(pos & is_pos & is_anchor, 1.0, 0.0)
+    return w * (sg * tl.load(sc))
+
+
+class NPairs(engine.PairLossImpl):
+    BWD = npairs_bwd
+
+    def __init__(self, labels):
+        self.is_anchor, self.is_positive = anchor_positive_flags(labels)
+
+    def forward(self, tiles, xs):
+        a = self.is_anchor.to(tiles.ct)
+        flags = torch.stack([a, self.is_positive.to(tiles.ct)]).contiguous()
+        out = tiles.row_stats(xs, npairs_fwd, (LSE, SUM), stats=flags)
+        k = a.sum()
+        scale = (k > 0).to(tiles.ct) / k.clamp_min(1)
+        loss = torch.where(self.is_anchor, out[0] - out[1], 0).sum() * scale
+        return loss, torch.cat([flags, out[:1]]).contiguous(), scale.reshape(1)
+
+    def grad_scalars(self, g, aux):
+        return g.reshape(1) * aux
+
+
+def n_pairs_loss(x, labels, *, distance, pairs=None):
+    if pairs is not None:
+        raise engine.Unsupported("the triton n_pairs_loss has no explicit-pair form")
+    return engine.fused_loss(NPairs(labels), x, labels, None, None, distance)
