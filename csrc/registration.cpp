@@ -1,0 +1,26 @@
+// The op schemas of the dml_kernels extension, declared once for every device (see dml_kernels.h).
+#include <torch/library.h>
+
+TORCH_LIBRARY(dml_kernels, m) {
+  // N×M value matrix (similarity or distance), and its backward (grad_q, grad_r; grad_r is 0×D in
+  // self mode).
+  m.def("pair_values(Tensor q, Tensor? r, int dist) -> Tensor");
+  m.def("pair_values_backward(Tensor grad, Tensor values, Tensor q, Tensor? r, int dist) -> (Tensor, Tensor)");
+  // Per-row reductions over the positive and the negative pairs of each query row (dml_kernels.h):
+  // (red_pos (N,), red_neg (N,), thresholds (2, N) [hardest pos, hardest neg; 0 without mining],
+  //  counts (4, N) int64 [pos pairs, neg pairs, nonzero pos terms, nonzero neg terms]).
+  m.def("pair_reduce(Tensor q, Tensor? r, Tensor? labels, Tensor? ref_labels, Tensor? pos_bits, "
+        "Tensor? neg_bits, int dist, int kind, float pos_scale, float pos_center, float neg_scale, "
+        "float neg_center, float? eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("pair_reduce_backward(Tensor grad_pos, Tensor grad_neg, Tensor q, Tensor? r, Tensor? labels, "
+        "Tensor? ref_labels, Tensor? pos_bits, Tensor? neg_bits, int dist, int kind, float pos_scale, "
+        "float pos_center, float neg_scale, float neg_center, float? eps, Tensor red_pos, Tensor red_neg, "
+        "Tensor thresholds) -> (Tensor, Tensor)");
+  // MultiSimilarityMiner pass 1: per row (hardest positive value, hardest negative value).
+  m.def("ms_thresholds(Tensor q, Tensor? r, Tensor? labels, Tensor? ref_labels, Tensor? pos_bits, "
+        "Tensor? neg_bits, int dist) -> (Tensor, Tensor)");
+  // The pairs MultiSimilarityMiner(eps) keeps, bit-packed (N × ceil(M/8) uint8 each).
+  m.def("ms_mask(Tensor q, Tensor? r, Tensor labels, Tensor? ref_labels, int dist, float eps) -> (Tensor, Tensor)");
+  // BatchHardMiner: per row, index of the hardest positive and hardest negative (-1 if a set is empty).
+  m.def("batch_hard(Tensor q, Tensor? r, Tensor labels, Tensor? ref_labels, int dist) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,458 @@
+"""The C++/CUDA extension backends ("cpu" and "cuda"): loader, op registration, autograd, fake kernels.
+
+The compiled library (``csrc/``) declares its ops once with ``TORCH_LIBRARY(dml_kernels, m)`` and
+implements them per device (``TORCH_LIBRARY_IMPL(dml_kernels, CPU | CUDA, m)``). This module
+
+* finds the library ``setup.py`` built ahead of time (``dml_kernels/_C*.so``), or else JIT-compiles the
+  CPU part with ninja (``torch.utils.cpp_extension.load``) into a cache directory on first use
+  (``$DML_KERNELS_CACHE``, default ``~/.cache/dml_kernels``). Nothing is compiled at import time: the
+  first call of :func:`unavailable_reason` (which the registry makes before running an op) loads it;
+* adds ``torch.library.register_fake`` and ``register_autograd`` to the ops, so ``torch.compile`` and
+  ``torch.library.opcheck`` work;
+* registers the canonical ops of ``_ops.py`` for the ``cpu`` and ``cuda`` backends on top of a few
+  generic kernels: ``pair_values`` (the N×M value matrix), ``pair_reduce`` (per-row log-sum-exp or
+  hinge sums over positive and negative pairs, with optional fused MultiSimilarity mining),
+  ``ms_thresholds``, ``ms_mask`` and ``batch_hard``.
+
+Environment: ``DML_KERNELS_NO_EXTENSION=1`` disables the extension (the backends report why);
+``DML_KERNELS_JIT=1`` ignores an ahead-of-time build and JIT-compiles.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ._backends import Unsupported, register
+from ._pairs import PackedPairMask
+
+_PKG = Path(__file__).resolve().parent
+_LOCK = threading.Lock()
+_STATE: dict = {}  # "error": None | str, "how": str
+
+# dist codes of the kernels (csrc/dml_kernels.h)
+_DIST = {"cosine": 0, "dot": 0, "euclidean": 1, "squared_euclidean": 2}
+_LSE, _LSE1, _HINGE = 0, 1, 2
+
+_CPU_SOURCES = ("registration.cpp", "cpu/pair_ops.cpp")
+_CUDA_SOURCES = ("cuda/pair_ops.cu",)
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def source_dir() -> Path | None:
+    """Where the C++ sources are: the checkout's ``csrc/`` or the copy installed as ``dml_kernels/_csrc``."""
+    for cand in (_PKG.parent / "csrc", _PKG / "_csrc"):
+        if (cand / "registration.cpp").is_file():
+            return cand
+    return None
+
+
+def _prebuilt() -> str | None:
+    found = sorted(glob.glob(str(_PKG / "_C*.so")) + glob.glob(str(_PKG / "_C*.pyd")))
+    return found[0] if found else None
+
+
+def _stale(lib: str, src: Path | None) -> bool:
+    """True if the sources next to an in-place build were edited after it was built."""
+    if src is None:
+        return False
+    newest = max((p.stat().st_mtime for p in src.rglob("*") if p.suffix in (".cpp", ".cu", ".h", ".cuh")),
+                 default=0.0)
+    return newest > os.path.getmtime(lib)
+
+
+def _jit_load(src: Path) -> str:
+    from torch.utils import cpp_extension
+
+    sources = [src / s for s in _CPU_SOURCES]
+    with_cuda = (torch.version.cuda is not None and torch.cuda.is_available()
+                 and cpp_extension.CUDA_HOME is not None and all((src / s).is_file() for s in _CUDA_SOURCES))
+    if with_cuda:
+        sources += [src / s for s in _CUDA_SOURCES]
+    digest = hashlib.sha256()
+    for p in sorted(src.rglob("*")):
+        if p.is_file() and p.suffix in (".cpp", ".cu", ".h", ".cuh"):
+            digest.update(p.name.encode() + p.read_bytes())
+    digest.update(torch.__version__.encode() + str(with_cuda).encode())
+    name = f"dml_kernels_ext_{digest.hexdigest()[:12]}"
+    cache = Path(os.environ.get("DML_KERNELS_CACHE", Path.home() / ".cache" / "dml_kernels")) / name
+    cache.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=name, sources=[str(s) for s in sources], build_directory=str(cache), is_python_module=False,
+        extra_cflags=["-O3", "-fopenmp"], extra_cuda_cflags=["-O3"], verbose=False, with_cuda=with_cuda)
+    return f"JIT-compiled into {cache}" + (" (with CUDA)" if with_cuda else "")
+
+
+def load() -> str | None:
+    """Load the compiled library once; None if it loaded, else why not (a sentence with the fix)."""
+    with _LOCK:
+        if "error" in _STATE:
+            return _STATE["error"]
+        _STATE["error"] = _STATE["how"] = None
+        if os.environ.get("DML_KERNELS_NO_EXTENSION") == "1":
+            _STATE["error"] = "the C++ extension is disabled by DML_KERNELS_NO_EXTENSION=1"
+            return _STATE["error"]
+        src = source_dir()
+        reasons = []
+        lib = _prebuilt()
+        if lib is not None and os.environ.get("DML_KERNELS_JIT") != "1" and not _stale(lib, src):
+            try:
+                torch.ops.load_library(lib)
+                _STATE["how"] = f"ahead-of-time build {lib}"
+            except Exception as e:  # noqa: BLE001 - e.g. built against another torch
+                reasons.append(f"the installed library {lib} failed to load ({type(e).__name__}: {e})")
+        if _STATE["how"] is None:
+            if src is None:
+                reasons.append("the C++ sources are not installed, so it cannot be JIT-compiled")
+            else:
+                try:
+                    _STATE["how"] = _jit_load(src)
+                except Exception as e:  # noqa: BLE001 - no compiler, no ninja, compile error...
+                    msg = str(e).strip().splitlines()
+                    reasons.append("JIT compilation failed (" + type(e).__name__ + ": "
+                                   + " | ".join(msg[-6:])[-800:] + ")")
+        if _STATE["how"] is None:
+            _STATE["error"] = ("the dml_kernels C++ extension is not available: " + "; ".join(reasons)
+                               + ". Fix: install a C++ compiler and ninja (pip install ninja) so it can be "
+                               "JIT-compiled, or reinstall with one present (pip install --no-build-isolation .)")
+            return _STATE["error"]
+        _register_python_side()
+        return None
+
+
+def how_loaded() -> str | None:
+    """How the library was loaded (ahead-of-time build or JIT cache), None before or on failure."""
+    return _STATE.get("how")
+
+
+def has_kernel(name: str, device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dml_kernels::{name}", key)
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """None when ``backend`` ("cpu" or "cuda") has its compiled kernels loaded here, else why not."""
+    why = load()
+    if why is not None:
+        return why
+    if backend == "cpu" and not has_kernel("pair_reduce", "cpu"):
+        return "the dml_kernels library was loaded without its CPU kernels; rebuild it"
+    if backend == "cuda" and not has_kernel("pair_reduce", "cuda"):
+        return ("the dml_kernels library was built without CUDA kernels (" + str(how_loaded()) + "); reinstall "
+                "on a machine with nvcc and a CUDA build of torch: pip install --no-build-isolation . "
+                "(FORCE_CUDA=1 builds them without a GPU)")
+    return None
+
+
+# --------------------------------------------------------------------------------------- fake + autograd
+
+_PY_REGISTERED = False
+
+
+def _register_python_side():
+    """register_fake and register_autograd for every op (once, after the library is loaded)."""
+    global _PY_REGISTERED
+    if _PY_REGISTERED:
+        return
+    _PY_REGISTERED = True
+    lib = torch.library
+
+    def nrows(q, r):
+        return q.shape[0] if r is None else r.shape[0]
+
+    @lib.register_fake("dml_kernels::pair_values")
+    def _(q, r, dist):
+        return q.new_empty(q.shape[0], nrows(q, r))
+
+    @lib.register_fake("dml_kernels::pair_values_backward")
+    def _(grad, values, q, r, dist):
+        return q.new_empty(q.shape), q.new_empty((0, q.shape[1]) if r is None else r.shape)
+
+    @lib.register_fake("dml_kernels::pair_reduce")
+    def _(q, r, labels, ref_labels, pos_bits, neg_bits, dist, kind, pa, pc, na, nc, eps):
+        n = q.shape[0]
+        return q.new_empty(n), q.new_empty(n), q.new_empty(2, n), q.new_empty(4, n, dtype=torch.long)
+
+    @lib.register_fake("dml_kernels::pair_reduce_backward")
+    def _(gp, gn, q, r, *rest):
+        return q.new_empty(q.shape), q.new_empty((0, q.shape[1]) if r is None else r.shape)
+
+    @lib.register_fake("dml_kernels::ms_thresholds")
+    def _(q, r, labels, ref_labels, pos_bits, neg_bits, dist):
+        return q.new_empty(q.shape[0]), q.new_empty(q.shape[0])
+
+    @lib.register_fake("dml_kernels::ms_mask")
+    def _(q, r, labels, ref_labels, dist, eps):
+        shape = (q.shape[0], (nrows(q, r) + 7) // 8)
+        return q.new_empty(shape, dtype=torch.uint8), q.new_empty(shape, dtype=torch.uint8)
+
+    @lib.register_fake("dml_kernels::batch_hard")
+    def _(q, r, labels, ref_labels, dist):
+        return q.new_empty(q.shape[0], dtype=torch.long), q.new_empty(q.shape[0], dtype=torch.long)
+
+    def values_setup(ctx, inputs, output):
+        q, r, dist = inputs
+        ctx.dist = dist
+        ctx.has_r = r is not None
+        ctx.save_for_backward(q, r, output)
+
+    def values_backward(ctx, grad):
+        q, r, out = ctx.saved_tensors
+        dq, dr = torch.ops.dml_kernels.pair_values_backward(grad, out, q, r if ctx.has_r else None, ctx.dist)
+        return dq, (dr if ctx.has_r else None), None
+
+    lib.register_autograd("dml_kernels::pair_values", values_backward, setup_context=values_setup)
+
+    def reduce_setup(ctx, inputs, output):
+        q, r, labels, ref_labels, pos_bits, neg_bits = inputs[:6]
+        ctx.params = inputs[6:]
+        ctx.has_r = r is not None
+        red_pos, red_neg, thr, _ = output
+        ctx.save_for_backward(q, r, labels, ref_labels, pos_bits, neg_bits, red_pos, red_neg, thr)
+
+    def reduce_backward(ctx, gp, gn, _gthr, _gcnt):
+        q, r, labels, ref_labels, pos_bits, neg_bits, red_pos, red_neg, thr = ctx.saved_tensors
+        gp = torch.zeros_like(red_pos) if gp is None else gp
+        gn = torch.zeros_like(red_neg) if gn is None else gn
+        dq, dr = torch.ops.dml_kernels.pair_reduce_backward(
+            gp, gn, q, r if ctx.has_r else None, labels, ref_labels, pos_bits, neg_bits, *ctx.params,
+            red_pos, red_neg, thr)
+        return (dq, dr if ctx.has_r else None) + (None,) * 11
+
+    lib.register_autograd("dml_kernels::pair_reduce", reduce_backward, setup_context=reduce_setup)
+
+
+# --------------------------------------------------------------------------------------- canonical ops
+
+_CUDA_OPS = {"pair_values", "pair_reduce"}  # kernels the CUDA source implements (others: Unsupported)
+
+
+def _kernel_dtype(x):
+    """The dtype the kernels run in: fp32/fp64 as given; fp16/bf16 accumulate in fp32 on CUDA."""
+    if x.dtype in (torch.float32, torch.float64):
+        return x.dtype
+    if x.device.type == "cuda":
+        return torch.float32
+    raise Unsupported(f"the cpu backend computes in float32 or float64, not {x.dtype}")
+
+
+def _need(x, *names):
+    for name in names:
+        if not has_kernel(name, x.device.type):
+            raise Unsupported(f"the {x.device.type} extension has no {name!r} kernel")
+
+
+def _prep(x, ref, distance):
+    """(q, r, dist code): inputs cast to the kernel dtype and normalised when the distance says so."""
+    dt = _kernel_dtype(x)
+    q = x.to(dt)
+    r = None if ref is None else ref.to(dt)
+    if distance.normalize:
+        q = F.normalize(q, p=2, dim=1)
+        r = None if r is None else F.normalize(r, p=2, dim=1)
+    return q, r, _DIST[distance.name]
+
+
+def _bits(pairs, device):
+    if pairs is None:
+        return None, None
+    if not isinstance(pairs, PackedPairMask):
+        raise Unsupported("the C++ backends take explicit pairs as a PackedPairMask, not index tuples")
+    return pairs.pos_bits.to(device).contiguous(), pairs.neg_bits.to(device).contiguous()
+
+
+def _zero(x, *others):
+    z = (x * 0).sum()
+    for o in others:
+        z = z + (o * 0).sum()
+    return z
+
+
+def _sg(distance):
+    return 1.0 if distance.is_similarity else -1.0
+
+
+def _few_pairs(cnt):
+    return (cnt[0].sum() <= 1) & (cnt[1].sum() <= 1)
+
+
+def _out(loss, x):
+    """Losses come back in the input dtype for fp32/fp64, in fp32 for fp16/bf16 (accumulated in fp32)."""
+    return loss if x.dtype in (torch.float16, torch.bfloat16) else loss.to(x.dtype)
+
+
+def _both(fn):
+    register(fn.__name__, "cpu")(fn)
+    register(fn.__name__, "cuda")(fn)
+    return fn
+
+
+def _cpu_only(fn):
+    register(fn.__name__, "cpu")(fn)
+    return fn
+
+
+@_both
+def pairwise_similarity(x, ref, *, distance):
+    _need(x, "pair_values")
+    q, r, code = _prep(x, ref, distance)
+    out = torch.ops.dml_kernels.pair_values(q, r, code)
+    return out if x.dtype in (torch.float32, torch.float64) else out.to(x.dtype)
+
+
+@_cpu_only
+def multi_similarity_thresholds(x, labels, ref, ref_labels, *, distance):
+    _need(x, "ms_thresholds")
+    with torch.no_grad():
+        q, r, code = _prep(x, ref, distance)
+        hp, hn = torch.ops.dml_kernels.ms_thresholds(q, r, labels, ref_labels, None, None, code)
+    return hp.to(x.dtype), hn.to(x.dtype)
+
+
+@_cpu_only
+def multi_similarity_mask(x, labels, ref, ref_labels, *, epsilon, distance):
+    _need(x, "ms_mask")
+    with torch.no_grad():
+        q, r, code = _prep(x, ref, distance)
+        pb, nb = torch.ops.dml_kernels.ms_mask(q, r, labels, ref_labels, code, float(epsilon))
+    return PackedPairMask(pb, nb, x.shape[0] if ref is None else ref.shape[0])
+
+
+@_cpu_only
+def batch_hard_mining(x, labels, ref, ref_labels, *, distance):
+    _need(x, "batch_hard")
+    with torch.no_grad():
+        q, r, code = _prep(x, ref, distance)
+        return torch.ops.dml_kernels.batch_hard(q, r, labels, ref_labels, code)
+
+
+@_both
+def multi_similarity_loss(x, labels, ref, ref_labels, *, alpha, beta, base, epsilon=None, distance, pairs=None,
+                          pair_rule=True):
+    _need(x, "pair_reduce")
+    pb, nb = _bits(pairs, x.device)
+    q, r, code = _prep(x, ref, distance)
+    sg = _sg(distance)
+    lp, ln, _, cnt = torch.ops.dml_kernels.pair_reduce(
+        q, r, labels, ref_labels, pb, nb, code, _LSE1, -sg * alpha, base, sg * beta, base,
+        None if epsilon is None else float(epsilon))
+    loss = (lp / alpha + ln / beta).mean()
+    if pair_rule:
+        loss = torch.where(_few_pairs(cnt), _zero(x).to(loss.dtype), loss)
+    return _out(loss, x)
+
+
+@_both
+def generalized_lifted_structure_loss(x, labels, ref, ref_labels, *, neg_margin, pos_margin, distance, pairs=None,
+                                      pair_rule=True):
+    _need(x, "pair_reduce")
+    pb, nb = _bits(pairs, x.device)
+    q, r, code = _prep(x, ref, distance)
+    sg = _sg(distance)
+    lp, ln, _, cnt = torch.ops.dml_kernels.pair_reduce(
+        q, r, labels, ref_labels, pb, nb, code, _LSE, -sg, pos_margin, sg, neg_margin, None)
+    loss = F.relu(lp + ln).mean()
+    if pair_rule:
+        loss = torch.where(_few_pairs(cnt), _zero(x).to(loss.dtype), loss)
+    return _out(loss, x)
+
+
+@_both
+def contrastive_loss(x, labels, ref, ref_labels, *, pos_margin, neg_margin, distance, pairs=None, pair_rule=True):
+    _need(x, "pair_reduce")
+    if pairs is not None:
+        raise Unsupported("the C++ contrastive_loss takes no explicit pairs (PML counts duplicate pairs)")
+    q, r, code = _prep(x, ref, distance)
+    sg = _sg(distance)
+    sp, sn, _, cnt = torch.ops.dml_kernels.pair_reduce(
+        q, r, labels, ref_labels, None, None, code, _HINGE, -sg, pos_margin, sg, neg_margin, None)
+    zero = _zero(x).to(sp.dtype)
+    nzp, nzn = cnt[2].sum(), cnt[3].sum()
+    pos_loss = torch.where(nzp > 0, sp.sum() / nzp.clamp_min(1), zero)
+    neg_loss = torch.where(nzn > 0, sn.sum() / nzn.clamp_min(1), zero)
+    loss = pos_loss + neg_loss
+    if pair_rule:
+        loss = torch.where(_few_pairs(cnt), zero, loss)
+    return _out(loss, x)
+
+
+def _pair_value(a, b, ia, ib, code):
+    """Values of the pairs (a[ia], b[ib]) with the reference's formula (differentiable, O(len · D))."""
+    qa, rb = a[ia], b[ib]
+    dot = (qa * rb).sum(1)
+    if code == 0:
+        return dot
+    sq = ((qa * qa).sum(1) + (rb * rb).sum(1) - 2 * dot).clamp_min(0)
+    if code == 2:
+        return sq
+    positive = sq > 0
+    return torch.where(positive, sq.where(positive, 1).sqrt(), 0)
+
+
+@_cpu_only
+def triplet_margin_loss(x, labels, ref, ref_labels, *, margin, swap=False, smooth_loss=False, mining=None,
+                        distance, triplets=None):
+    if triplets is not None or mining != "batch_hard":
+        raise Unsupported("the C++ triplet_margin_loss implements mining='batch_hard' only")
+    _need(x, "batch_hard")
+    q, r, code = _prep(x, ref, distance)
+    rr = q if r is None else r
+    with torch.no_grad():
+        hard_pos, hard_neg = torch.ops.dml_kernels.batch_hard(q.detach(), None if r is None else r.detach(), labels,
+                                                              ref_labels, code)
+    valid = hard_pos >= 0
+    a = torch.arange(q.shape[0], device=q.device)
+    p, n = hard_pos.clamp_min(0), hard_neg.clamp_min(0)
+    ap, an = _pair_value(q, rr, a, p, code), _pair_value(q, rr, a, n, code)
+    if swap:
+        pn = _pair_value(rr, rr, p, n, code)
+        an = torch.maximum(an, pn) if distance.is_similarity else torch.minimum(an, pn)
+    viol = distance.margin(ap, an) + margin
+    losses = (F.softplus(viol) if smooth_loss else F.relu(viol)) * valid
+    positive = losses > 0
+    count = positive.sum()
+    total = losses.where(positive, 0).sum()
+    loss = torch.where(count > 0, total / count.clamp_min(1), _zero(x).to(total.dtype))
+    return _out(loss, x)
+
+
+@_both
+def proxy_nca_loss(x, labels, proxies, *, softmax_scale, exclude_positive=False, distance, weights=None):
+    _need(x, "pair_reduce")
+    q, r, code = _prep(x, proxies.to(x.dtype), distance)
+    classes = torch.arange(proxies.shape[0], device=x.device)
+    s = softmax_scale * _sg(distance)
+    # "positive" = the target proxy (its logit), "negative" = every other proxy (their LSE).
+    target, rest, _, cnt = torch.ops.dml_kernels.pair_reduce(
+        q, r, labels, classes, None, None, code, _LSE, s, 0.0, s, 0.0, None)
+    if exclude_positive:
+        losses = rest - target
+    else:
+        losses = torch.where(cnt[1] > 0, torch.logaddexp(target, rest), target) - target
+    if weights is not None:
+        losses = losses * weights.to(losses.dtype)
+    return _out(losses.mean(), x)
+
+
+@_both
+def proxy_anchor_loss(x, labels, proxies, *, margin, alpha, distance, weights=None):
+    _need(x, "pair_reduce")
+    if weights is not None:
+        raise Unsupported("the C++ proxy_anchor_loss takes no miner weights")
+    num_classes = proxies.shape[0]
+    # Transposed: rows = proxies, columns = embeddings, so each proxy's LSE is a row reduction.
+    q, r, code = _prep(proxies.to(x.dtype), x, distance)
+    classes = torch.arange(num_classes, device=x.device)
+    sg = _sg(distance)
+    lp, ln, _, cnt = torch.ops.dml_kernels.pair_reduce(
+        q, r, classes, labels, None, None, code, _LSE1, -sg * alpha, margin, sg * alpha, -margin, None)
+    num_with_pos = (cnt[0] > 0).sum()
+    pos_loss = torch.where(num_with_pos > 0, lp.sum() / num_with_pos.clamp_min(1), _zero(lp))
+    return _out(pos_loss + ln.sum() / num_classes, x)
