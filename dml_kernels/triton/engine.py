@@ -39,6 +39,8 @@ from .._backends import Unsupported  # noqa: F401  (re-exported for the loss mod
 from .._distance import Distance
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The interpreter's tl.dot mis-reads bfloat16 operands (numpy has no bf16): upcast them there only.
+_UPCAST_BF16 = tl.constexpr(INTERPRET)
 
 # Row-reduction kinds of the forward slots.
 NONE, SUM, LSE, LSE1, MAX, MIN = 0, 1, 2, 3, 4, 5
@@ -61,6 +63,10 @@ def dot_tile(a_ptr, b_ptr, offs_a, offs_b, NA, NB, D, stride_a, stride_b,
         in_d = offs_d < D
         a = tl.load(a_ptr + row_a[:, None] + offs_d[None, :], mask=in_a[:, None] & in_d[None, :], other=0.0)
         b = tl.load(b_ptr + row_b[None, :] + offs_d[:, None], mask=in_b[None, :] & in_d[:, None], other=0.0)
+        if _UPCAST_BF16:
+            if a.dtype == tl.bfloat16:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=ACC_T)
     return acc
 
