@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../dml_kernels.h"
+#include "../values_backward.h"
 #include "fast_exp.h"
 
 namespace dml {
@@ -269,31 +270,7 @@ std::tuple<Tensor, Tensor> pair_values_backward_cpu(const Tensor& grad, const Te
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_embeddings(q, r);
   check_dist(dist);
-  const int64_t n = q.size(0), m = r.has_value() ? r->size(0) : n;
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({n, m}) && values.sizes() == grad.sizes(),
-              "dml_kernels: grad and values must be ", n, "×", m);
-  Tensor g = grad.to(q.scalar_type()).contiguous();
-  Tensor e;
-  if (dist == kSim) {
-    e = g;
-  } else if (dist == kSqEuclid) {
-    e = g * -2;  // the clamp at 0 passes the gradient where raw ≥ 0; a stored 0 is taken as raw = 0
-  } else {
-    e = at::where(values > 0, -g / values.clamp_min(std::numeric_limits<double>::min()), at::zeros_like(g));
-  }
-  if (!r.has_value()) {
-    Tensor es = e + e.t();
-    Tensor dq = at::mm(es, q);
-    if (dist != kSim) dq = dq - es.sum(1, true) * q;
-    return {dq, at::empty({0, q.size(1)}, q.options())};
-  }
-  Tensor dq = at::mm(e, *r);
-  Tensor dr = at::mm(e.t(), q);
-  if (dist != kSim) {
-    dq = dq - e.sum(1, true) * q;
-    dr = dr - e.sum(0).unsqueeze(1) * *r;
-  }
-  return {dq, dr};
+  return values_backward(grad, values, q, r, dist);
 }
 
 // ------------------------------------------------------------------------------------ pair_reduce
