@@ -64,17 +64,17 @@ def _triplet_fwd_kernel(x_ptr, r_ptr, sx_ptr, sr_ptr, nx_ptr, nr_ptr, lx_ptr, lr
         s_j, n_j, lab_j = engine.load_rows(r_ptr, sr_ptr, nr_ptr, lr_ptr, offs_j, M, HAS_LABELS)
         v_j = engine.value_tile(x_ptr, r_ptr, offs_a, offs_j, s_a, s_j, n_a, n_j, N, M, D, stride_x, stride_r,
                                 DIST, BA, BB, BD, PREC)
-        pos_j, _ = engine.pair_masks(lab_a, lab_j, offs_a, offs_j, N, M, pos_bits, neg_bits, nbytes,
+        pos_j, neg_j = engine.pair_masks(lab_a, lab_j, offs_a, offs_j, N, M, pos_bits, neg_bits, nbytes,
                                      SELF, HAS_LABELS, HAS_PAIRS, False)
         for k0 in range(0, M, BB):
             offs_k = k0 + tl.arange(0, BB)
             s_k, n_k, lab_k = engine.load_rows(r_ptr, sr_ptr, nr_ptr, lr_ptr, offs_k, M, HAS_LABELS)
             v_k = engine.value_tile(x_ptr, r_ptr, offs_a, offs_k, s_a, s_k, n_a, n_k, N, M, D, stride_x,
                                     stride_r, DIST, BA, BB, BD, PREC)
-            _, neg_k = engine.pair_masks(lab_a, lab_k, offs_a, offs_k, N, M, pos_bits, neg_bits, nbytes,
+            pos_k, neg_k = engine.pair_masks(lab_a, lab_k, offs_a, offs_k, N, M, pos_bits, neg_bits, nbytes,
                                          SELF, HAS_LABELS, HAS_PAIRS, False)
             t = sg * (v_k[:, None, :] - v_j[:, :, None]) + margin
-            h, _ = _hinge(t, SMOOTH)
+            h, dh = _hinge(t, SMOOTH)
             act = pos_j[:, :, None] & neg_k[:, None, :] & (h > 0)
             total += tl.sum(tl.sum(tl.where(act, h, 0.0), axis=2), axis=1)
             count += tl.sum(tl.sum(act.to(CT), axis=2), axis=1)
