@@ -17,9 +17,10 @@ inline float fast_exp(float x) { return std::exp(x); }
 inline double fast_exp(double x) { return std::exp(x); }
 
 // exp(x) for x ≤ 0 (or −inf); vectorisable (no calls, no branches).
-inline float exp_nonpos(float x) {
+__attribute__((always_inline)) inline float exp_nonpos(float x) {
   const float lo = -87.0f;                 // exp(−87) ≈ 1.6e−38: below, return 0 (underflow)
-  const float xc = x < lo ? lo : x;
+  const float hi = 88.0f;                  // callers pass x ≤ 0 (+ rounding); clamp keeps the int cast defined
+  const float xc = x < lo ? lo : (x > hi ? hi : x);
   const float magic = 12582912.0f;         // 1.5·2^23: adding then subtracting rounds to an integer
   const float n = (xc * 1.44269504088896341f + magic) - magic;
   float r = xc - n * 0.693359375f;          // ln 2 split in two parts (Cephes)

@@ -19,6 +19,7 @@
 
 #include "../dml_kernels.h"
 #include "../values_backward.h"
+#include "epilogues.h"
 #include "fast_exp.h"
 
 namespace dml {
@@ -175,6 +176,11 @@ Masks make_masks(int64_t n, int64_t m, bool self, const c10::optional<Tensor>& l
   return mk;
 }
 
+// Index within the chunk [k0, k0 + nk) of row i's own column in self mode, −1 if none.
+inline int64_t diag_in(const Masks& mk, int64_t i, int64_t k0, int64_t nk) {
+  return (mk.self && i >= k0 && i < k0 + nk) ? i - k0 : -1;
+}
+
 void check_embeddings(const Tensor& q, const c10::optional<Tensor>& r) {
   TORCH_CHECK(q.dim() == 2, "dml_kernels: q must be 2-D, got ", q.sizes());
   TORCH_CHECK(q.device().is_cpu(), "dml_kernels: the CPU kernels need CPU tensors");
@@ -220,6 +226,12 @@ void block_thresholds(const Geometry<T>& g, const Masks& mk, int64_t i0, int64_t
   for (int64_t k0 = 0; k0 < g.m; k0 += kBC) {
     const int64_t nk = std::min(kBC, g.m - k0);
     g.qtile(i0, ni, k0, nk, buf);
+    if (mk.pb == nullptr) {  // label masks: vectorised epilogue
+      for (int64_t i = 0; i < ni; ++i)
+        row_thresholds(buf + i * nk, nk, g.dist, mk.rlab + k0, mk.lab[i0 + i], diag_in(mk, i0 + i, k0, nk), hp + i,
+                       hn + i);
+      continue;
+    }
     for (int64_t i = 0; i < ni; ++i) {
       const T* row = buf + i * nk;
       T p = hp[i], q = hn[i];
@@ -318,6 +330,16 @@ struct Acc {
     s += sum_exp(terms, len, nm);
     m = nm;
   }
+  // Merge a chunk of LSE terms whose maximum cm is known.
+  void add_lse(const T* terms, int64_t len, int64_t npairs, T cm) {
+    pairs += npairs;
+    nonzero += npairs;
+    if (npairs == 0) return;
+    const T nm = std::max(m, cm);
+    if (s != 0) s *= fast_exp(m - nm);
+    s += row_sum_exp(terms, len, nm);
+    m = nm;
+  }
   T result(int64_t kind) const {
     if (kind == kHinge) return s;
     if (s == 0) return 0;  // empty set (kind 0): PML's masked LSE gives 0
@@ -337,6 +359,19 @@ void block_reduce(const Geometry<T>& g, const Masks& mk, const ReduceParams<T>& 
   for (int64_t k0 = 0; k0 < g.m; k0 += kBC) {
     const int64_t nk = std::min(kBC, g.m - k0);
     if (!cached) g.qtile(i0, ni, k0, nk, buf);
+    if (mk.pb == nullptr && p.kind != kHinge) {  // label masks: vectorised epilogue
+      const EpilogueArgs<T> ea{g.dist, p.kind, p.mine, p.eps, p.pa, p.pc, p.na, p.nc};
+      for (int64_t i = 0; i < ni; ++i) {
+        const int64_t gi = i0 + i;
+        T maxp, maxn;
+        int64_t np, nn;
+        row_terms(buf + i * nk, nk, ea, mk.rlab + k0, mk.lab[gi], diag_in(mk, gi, k0, nk),
+                  p.mine ? hp[gi] : T(0), p.mine ? hn[gi] : T(0), tp, tn, &maxp, &maxn, &np, &nn);
+        accp[i].add_lse(tp, nk, np, maxp);
+        accn[i].add_lse(tn, nk, nn, maxn);
+      }
+      continue;
+    }
     for (int64_t i = 0; i < ni; ++i) {
       const int64_t gi = i0 + i;
       const T* row = buf + i * nk;
@@ -461,6 +496,7 @@ std::tuple<Tensor, Tensor> pair_reduce_backward_cpu(
     const T* th = thr.data_ptr<T>();
     RowGrad<T> rg(&p, gpos.data_ptr<T>(), gneg.data_ptr<T>(), rpos.data_ptr<T>(), rneg.data_ptr<T>(), th, th + n,
                   dist);
+    const EpilogueArgs<T> ea{dist, kind, p.mine, p.eps, p.pa, p.pc, p.na, p.nc};
     // dQ: row blocks of q against tiles of r (self mode adds row k's view of the pair (k, i)).
     at::parallel_for(0, (n + kBR - 1) / kBR, 1, [&](int64_t b0, int64_t b1) {
       const int64_t bc = tile_cols(g);
@@ -473,7 +509,15 @@ std::tuple<Tensor, Tensor> pair_reduce_backward_cpu(
           const int64_t nk = std::min(kBC, m - k0);
           g.qtile(i0, ni, k0, nk, buf.data());
           bool any = false;
-          for (int64_t i = 0; i < ni; ++i) {
+          if (mk.pb == nullptr) {  // label masks: vectorised epilogue
+            for (int64_t i = 0; i < ni; ++i) {
+              const int64_t gi = i0 + i;
+              rowsum[i] += row_edges(buf.data() + i * nk, nk, ea, mk.rlab + k0, mk.lab[gi], diag_in(mk, gi, k0, nk),
+                                     self, gi, self ? k0 : 0, rg.gp, rg.gn, rg.rp, rg.rn, rg.hp, rg.hn);
+            }
+            any = true;
+          }
+          for (int64_t i = 0; i < ni && mk.pb != nullptr; ++i) {
             const int64_t gi = i0 + i;
             T* row = buf.data() + i * nk;
             T s = 0;
