@@ -139,6 +139,29 @@ def test_anchor_absent_classes_and_patterns():
         compare(nca, x, y, p)
 
 
+@pytest.mark.parametrize("loss", ["nca", "anchor"])
+def test_non_contiguous_inputs(loss):
+    """Strided embeddings and column-major proxies are read in place (strides passed to the kernels)."""
+    x, y, p = data(9, 26, 24)
+    buf = torch.full((9, 48), float("nan"), dtype=x.dtype, device=DEVICE)
+    buf[:, ::2] = x
+    xs = buf[:, ::2]  # stride (48, 2), NaN in between
+    ps = p.T.contiguous().T  # stride (1, 26)
+    assert not xs.is_contiguous() and not ps.is_contiguous() and torch.equal(xs, x) and torch.equal(ps, p)
+    got = loss_and_grads(LOSSES[loss], xs, y, ps, "triton")
+    want = loss_and_grads(LOSSES[loss], x, y, p, "reference")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **FP64)
+
+
+def test_double_backward_raises():
+    x, y, p = data(4, 8, 5)
+    xx = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(nca(xx, y, p, "triton"), xx, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
 def test_anchor_alpha_margin():
     x, y, p = data(21, 14, 12)
     compare(anchor, x, y, p, alpha=32.0, margin=0.1)
@@ -146,9 +169,9 @@ def test_anchor_alpha_margin():
 
 
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("blocks", [16, 32])
+@pytest.mark.parametrize("blocks", [16, 32, None])
 def test_tilings_agree(splits, blocks):
-    """Tile sizes and C splits do not change the result beyond rounding."""
+    """Tile sizes (None: the backend's defaults) and C splits do not change the result beyond rounding."""
     TP.TUNING.update(block_b=blocks, block_c=blocks, block_k=blocks, block_d=blocks, splits=splits)
     x, y, p = data(23, 70, 40)
     compare(nca, x, y, p, softmax_scale=4.0)

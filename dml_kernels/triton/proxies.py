@@ -68,14 +68,32 @@ class _Cfg:
     compute: torch.dtype
 
 
-def _blocks(B, C, D, device):
+# GPU tile configurations (block_b, block_c, block_k, block_d, num_warps), chosen so that ptxas reports no
+# (or a few bytes of) register spills on sm_90 (checked with the AOT compile, see proxy_aot_check.py); not
+# yet timed on hardware. "cols" is the proxy-block gradient kernel (block_b = its batch tile).
+_GPU_CFG = {
+    "half": {"nca_fwd": (64, 128, 64, 0, 8), "pa_fwd": (64, 64, 64, 0, 8), "rows": (64, 64, 64, 128, 8),
+             "cols": (64, 64, 32, 128, 8)},
+    "fp32": {"nca_fwd": (64, 64, 32, 0, 8), "pa_fwd": (32, 64, 32, 0, 8), "rows": (64, 64, 32, 64, 8),
+             "cols": (32, 64, 32, 64, 8)},
+    "fp64": {k: (32, 32, 16, 32, 4) for k in ("nca_fwd", "pa_fwd", "rows", "cols")},
+}
+
+
+def _blocks(kernel, compute, D, device):
+    """(block_b, block_c, block_k, block_d, num_warps) for one kernel launch; TUNING entries override."""
     interp = _interpreting() or device.type != "cuda"
-    bb = TUNING["block_b"] or (16 if interp else 64)
-    bc = TUNING["block_c"] or (32 if interp else 128)
+    if interp:
+        bb, bc, bk, bd, nw = 16, 32, 32, 32, 4
+    else:
+        group = "fp64" if compute == torch.float64 else ("fp32" if compute == torch.float32 else "half")
+        bb, bc, bk, bd, nw = _GPU_CFG[group][kernel]
     dp = max(16, _p2(D))
-    bk = TUNING["block_k"] or min(dp, 32 if interp else 64)
-    bd = TUNING["block_d"] or min(dp, 32 if interp else 128)
-    return bb, bc, bk, bd
+    bb = TUNING["block_b"] or bb
+    bc = TUNING["block_c"] or bc
+    bk = min(dp, TUNING["block_k"] or bk)
+    bd = min(dp, TUNING["block_d"] or bd or 32)
+    return bb, bc, bk, bd, nw
 
 
 def _splits(B, C, D, bb, bc, device):
@@ -103,11 +121,21 @@ def _acc(compute):
     return torch.float64 if compute == torch.float64 else torch.float32
 
 
+_SCALARS: dict = {}
+
+
 def _device_scalars(values, dtype, device):
-    """A small device tensor of Python floats, filled without a host→device copy (no sync, graph-safe)."""
-    t = torch.empty(len(values), dtype=dtype, device=device)
-    for i, v in enumerate(values):
-        t[i].fill_(float(v))
+    """A small device tensor of Python floats, filled without a host→device copy (no sync, graph-safe) and
+    cached (kernels only read it)."""
+    key = (tuple(float(v) for v in values), dtype, device)
+    t = _SCALARS.get(key)
+    if t is None:
+        if len(_SCALARS) > 256:
+            _SCALARS.clear()
+        t = torch.empty(len(values), dtype=dtype, device=device)
+        for i, v in enumerate(key[0]):
+            t[i].fill_(v)
+        _SCALARS[key] = t
     return t
 
 
@@ -164,7 +192,6 @@ def _bwd(ctx, x, proxies, labels, r0, r1, c0, c1, gsc, has_r0):
     B, D = x.shape
     C = proxies.shape[0]
     acc = _acc(cfg.compute)
-    bb, bc, bk, bd = _blocks(B, C, D, x.device)
     rx, ax, rp, bp, nx, np_ = ctx.norms
     tau = -1.0
     if TUNING["skip"] and cfg.normalize:
@@ -173,34 +200,38 @@ def _bwd(ctx, x, proxies, labels, r0, r1, c0, c1, gsc, has_r0):
     cd = _TL[cfg.compute]
     emu = _interpreting() and cfg.compute == torch.bfloat16
     common = dict(LOSS=cfg.loss, KIND=cfg.kind, EXCL=cfg.excl, HAS_R0=has_r0, COUNT=bool(TUNING["count_skips"]),
-                  SCALE_G=cfg.compute == torch.float16, BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, BLOCK_D=bd,
-                  CD=cd, ACC=_TL[acc], EMU_BF16=emu, PREC=_prec(cfg.compute))
+                  SCALE_G=cfg.compute == torch.float16, CD=cd, ACC=_TL[acc], EMU_BF16=emu, PREC=_prec(cfg.compute),
+                  num_stages=2)
     dummy = rx
     r0 = dummy if r0 is None else r0
     r1 = dummy if r1 is None else r1
     c0 = dummy if c0 is None else c0
     c1 = dummy if c1 is None else c1
     gsc = dummy if gsc is None else gsc
-    n_d = triton.cdiv(D, bd)
     gx = gp = None
     if ctx.needs_input_grad[0]:
+        bb, bc, bk, bd, nw = _blocks("rows", cfg.compute, D, x.device)
+        n_d = triton.cdiv(D, bd)
         n_s, tps = _splits(B, C, D, bb, bc, x.device)
         n_b = triton.cdiv(B, bb)
         du = torch.empty((n_s, B, D), dtype=acc, device=x.device)
         cnt = torch.zeros(n_s * n_d * n_b, dtype=torch.int32, device=x.device) if TUNING["count_skips"] else dummy
         K._bwd_rows_kernel[(n_b, n_d, n_s)](x, x.stride(0), x.stride(1), proxies, proxies.stride(0), proxies.stride(1),
                                           labels, rx, ax, rp, bp, r0, r1, c0, c1, gsc, du, sc, cnt, B, C, D, tps,
-                                          **common)
+                                          BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, BLOCK_D=bd, num_warps=nw, **common)
         if TUNING["count_skips"]:
             LAST_SKIPS["rows"] = (cnt, n_b * n_d * tps * n_s)
         du = du[0] if n_s == 1 else du.sum(0)
         gx = _l2norm_bwd(du, x, rx, nx, x.dtype, cfg.normalize, bd)
     if ctx.needs_input_grad[1]:
+        bb, bc, bk, bd, nw = _blocks("cols", cfg.compute, D, x.device)
+        n_d = triton.cdiv(D, bd)
         n_c = triton.cdiv(C, bc)
         dv = torch.empty((C, D), dtype=acc, device=x.device)
         cnt = torch.zeros(n_c * n_d, dtype=torch.int32, device=x.device) if TUNING["count_skips"] else dummy
         K._bwd_cols_kernel[(n_c, n_d)](x, x.stride(0), x.stride(1), proxies, proxies.stride(0), proxies.stride(1),
-                                       labels, rx, ax, rp, bp, r0, r1, c0, c1, gsc, dv, sc, cnt, B, C, D, **common)
+                                       labels, rx, ax, rp, bp, r0, r1, c0, c1, gsc, dv, sc, cnt, B, C, D,
+                                       BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, BLOCK_D=bd, num_warps=nw, **common)
         if TUNING["count_skips"]:
             LAST_SKIPS["cols"] = (cnt, n_c * n_d * triton.cdiv(B, bb))
         gp = _l2norm_bwd(dv, proxies, rp, np_, proxies.dtype, cfg.normalize, bd)
@@ -223,7 +254,7 @@ class _ProxyNCA(torch.autograd.Function):
         B, D = x.shape
         C = proxies.shape[0]
         acc = _acc(cfg.compute)
-        bb, bc, bk, bd = _blocks(B, C, D, x.device)
+        bb, bc, bk, bd, nw = _blocks("nca_fwd", cfg.compute, D, x.device)
         norms = _forward_norms(x, proxies, cfg, bd)
         rx, ax, rp, bp, _, _ = norms
         n_s, tps = _splits(B, C, D, bb, bc, x.device)
@@ -235,7 +266,7 @@ class _ProxyNCA(torch.autograd.Function):
             x, x.stride(0), x.stride(1), proxies, proxies.stride(0), proxies.stride(1), labels, rx, ax, rp, bp,
             m, l_, t, sc, B, C, D, tps, KIND=cfg.kind, EXCL=cfg.excl, BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk,
             CD=_TL[cfg.compute], ACC=_TL[acc], EMU_BF16=_interpreting() and cfg.compute == torch.bfloat16,
-            PREC=_prec(cfg.compute))
+            PREC=_prec(cfg.compute), num_warps=nw, num_stages=2)
         if n_s == 1:
             lse = m[0] + torch.log(l_[0])
         else:
@@ -253,6 +284,7 @@ class _ProxyNCA(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, proxies, labels, lse, w = ctx.saved_tensors
         coef = w * (grad.to(w.dtype) / x.shape[0])  # per-row dL/d(loss_i), on the device
@@ -280,7 +312,7 @@ class _ProxyAnchor(torch.autograd.Function):
         B, D = x.shape
         C = proxies.shape[0]
         acc = _acc(cfg.compute)
-        bb, bc, bk, bd = _blocks(B, C, D, x.device)
+        bb, bc, bk, bd, nw = _blocks("pa_fwd", cfg.compute, D, x.device)
         norms = _forward_norms(x, proxies, cfg, bd)
         rx, ax, rp, bp, _, _ = norms
         off = None if weights is None else (weights.to(acc) - 1)
@@ -292,7 +324,8 @@ class _ProxyAnchor(torch.autograd.Function):
             x, x.stride(0), x.stride(1), proxies, proxies.stride(0), proxies.stride(1), labels,
             rx if off is None else off, rx, ax, rp, bp, lsep, lsen, haspos, sc, B, C, D, KIND=cfg.kind,
             HAS_OFF=off is not None, BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, CD=_TL[cfg.compute], ACC=_TL[acc],
-            EMU_BF16=_interpreting() and cfg.compute == torch.bfloat16, PREC=_prec(cfg.compute))
+            EMU_BF16=_interpreting() and cfg.compute == torch.bfloat16, PREC=_prec(cfg.compute), num_warps=nw,
+            num_stages=2)
         npos = haspos.sum()  # |C⁺| on the device
         pos_loss = torch.where(npos > 0, lsep.sum() / npos.clamp_min(1).to(acc), 0)
         loss = pos_loss + lsen.sum() / C
@@ -302,6 +335,7 @@ class _ProxyAnchor(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, proxies, labels, off, lsep, lsen, npos = ctx.saved_tensors
         g = grad.to(lsep.dtype)

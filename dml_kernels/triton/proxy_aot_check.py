@@ -17,26 +17,35 @@ def _variants():
     import triton.language as tl
 
     from . import proxy_kernels as K
+    from .proxies import _GPU_CFG
 
     for dtype in ("fp16", "bf16", "fp32", "fp64"):
         acc = "fp64" if dtype == "fp64" else "fp32"
         pdt = "fp64" if dtype == "fp64" else "fp32"  # proxies: an fp32 parameter (fp64 in fp64 runs)
-        big = dtype != "fp64"
-        blk = dict(BLOCK_B=64 if big else 32, BLOCK_C=128 if big else 32, BLOCK_K=64 if big else 32)
+        cfg = _GPU_CFG["half" if dtype in ("fp16", "bf16") else dtype]
         cd, ac = getattr(tl, _DT[dtype]), getattr(tl, _DT[acc])
         prec = "tf32" if dtype == "fp32" else "ieee"
         ptr = dict(x_ptr=dtype, p_ptr=pdt, y_ptr="i64", haspos_ptr="i32", cnt_ptr="i32")
-        dev = dict(CD=cd, ACC=ac, EMU_BF16=False, PREC=prec, **blk)
-        yield K._sqnorm_kernel, ptr, acc, dict(ACC=ac, BLOCK_R=16, BLOCK_D=64)
-        yield K._l2norm_bwd_kernel, dict(ptr, out_ptr=pdt), acc, dict(ACC=ac, BLOCK_R=16, BLOCK_D=64)
+        dev = dict(CD=cd, ACC=ac, EMU_BF16=False, PREC=prec)
+
+        def blk(name, with_d=False):
+            bb, bc, bk, bd, nw = cfg[name]
+            out = dict(BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, **({"BLOCK_D": bd} if with_d else {}))
+            return out, nw
+
+        yield K._sqnorm_kernel, ptr, acc, dict(ACC=ac, BLOCK_R=16, BLOCK_D=64), 4
+        yield K._l2norm_bwd_kernel, dict(ptr, out_ptr=pdt), acc, dict(ACC=ac, BLOCK_R=16, BLOCK_D=64), 4
         for kind in (0, 1, 2):
-            yield K._nca_fwd_kernel, ptr, acc, dict(KIND=kind, EXCL=kind == 1, **dev)
-            yield K._pa_fwd_kernel, ptr, acc, dict(KIND=kind, HAS_OFF=kind != 0, **dev)
+            b, nw = blk("nca_fwd")
+            yield K._nca_fwd_kernel, ptr, acc, dict(KIND=kind, EXCL=kind == 1, **dev, **b), nw
+            b, nw = blk("pa_fwd")
+            yield K._pa_fwd_kernel, ptr, acc, dict(KIND=kind, HAS_OFF=kind != 0, **dev, **b), nw
             for loss in (0, 1):
-                for kern in (K._bwd_rows_kernel, K._bwd_cols_kernel):
+                for kern, name in ((K._bwd_rows_kernel, "rows"), (K._bwd_cols_kernel, "cols")):
+                    b, nw = blk(name, with_d=True)
                     yield kern, ptr, acc, dict(LOSS=loss, KIND=kind, EXCL=loss == 0 and kind == 2,
                                                HAS_R0=loss == 0 or kind == 1, COUNT=kind == 2,
-                                               SCALE_G=dtype == "fp16", BLOCK_D=128 if big else 32, **dev)
+                                               SCALE_G=dtype == "fp16", **dev, **b), nw
 
 
 def _signature(fn, ptr, acc, consts):
@@ -63,12 +72,13 @@ def main(cc: int = 90) -> int:
 
     target = GPUTarget("cuda", cc, 32)
     failures, count = [], 0
-    for fn, ptr, acc, consts in _variants():
+    for fn, ptr, acc, consts, num_warps in _variants():
         count += 1
         label = f"{fn.fn.__name__}[{ptr['x_ptr']}] " + ",".join(
             f"{k}={v}" for k, v in consts.items() if k in ("LOSS", "KIND"))
         try:
-            triton.compile(ASTSource(fn, _signature(fn, ptr, acc, consts), constexprs=consts), target=target)
+            triton.compile(ASTSource(fn, _signature(fn, ptr, acc, consts), constexprs=consts), target=target,
+                           options=dict(num_warps=num_warps, num_stages=2))
         except Exception as e:  # noqa: BLE001 - report every failing variant
             failures.append(f"{label}: {type(e).__name__}: {str(e)[-800:]}")
     for f in failures:
