@@ -371,6 +371,37 @@ def test_no_batch_by_class_allocation(loss):
     assert largest("triton") <= max(b, c) * d * 4  # O((B + C)·D): inputs, gradients, split partials
 
 
+@pytest.mark.parametrize("loss", ["nca", "anchor"])
+def test_no_tensor_to_python_conversions(loss, monkeypatch):
+    """CPU stand-in for the sync check: with check_inputs=False, forward and backward never turn a tensor
+    into a Python value (.item(), bool(), int(), float(), .tolist()) — each would be a host sync on GPU."""
+    x, y, p = data(10, 40, 8)
+    xx, pp = x.clone().requires_grad_(), p.clone().requires_grad_()
+    calls = []
+
+    def forbid(name):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            calls.append(name)
+            return orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist"):
+        forbid(name)
+    v = LOSSES[loss](xx, y, pp, "triton", check_inputs=False)
+    v.backward()
+    monkeypatch.undo()
+    assert calls == []
+    # the detector works: validation (check_inputs=True) does convert
+    LOSSES[loss](x, y, p, "triton")
+    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist"):
+        forbid(name)
+    LOSSES[loss](x, y, p, "triton")
+    monkeypatch.undo()
+    assert calls
+
+
 @requires_cuda
 @pytest.mark.parametrize("loss", ["nca", "anchor"])
 def test_no_host_sync_cuda(loss):
