@@ -402,3 +402,21 @@ def test_cuda_no_sync_and_matches_reference(name):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     check_against_reference(lambda e, b: fn(e, y, None, None, "euclidean", b), [x.detach().double()])
+
+
+def test_autocast_reads_embeddings_in_the_autocast_dtype():
+    x, y = make("random", n=19, d=16, dtype=torch.float32, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        under = F.multi_similarity_loss(x, y, backend="triton")
+    plain = F.multi_similarity_loss(x.bfloat16(), y, backend="triton")
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, plain, rtol=0, atol=0)
+    assert not torch.equal(under, F.multi_similarity_loss(x, y, backend="triton"))
+
+
+def test_no_double_backward():
+    x, y = make("random", n=7, d=5, device=DEVICE)
+    x.requires_grad_()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(F.multi_similarity_loss(x, y, backend="triton"), x, create_graph=True)
+    torch.autograd.grad(F.multi_similarity_loss(x, y, backend="triton"), x)  # a plain backward still works

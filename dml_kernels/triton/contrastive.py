@@ -14,15 +14,8 @@ from .engine import SUM
 
 
 @triton.jit
-def _sg(DIST: tl.constexpr):
-    if DIST == 0:
-        return 1.0
-    return -1.0
-
-
-@triton.jit
 def _hinges(v, pos, neg, pos_margin, neg_margin, DIST: tl.constexpr):
-    sg = _sg(DIST)
+    sg = engine.sim_sign(DIST)
     hp = tl.where(pos, tl.maximum(-sg * (v - pos_margin), 0.0), 0.0)
     hn = tl.where(neg, tl.maximum(sg * (v - neg_margin), 0.0), 0.0)
     return hp, hn
@@ -39,7 +32,7 @@ def contrastive_fwd(v, pos, neg, ia, ib, na, nb, st, nst, pos_margin, neg_margin
 def contrastive_bwd(v, pos, neg, ia, ib, na, nb, st, nst, sc, pos_margin, neg_margin, p2, p3, DIST: tl.constexpr,
                     FLAG: tl.constexpr):
     hp, hn = _hinges(v, pos, neg, pos_margin, neg_margin, DIST)
-    sg = _sg(DIST)
+    sg = engine.sim_sign(DIST)
     return sg * (tl.where(hn > 0, tl.load(sc + 1), 0.0) - tl.where(hp > 0, tl.load(sc), 0.0))
 
 

@@ -85,6 +85,14 @@ def tile_values(c, s_a, s_b, n_a, n_b, DIST: tl.constexpr):
 
 
 @triton.jit
+def sim_sign(DIST: tl.constexpr):
+    """+1 for a similarity (larger = closer), −1 for a distance: PML's margin(a, b) = sign·(b − a)."""
+    if DIST == 0:
+        return 1.0
+    return -1.0
+
+
+@triton.jit
 def chain(w, v, DIST: tl.constexpr):
     """dL/dv → (dL/dc, dL/dn) elementwise, c = scaled inner product, n = squared norm of either side."""
     if DIST == 0:
@@ -462,6 +470,8 @@ class FusedPairLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if torch.is_grad_enabled():  # create_graph=True: the recomputing backward is not differentiable
+            raise RuntimeError("double backward through a fused triton pair op is not supported")
         x, s, n, r, sr, nr, stats, aux = ctx.saved_tensors
         impl, tiles = ctx.impl, ctx.tiles
         needs = ctx.needs_input_grad
@@ -475,8 +485,21 @@ class FusedPairLoss(torch.autograd.Function):
         return None, None, dx, ds, dnx, dr, dsr, dnr
 
 
+def autocast_inputs(x, ref):
+    """Under autocast the kernels read the embeddings in the autocast dtype (a differentiable cast) and still
+    accumulate in fp32; the loss stays fp32."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        if x.dtype != torch.float64:
+            x = x.to(dtype)
+            ref = None if ref is None else ref.to(dtype)
+    return x, ref
+
+
 def fused_loss(impl, x, labels, ref, ref_labels, distance, pairs=None, *, use_labels=True):
     """Run ``impl`` (an object with forward / grad_scalars / grad) as a differentiable fused pair loss."""
+    x, ref = autocast_inputs(x, ref)
     tiles = Tiles(x, labels, ref, ref_labels, distance, pairs, use_labels=use_labels)
     s, n, sr, nr = tiles.embed(x, ref)
     return FusedPairLoss.apply(impl, tiles, x, s, n, ref, sr, nr)

@@ -21,20 +21,13 @@ from . import engine
 from .engine import LSE, SUM
 
 
-@triton.jit
-def _sg(DIST: tl.constexpr):
-    if DIST == 0:
-        return 1.0
-    return -1.0
-
-
 # -------------------------------------------------------------------------------- generalized lifted
 
 
 @triton.jit
 def gls_fwd(v, pos, neg, ia, ib, na, nb, st, nst, neg_margin, pos_margin, p2, p3, DIST: tl.constexpr,
             FLAG: tl.constexpr):
-    sg = _sg(DIST)
+    sg = engine.sim_sign(DIST)
     tp = tl.where(pos, -sg * (v - pos_margin), float("-inf"))
     tn = tl.where(neg, sg * (v - neg_margin), float("-inf"))
     return tp, tn, pos.to(v.dtype), neg.to(v.dtype), v, v
@@ -43,7 +36,7 @@ def gls_fwd(v, pos, neg, ia, ib, na, nb, st, nst, neg_margin, pos_margin, p2, p3
 @triton.jit
 def gls_bwd(v, pos, neg, ia, ib, na, nb, st, nst, sc, neg_margin, pos_margin, p2, p3, DIST: tl.constexpr,
             FLAG: tl.constexpr):
-    sg = _sg(DIST)
+    sg = engine.sim_sign(DIST)
     inside = ia < na
     lp = tl.load(st + ia, mask=inside, other=0.0)
     ln = tl.load(st + nst + ia, mask=inside, other=0.0)
@@ -87,7 +80,7 @@ def generalized_lifted_structure_loss(x, labels, ref, ref_labels, *, neg_margin,
 @triton.jit
 def lifted_neg_fwd(v, pos, neg, ia, ib, na, nb, st, nst, neg_margin, pos_margin, p2, p3, DIST: tl.constexpr,
                    FLAG: tl.constexpr):
-    sg = _sg(DIST)
+    sg = engine.sim_sign(DIST)
     tn = tl.where(neg, sg * (v - neg_margin), float("-inf"))
     return tn, neg.to(v.dtype), pos.to(v.dtype), v, v, v
 
@@ -115,7 +108,7 @@ def _pair_term(ia, ib, na, nb, st, nst):
 @triton.jit
 def lifted_pos_fwd(v, pos, neg, ia, ib, na, nb, st, nst, neg_margin, pos_margin, p2, p3, DIST: tl.constexpr,
                    FLAG: tl.constexpr):
-    sg = _sg(DIST)
+    sg = engine.sim_sign(DIST)
     t, w_a = _pair_term(ia, ib, na, nb, st, nst)
     h = tl.where(pos, tl.maximum(t - sg * (v - pos_margin), 0.0), 0.0)
     return 0.5 * h * h, h * w_a, v, v, v, v
@@ -124,7 +117,7 @@ def lifted_pos_fwd(v, pos, neg, ia, ib, na, nb, st, nst, neg_margin, pos_margin,
 @triton.jit
 def lifted_bwd(v, pos, neg, ia, ib, na, nb, st, nst, sc, neg_margin, pos_margin, p2, p3, DIST: tl.constexpr,
                FLAG: tl.constexpr):
-    sg = _sg(DIST)
+    sg = engine.sim_sign(DIST)
     t, w_a = _pair_term(ia, ib, na, nb, st, nst)
     h = tl.where(pos, tl.maximum(t - sg * (v - pos_margin), 0.0), 0.0)
     inside = ia < na

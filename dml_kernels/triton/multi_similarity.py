@@ -20,13 +20,6 @@ from .engine import LSE1, MAX, MIN, SUM
 
 
 @triton.jit
-def _sg(DIST: tl.constexpr):
-    if DIST == 0:
-        return 1.0
-    return -1.0
-
-
-@triton.jit
 def thresholds_fwd(v, pos, neg, ia, ib, na, nb, st, nst, p0, p1, p2, p3, DIST: tl.constexpr, FLAG: tl.constexpr):
     """Hardest positive / negative values: similarity → (min over P, max over N), distance → (max, min)."""
     if DIST == 0:
@@ -57,7 +50,7 @@ def mined_masks(v, pos, neg, ia, na, st, nst, eps, DIST: tl.constexpr):
 def ms_fwd(v, pos, neg, ia, ib, na, nb, st, nst, alpha, beta, base, eps, DIST: tl.constexpr, FLAG: tl.constexpr):
     if FLAG:
         pos, neg = mined_masks(v, pos, neg, ia, na, st, nst, eps, DIST)
-    sg = _sg(DIST)
+    sg = engine.sim_sign(DIST)
     d = v - base
     tp = tl.where(pos, -sg * alpha * d, float("-inf"))
     tn = tl.where(neg, sg * beta * d, float("-inf"))
@@ -69,7 +62,7 @@ def ms_bwd(v, pos, neg, ia, ib, na, nb, st, nst, sc, alpha, beta, base, eps, DIS
            FLAG: tl.constexpr):
     if FLAG:
         pos, neg = mined_masks(v, pos, neg, ia, na, st, nst, eps, DIST)
-    sg = _sg(DIST)
+    sg = engine.sim_sign(DIST)
     inside = ia < na
     lp = tl.load(st + 2 * nst + ia, mask=inside, other=0.0)
     ln = tl.load(st + 3 * nst + ia, mask=inside, other=0.0)
@@ -145,8 +138,8 @@ def multi_similarity_loss(x, labels, ref, ref_labels, *, alpha, beta, base, epsi
 @torch.no_grad()
 def multi_similarity_thresholds(x, labels, ref, ref_labels, *, distance):
     tiles = engine.Tiles(x, labels, ref, ref_labels, distance)
-    xs = (x, *tiles.embed(x, ref)[:2], ref, *tiles.embed(x, ref)[2:])
-    hp, hn = _thresholds(tiles, xs)
+    s, n, sr, nr = tiles.embed(x, ref)
+    hp, hn = _thresholds(tiles, (x, s, n, ref, sr, nr))
     return hp.to(x.dtype), hn.to(x.dtype)
 
 

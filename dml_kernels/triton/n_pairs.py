@@ -34,16 +34,9 @@ def anchor_positive_flags(labels):
 
 
 @triton.jit
-def _sg(DIST: tl.constexpr):
-    if DIST == 0:
-        return 1.0
-    return -1.0
-
-
-@triton.jit
 def npairs_fwd(v, pos, neg, ia, ib, na, nb, st, nst, p0, p1, p2, p3, DIST: tl.constexpr, FLAG: tl.constexpr):
     is_pos = tl.load(st + nst + ib, mask=ib < nb, other=0.0) > 0
-    sv = _sg(DIST) * v
+    sv = engine.sim_sign(DIST) * v
     cols = (pos | neg) & is_pos
     return tl.where(cols, sv, float("-inf")), tl.where(pos & is_pos, sv, 0.0), v, v, v, v
 
@@ -53,7 +46,7 @@ def npairs_bwd(v, pos, neg, ia, ib, na, nb, st, nst, sc, p0, p1, p2, p3, DIST: t
     is_pos = tl.load(st + nst + ib, mask=ib < nb, other=0.0) > 0
     is_anchor = tl.load(st + ia, mask=ia < na, other=0.0) > 0
     lse = tl.load(st + 2 * nst + ia, mask=ia < na, other=0.0)
-    sg = _sg(DIST)
+    sg = engine.sim_sign(DIST)
     cols = (pos | neg) & is_pos & is_anchor
     w = tl.where(cols, tl.exp(sg * v - tl.where(is_anchor, lse, 0.0)), 0.0)
     w = w - tl.where(pos & is_pos & is_anchor, 1.0, 0.0)

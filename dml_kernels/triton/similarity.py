@@ -48,6 +48,8 @@ class PairwiseSimilarity(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if torch.is_grad_enabled():  # create_graph=True: the recomputing backward is not differentiable
+            raise RuntimeError("double backward through a fused triton pair op is not supported")
         x, s, n, r, sr, nr = ctx.saved_tensors
         tiles = ctx.tiles
         needs = ctx.needs_input_grad
@@ -63,6 +65,7 @@ class PairwiseSimilarity(torch.autograd.Function):
 
 
 def pairwise_similarity(x, ref=None, *, distance):
+    x, ref = engine.autocast_inputs(x, ref)
     tiles = engine.Tiles(x, None, ref, None, distance, use_labels=False)
     s, n, sr, nr = tiles.embed(x, ref)
     return PairwiseSimilarity.apply(tiles, x, s, n, ref, sr, nr)
@@ -95,7 +98,7 @@ def _batch_hard_kernel(x_ptr, r_ptr, sx_ptr, sr_ptr, nx_ptr, nr_ptr, lx_ptr, lr_
     CT: tl.constexpr = sx_ptr.dtype.element_ty
     offs_a = tl.program_id(0) * BA + tl.arange(0, BA)
     s_a, n_a, lab_a = engine.load_rows(x_ptr, sx_ptr, nx_ptr, lx_ptr, offs_a, N, HAS_LABELS)
-    sign = 1.0 if DIST != 0 else -1.0
+    sign = -engine.sim_sign(DIST)  # the hardest positive has the largest distance / the smallest similarity
     best_p = tl.full((BA,), float("-inf"), CT)
     best_n = tl.full((BA,), float("inf"), CT)
     idx_p = tl.full((BA,), -1, tl.int32)
@@ -115,7 +118,6 @@ def _batch_hard_kernel(x_ptr, r_ptr, sx_ptr, sr_ptr, nx_ptr, nr_ptr, lx_ptr, lr_
         best_p, idx_p = _best(best_p, idx_p, tl.where(pos, score, float("-inf")), offs_b, True)
         best_n, idx_n = _best(best_n, idx_n, tl.where(neg, score, float("inf")), offs_b, False)
     valid = (any_p > 0) & (any_n > 0)
-    # A row whose only positives sit at -inf/+inf scores keeps idx -1 above; the first member wins there.
     inside = offs_a < N
     tl.store(out_ptr + offs_a, tl.where(valid, idx_p, -1).to(tl.int64), mask=inside)
     tl.store(out_ptr + N + offs_a, tl.where(valid, idx_n, -1).to(tl.int64), mask=inside)

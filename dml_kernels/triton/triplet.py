@@ -26,13 +26,6 @@ from .similarity import batch_hard_indices
 
 
 @triton.jit
-def _sg(DIST: tl.constexpr):
-    if DIST == 0:
-        return 1.0
-    return -1.0
-
-
-@triton.jit
 def _hinge(t, SMOOTH: tl.constexpr):
     """(h(t), h'(t)): relu, or torch's softplus (threshold 20) with an accurate log1p."""
     if SMOOTH:
@@ -56,7 +49,7 @@ def _triplet_fwd_kernel(x_ptr, r_ptr, sx_ptr, sr_ptr, nx_ptr, nr_ptr, lx_ptr, lr
     CT: tl.constexpr = sx_ptr.dtype.element_ty
     offs_a = tl.program_id(0) * BA + tl.arange(0, BA)
     s_a, n_a, lab_a = engine.load_rows(x_ptr, sx_ptr, nx_ptr, lx_ptr, offs_a, N, HAS_LABELS)
-    sg = _sg(DIST)
+    sg = engine.sim_sign(DIST)
     total = tl.zeros((BA,), CT)
     count = tl.zeros((BA,), CT)
     for j0 in range(0, M, BB):
@@ -90,7 +83,7 @@ def _pair_weights(x_ptr, r_ptr, sr_ptr, nr_ptr, lr_ptr, pos_bits, neg_bits, nbyt
                   DIST: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
     """dL/dv for the (I, J) tile up to the 1/count factor, streaming the anchors' other references K."""
     CT: tl.constexpr = v_j.dtype
-    sg = _sg(DIST)
+    sg = engine.sim_sign(DIST)
     as_pos = tl.zeros((BA, BB), CT)  # Σ_n h'(t_a j n) for j a positive
     as_neg = tl.zeros((BA, BB), CT)  # Σ_p h'(t_a p j) for j a negative
     for k0 in range(0, M, BB):
@@ -174,14 +167,22 @@ class AllTriplets(engine.PairLossImpl):
     def __init__(self, margin, smooth_loss):
         self.margin, self.smooth = margin, smooth_loss
 
+    @staticmethod
+    def _blocks(tiles):
+        """(BA, BB): the (BA, BB, BB) violation block must fit in registers, so smaller than the engine's."""
+        if engine.INTERPRET or tiles.device.type != "cuda":
+            return 16, 16
+        return 16, (32 if tiles.ct == torch.float32 else 16)
+
     def _kw(self, tiles):
-        return dict(SMOOTH=self.smooth, BA=tiles.ba, BB=tiles.bb, BD=tiles.bd, PREC=tiles.prec,
+        ba, bb = self._blocks(tiles)
+        return dict(SMOOTH=self.smooth, BA=ba, BB=bb, BD=tiles.bd, PREC=tiles.prec,
                     num_warps=tiles.warps, **tiles._flags())
 
     def forward(self, tiles, xs):
         c = tiles._common(*xs)
         out = torch.empty(2, tiles.n, dtype=tiles.ct, device=tiles.device)
-        _triplet_fwd_kernel[(triton.cdiv(tiles.n, tiles.ba),)](
+        _triplet_fwd_kernel[(triton.cdiv(tiles.n, self._blocks(tiles)[0]),)](
             *c, out, tiles.n, tiles.m, tiles.d, c[0].stride(0), c[1].stride(0), float(self.margin),
             **self._kw(tiles))
         total, count = out.sum(1)
@@ -195,7 +196,8 @@ class AllTriplets(engine.PairLossImpl):
         rows = tiles.m if columns else tiles.n
         acc = torch.empty(rows, tiles.d, dtype=tiles.ct, device=tiles.device)
         dn = torch.empty(rows, dtype=tiles.ct, device=tiles.device)
-        grid = (triton.cdiv(rows, tiles.bb if columns else tiles.ba), triton.cdiv(tiles.d, tiles.bdo))
+        ba, bb = self._blocks(tiles)
+        grid = (triton.cdiv(rows, bb if columns else ba), triton.cdiv(tiles.d, tiles.bdo))
         _triplet_grad_kernel[grid](*c, sc.to(tiles.ct).contiguous(), acc, dn, tiles.n, tiles.m, tiles.d,
                                    c[0].stride(0), c[1].stride(0), float(self.margin), COLUMNS=columns,
                                    BDO=tiles.bdo, GPREC=tiles.gprec, **self._kw(tiles))
