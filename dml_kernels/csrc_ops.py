@@ -60,9 +60,9 @@ def _prebuilt() -> str | None:
 
 
 def _stale(lib: str, src: Path | None) -> bool:
-    """True if the sources next to an in-place build were edited after it was built."""
-    if src is None:
-        return False
+    """True if the checkout's sources were edited after an in-place (editable) build of ``lib``."""
+    if src is None or src != _PKG.parent / "csrc":
+        return False  # an installed copy of the sources is as old as the library installed with it
     newest = max((p.stat().st_mtime for p in src.rglob("*") if p.suffix in (".cpp", ".cu", ".h", ".cuh")),
                  default=0.0)
     return newest > os.path.getmtime(lib)
