@@ -72,6 +72,7 @@ SHAPES = [  # (B, C, D): C not a multiple of the tile, C < B, C >> B, one sample
     (37, 5, 24),
     (5, 130, 7),
     (1, 17, 3),
+    (4, 1, 5),
 ]
 
 
@@ -152,6 +153,19 @@ def test_non_contiguous_inputs(loss):
     want = loss_and_grads(LOSSES[loss], x, y, p, "reference")
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **FP64)
+
+
+@pytest.mark.parametrize("loss", ["nca", "anchor"])
+def test_partial_grads(loss):
+    """Only the inputs that require grad get one (frozen backbone / frozen proxies)."""
+    x, y, p = data(6, 20, 5)
+    pp = p.clone().requires_grad_()
+    (gp,) = torch.autograd.grad(LOSSES[loss](x, y, pp, "triton"), pp)
+    xx = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(LOSSES[loss](xx, y, p, "triton"), xx)
+    _, wgx, wgp = loss_and_grads(LOSSES[loss], x, y, p, "reference")
+    torch.testing.assert_close(gp, wgp, **FP64)
+    torch.testing.assert_close(gx, wgx, **FP64)
 
 
 def test_double_backward_raises():
