@@ -23,4 +23,9 @@ TORCH_LIBRARY(dml_kernels, m) {
   m.def("ms_mask(Tensor q, Tensor? r, Tensor labels, Tensor? ref_labels, int dist, float eps) -> (Tensor, Tensor)");
   // BatchHardMiner: per row, index of the hardest positive and hardest negative (-1 if a set is empty).
   m.def("batch_hard(Tensor q, Tensor? r, Tensor labels, Tensor? ref_labels, int dist) -> (Tensor, Tensor)");
+  // Triplet margin loss over every valid triplet (a, p, n) of each anchor row, without the N×M×M set:
+  // per anchor, the sum of relu(violation) and the number of violating triplets (sorting + prefix sums).
+  m.def("triplet_all(Tensor q, Tensor? r, Tensor labels, Tensor? ref_labels, int dist, float margin) -> (Tensor, Tensor)");
+  m.def("triplet_all_backward(Tensor grad_total, Tensor q, Tensor? r, Tensor labels, Tensor? ref_labels, int dist, "
+        "float margin) -> (Tensor, Tensor)");
 }

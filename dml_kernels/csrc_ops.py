@@ -197,6 +197,28 @@ def _register_python_side():
     def _(q, r, labels, ref_labels, dist):
         return q.new_empty(q.shape[0], dtype=torch.long), q.new_empty(q.shape[0], dtype=torch.long)
 
+    @lib.register_fake("dml_kernels::triplet_all")
+    def _(q, r, labels, ref_labels, dist, margin):
+        return q.new_empty(q.shape[0]), q.new_empty(q.shape[0], dtype=torch.long)
+
+    @lib.register_fake("dml_kernels::triplet_all_backward")
+    def _(grad, q, r, labels, ref_labels, dist, margin):
+        return q.new_empty(q.shape), q.new_empty((0, q.shape[1]) if r is None else r.shape)
+
+    def triplet_setup(ctx, inputs, output):
+        q, r, labels, ref_labels, dist, margin = inputs
+        ctx.params = (dist, margin)
+        ctx.has_r = r is not None
+        ctx.save_for_backward(q, r, labels, ref_labels)
+
+    def triplet_backward(ctx, g_total, _g_count):
+        q, r, labels, ref_labels = ctx.saved_tensors
+        dq, dr = torch.ops.dml_kernels.triplet_all_backward(g_total, q, r if ctx.has_r else None, labels,
+                                                            ref_labels if ctx.has_r else None, *ctx.params)
+        return dq, (dr if ctx.has_r else None), None, None, None, None
+
+    lib.register_autograd("dml_kernels::triplet_all", triplet_backward, setup_context=triplet_setup)
+
     def values_setup(ctx, inputs, output):
         q, r, dist = inputs
         ctx.dist = dist
@@ -399,8 +421,11 @@ def _pair_value(a, b, ia, ib, code):
 @_cpu_only
 def triplet_margin_loss(x, labels, ref, ref_labels, *, margin, swap=False, smooth_loss=False, mining=None,
                         distance, triplets=None):
-    if triplets is not None or mining != "batch_hard":
-        raise Unsupported("the C++ triplet_margin_loss implements mining='batch_hard' only")
+    if triplets is not None:
+        raise Unsupported("the C++ triplet_margin_loss takes no explicit triplets")
+    if mining is None:
+        return _triplet_all(x, labels, ref, ref_labels, margin=margin, swap=swap, smooth_loss=smooth_loss,
+                            distance=distance)
     _need(x, "batch_hard")
     q, r, code = _prep(x, ref, distance)
     rr = q if r is None else r
@@ -420,6 +445,18 @@ def triplet_margin_loss(x, labels, ref, ref_labels, *, margin, swap=False, smoot
     count = positive.sum()
     total = losses.where(positive, 0).sum()
     loss = torch.where(count > 0, total / count.clamp_min(1), _zero(x).to(total.dtype))
+    return _out(loss, x)
+
+
+def _triplet_all(x, labels, ref, ref_labels, *, margin, swap, smooth_loss, distance):
+    """Every valid triplet of every anchor, without the N×M×M set (per-anchor sort + prefix sums)."""
+    if swap or smooth_loss:
+        raise Unsupported("the C++ all-triplets triplet_margin_loss has no swap / smooth_loss")
+    _need(x, "triplet_all")
+    q, r, code = _prep(x, ref, distance)
+    total, count = torch.ops.dml_kernels.triplet_all(q, r, labels, ref_labels, code, float(margin))
+    c = count.sum()
+    loss = torch.where(c > 0, total.sum() / c.clamp_min(1), _zero(x).to(total.dtype))
     return _out(loss, x)
 
 

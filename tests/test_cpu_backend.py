@@ -200,8 +200,44 @@ def test_triplet_batch_hard(pattern, distance, swap, smooth):
     fn = lambda x, backend: F.triplet_margin_loss(x, y, mining="batch_hard", swap=swap, smooth_loss=smooth,  # noqa
                                                   distance=distance, margin=0.2, backend=backend)
     _compare(fn, [x])
-    with pytest.raises(_backends.Unsupported, match="batch_hard"):
-        F.triplet_margin_loss(x, y, backend="cpu")
+    if swap or smooth:  # all-triplets mode takes neither
+        with pytest.raises(_backends.Unsupported, match="swap / smooth_loss"):
+            F.triplet_margin_loss(x, y, swap=swap, smooth_loss=smooth, backend="cpu")
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("margin", [0.05, 0.4])
+def test_triplet_all(pattern, distance, margin):
+    x, y = make(pattern, n=14, d=5)
+    fn = lambda x, backend: F.triplet_margin_loss(x, y, distance=distance, margin=margin, backend=backend)  # noqa
+    _compare(fn, [x])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 7, 2), (33, 130, 7), (130, 33, 33)])
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_triplet_all_ref_and_odd_shapes(shape, distance):
+    n, m, d = shape
+    x, r = torch.randn(n, d, dtype=torch.float64), torch.randn(m, d, dtype=torch.float64)
+    y, ry = torch.randint(0, 3, (n,)), torch.randint(0, 3, (m,))
+    fn = lambda x, r, backend: F.triplet_margin_loss(x, y, None, r, ry, distance=distance, margin=0.2,  # noqa
+                                                     backend=backend)
+    _compare(fn, [x, r])
+    fn = lambda x, backend: F.triplet_margin_loss(x, y, distance=distance, margin=0.2, backend=backend)  # noqa
+    _compare(fn, [x])
+
+
+def test_triplet_all_many_triplets_fp32():
+    """300 anchors, ~100 positives × ~200 negatives each (≈ 6M triplets): sums and counts by sorting."""
+    x32 = torch.randn(300, 32)
+    y = torch.randint(0, 3, (300,))
+    fn = lambda x, backend: F.triplet_margin_loss(x, y, margin=0.1, backend=backend)  # noqa: E731
+    exact, (exact_g,) = _run(fn, [x32.double()], "reference")
+    ref32, (ref32_g,) = _run(fn, [x32], "reference")
+    ours, (ours_g,) = _run(fn, [x32], "cpu")
+    for a, b, t in ((ours, ref32, exact), (ours_g, ref32_g, exact_g)):
+        err, err_ref = (a.double() - t).abs().max().item(), (b.double() - t).abs().max().item()
+        assert err <= 2 * err_ref + 1e-6 * max(1.0, t.abs().max().item()), (err, err_ref)
 
 
 def test_triplet_batch_hard_ref():
@@ -307,6 +343,9 @@ def test_gradcheck_fp64():
         lambda x, r: F.generalized_lifted_structure_loss(x, y, None, r, ry, backend="cpu"),
         lambda x: F.contrastive_loss(x, y, pos_margin=0.1, neg_margin=1.5, backend="cpu"),
         lambda x: F.triplet_margin_loss(x, y, mining="batch_hard", margin=0.5, backend="cpu"),
+        lambda x: F.triplet_margin_loss(x, y, margin=0.5, backend="cpu"),
+        lambda x, r: F.triplet_margin_loss(x, y, None, r, ry, margin=0.5, distance="squared_euclidean",
+                                           backend="cpu"),
         lambda x, p: F.proxy_nca_loss(x, y, p, backend="cpu"),
         lambda x, p: F.proxy_anchor_loss(x, y, p, backend="cpu"),
         lambda x, r: F.pairwise_similarity(x, r, "euclidean", backend="cpu"),
@@ -336,10 +375,12 @@ def _opcheck_cases():
         (ops.ms_thresholds.default, (q.detach(), None, y, None, None, None, 0)),
         (ops.ms_mask.default, (q.detach(), r.detach(), y, ry, 1, 0.1)),
         (ops.batch_hard.default, (q.detach(), None, y, None, 2)),
+        (ops.triplet_all.default, (q, None, y, None, 1, 0.3)),
+        (ops.triplet_all.default, (q, r, y, ry, 0, 0.3)),
     ]
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(11))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)

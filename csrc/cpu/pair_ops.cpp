@@ -711,6 +711,169 @@ std::tuple<Tensor, Tensor> batch_hard_cpu(const Tensor& q_, const c10::optional<
   return {pidx, nidx};
 }
 
+
+// ------------------------------------------------------------------------------------ all triplets
+
+// Per anchor a, with u_p = margin-shifted positive values and z_n the negative values on one scale
+// (distance: u = D_ap + m, z = D_an; similarity: u = m − S_ap, z = −S_an), violation(p, n) = u_p − z_n.
+// Σ_{p,n} relu(u_p − z_n) = Σ_p (c_p u_p − Σ_{z_n < u_p} z_n), c_p = #{n : z_n < u_p}: one sort of the
+// row's negatives. Backward: ∂/∂u_p = c_p, ∂/∂z_n = −#{p : u_p > z_n}.
+template <typename T>
+struct TripletRow {
+  std::vector<T> u, z, zs, us, prefix;
+  std::vector<int64_t> pk, nk;  // reference indices of positives / negatives
+  void collect(const T* row, int64_t m, int64_t dist, const int64_t* rlab, int64_t li, int64_t diag, T margin) {
+    u.clear(); z.clear(); pk.clear(); nk.clear();
+    const T s = dist == kSim ? T(-1) : T(1);
+    for (int64_t k = 0; k < m; ++k) {
+      const T v = value_of(row[k], dist);
+      if (rlab[k] == li) {
+        if (k == diag) continue;
+        u.push_back(s * v + margin);
+        pk.push_back(k);
+      } else {
+        z.push_back(s * v);
+        nk.push_back(k);
+      }
+    }
+  }
+  // (Σ relu, number of violating triplets) of the collected row.
+  std::pair<T, int64_t> forward() {
+    zs = z;
+    std::sort(zs.begin(), zs.end());
+    prefix.assign(zs.size() + 1, T(0));
+    for (size_t t = 0; t < zs.size(); ++t) prefix[t + 1] = prefix[t] + zs[t];
+    T total = 0;
+    int64_t count = 0;
+    for (const T up : u) {
+      const int64_t c = std::lower_bound(zs.begin(), zs.end(), up) - zs.begin();  // #{z < u_p}
+      total += c * up - prefix[c];
+      count += c;
+    }
+    return {total, count};
+  }
+};
+
+std::tuple<Tensor, Tensor> triplet_all_cpu(const Tensor& q_, const c10::optional<Tensor>& r_, const Tensor& labels,
+                                           const c10::optional<Tensor>& ref_labels, int64_t dist, double margin) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_embeddings(q_, r_);
+  check_dist(dist);
+  const int64_t n = q_.size(0), m = r_.has_value() ? r_->size(0) : n;
+  std::vector<Tensor> keep;
+  Masks mk = make_masks(n, m, !r_.has_value(), labels, ref_labels, c10::nullopt, c10::nullopt, keep);
+  Tensor total = at::empty({n}, q_.options()), count = at::empty({n}, q_.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(q_.scalar_type(), "triplet_all_cpu", [&] {
+    using T = scalar_t;
+    Geometry<T> g(q_, r_, dist);
+    at::parallel_for(0, (n + kBR - 1) / kBR, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<T> buf(kBR * std::max<int64_t>(m, 1));
+      TripletRow<T> tr;
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t i0 = b * kBR, ni = std::min(kBR, n - i0);
+        g.qtile(i0, ni, 0, m, buf.data());  // whole rows: a row's negatives are sorted together
+        for (int64_t i = 0; i < ni; ++i) {
+          const int64_t gi = i0 + i;
+          tr.collect(buf.data() + i * m, m, dist, mk.rlab, mk.lab[gi], mk.self ? gi : -1, T(margin));
+          const auto res = tr.forward();
+          total.data_ptr<T>()[gi] = res.first;
+          count.data_ptr<int64_t>()[gi] = res.second;
+        }
+      }
+    });
+  });
+  return {total, count};
+}
+
+std::tuple<Tensor, Tensor> triplet_all_backward_cpu(const Tensor& grad_total, const Tensor& q_,
+                                                    const c10::optional<Tensor>& r_, const Tensor& labels,
+                                                    const c10::optional<Tensor>& ref_labels, int64_t dist,
+                                                    double margin) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_embeddings(q_, r_);
+  check_dist(dist);
+  const bool self = !r_.has_value();
+  const int64_t n = q_.size(0), m = self ? n : r_->size(0), d = q_.size(1);
+  TORCH_CHECK(grad_total.dim() == 1 && grad_total.size(0) == n, "dml_kernels: grad_total must have shape (", n, ")");
+  std::vector<Tensor> keep;
+  Masks mk = make_masks(n, m, self, labels, ref_labels, c10::nullopt, c10::nullopt, keep);
+  Tensor gt = grad_total.to(q_.scalar_type()).contiguous();
+  Tensor dq = at::zeros({n, d}, q_.options());
+  Tensor dcols = at::zeros({m, d}, q_.options());  // gradient through the references (q itself in self mode)
+  AT_DISPATCH_FLOATING_TYPES(q_.scalar_type(), "triplet_all_backward_cpu", [&] {
+    using T = scalar_t;
+    Geometry<T> g(q_, r_, dist);
+    const T s = dist == kSim ? T(-1) : T(1);
+    const T* gp = gt.data_ptr<T>();
+    // Row view into dq (block-owned); column view into per-thread accumulators, summed in thread order.
+    const int nthreads = at::get_num_threads();
+    std::vector<Tensor> acc(nthreads);
+    std::vector<std::vector<T>> accsum(nthreads);
+    at::parallel_for(0, (n + kBR - 1) / kBR, 1, [&](int64_t b0, int64_t b1) {
+      const int tid = at::get_thread_num();
+      if (!acc[tid].defined()) {
+        acc[tid] = at::zeros({m, d}, q_.options());
+        accsum[tid].assign(m, T(0));
+      }
+      std::vector<T> buf(kBR * std::max<int64_t>(m, 1)), rowsum(kBR);
+      TripletRow<T> tr;
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t i0 = b * kBR, ni = std::min(kBR, n - i0);
+        g.qtile(i0, ni, 0, m, buf.data());
+        for (int64_t i = 0; i < ni; ++i) {
+          const int64_t gi = i0 + i;
+          T* row = buf.data() + i * m;
+          tr.collect(row, m, dist, mk.rlab, mk.lab[gi], mk.self ? gi : -1, T(margin));
+          tr.forward();  // sorted negatives
+          tr.us = tr.u;
+          std::sort(tr.us.begin(), tr.us.end());
+          std::vector<T> w(m, T(0));
+          const T ga = gp[gi];
+          for (size_t t = 0; t < tr.u.size(); ++t) {
+            const int64_t c = std::lower_bound(tr.zs.begin(), tr.zs.end(), tr.u[t]) - tr.zs.begin();
+            w[tr.pk[t]] = ga * T(c) * s;
+          }
+          const int64_t np = static_cast<int64_t>(tr.us.size());
+          for (size_t t = 0; t < tr.z.size(); ++t) {
+            const int64_t le = std::upper_bound(tr.us.begin(), tr.us.end(), tr.z[t]) - tr.us.begin();  // #{u ≤ z}
+            w[tr.nk[t]] = -ga * T(np - le) * s;
+          }
+          T rs = 0;
+          T* cs = accsum[tid].data();
+          for (int64_t k = 0; k < m; ++k) {
+            const T e = edge_of(w[k], row[k], dist);
+            row[k] = e;
+            rs += e;
+            cs[k] += e;
+          }
+          rowsum[i] = rs;
+        }
+        Tensor e = at::from_blob(buf.data(), {ni, m}, q_.options());
+        Tensor dqb = dq.narrow(0, i0, ni);
+        dqb.addmm_(e, g.r);                               // row view: Σ_k E_ik r_k
+        acc[tid].addmm_(e.t(), g.q.narrow(0, i0, ni));   // column view: Σ_i E_ik q_i
+        if (dist != kSim) {
+          T* dqp = dqb.data_ptr<T>();
+          const T* qp = g.qp + i0 * d;
+          for (int64_t i = 0; i < ni; ++i)
+            for (int64_t c = 0; c < d; ++c) dqp[i * d + c] -= rowsum[i] * qp[i * d + c];
+        }
+      }
+    });
+    T* dc = dcols.data_ptr<T>();
+    for (int t = 0; t < nthreads; ++t) {
+      if (!acc[t].defined()) continue;
+      dcols.add_(acc[t]);
+      if (dist != kSim) {
+        for (int64_t k = 0; k < m; ++k)
+          for (int64_t c = 0; c < d; ++c) dc[k * d + c] -= accsum[t][k] * g.rp[k * d + c];
+      }
+    }
+  });
+  if (self) return {dq + dcols, at::empty({0, d}, q_.options())};
+  return {dq, dcols};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dml_kernels, CPU, m) {
@@ -721,6 +884,8 @@ TORCH_LIBRARY_IMPL(dml_kernels, CPU, m) {
   m.impl("ms_thresholds", &ms_thresholds_cpu);
   m.impl("ms_mask", &ms_mask_cpu);
   m.impl("batch_hard", &batch_hard_cpu);
+  m.impl("triplet_all", &triplet_all_cpu);
+  m.impl("triplet_all_backward", &triplet_all_backward_cpu);
 }
 
 }  // namespace cpu
