@@ -185,8 +185,10 @@ def test_anchor_alpha_margin():
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("blocks", [16, 32, None])
 def test_tilings_agree(splits, blocks):
-    """Tile sizes (None: the backend's defaults) and C splits do not change the result beyond rounding."""
-    TP.TUNING.update(block_b=blocks, block_c=blocks, block_k=blocks, block_d=blocks, splits=splits)
+    """Tile sizes (None: the backend's defaults), C splits and batch splits do not change the result
+    beyond rounding."""
+    TP.TUNING.update(block_b=blocks, block_c=blocks, block_k=blocks, block_d=blocks, splits=splits,
+                     splits_b=4 - splits)
     x, y, p = data(23, 70, 40)
     compare(nca, x, y, p, softmax_scale=4.0)
     compare(anchor, x, y, p)
@@ -370,7 +372,7 @@ class _LargestTensor(TorchDispatchMode):
 def test_no_batch_by_class_allocation(loss):
     """The fused path never allocates B×C elements (forward + backward); the same check catches the
     reference, which builds the B×C logits — so the check can fail."""
-    TP.TUNING.update(block_b=64, block_c=128, block_k=16, block_d=16, splits=4)
+    TP.TUNING.update(block_b=64, block_c=128, block_k=16, block_d=16, splits=4, splits_b=1)
     b, c, d = 128, 2048, 16  # B·C = 262144 vs the largest legitimate buffer C·D = 32768
     x, y, p = data(b, c, d, dtype=torch.float32)
 

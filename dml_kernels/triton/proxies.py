@@ -44,6 +44,7 @@ TUNING = {
     "block_k": None,  # reduction chunk over D (None: up to 64 on GPU / 32 interpreted)
     "block_d": None,  # output chunk over D in backward (None: up to 128 on GPU / 32 interpreted)
     "splits": None,  # C splits of the row kernels (None: enough programs to fill the GPU; 1 interpreted)
+    "splits_b": None,  # batch splits of the proxy-block kernels (None: as "splits")
     "skip": True,  # sound tile skipping in backward (see proxy_kernels.py)
     "count_skips": False,  # record skipped tiles in LAST_SKIPS (tests)
 }
@@ -96,19 +97,22 @@ def _blocks(kernel, compute, D, device):
     return bb, bc, bk, bd, nw
 
 
-def _splits(B, C, D, bb, bc, device):
-    n_ct = triton.cdiv(C, bc)
-    if TUNING["splits"] is not None:
-        s = int(TUNING["splits"])
+def _splits(n_tiles, n_programs, partial_bytes, device, over="c"):
+    """Split a serial loop over ``n_tiles`` tiles (over proxies, "c", or the batch, "b") so that
+    ``n_programs`` × splits programs fill the GPU, with the per-split partial buffers (``partial_bytes``
+    each) capped at 256 MB. Returns (splits, tiles per split)."""
+    forced = TUNING["splits_b"] if over == "b" and TUNING["splits_b"] is not None else TUNING["splits"]
+    if forced is not None:
+        s = int(forced)
     elif device.type == "cuda" and not _interpreting():
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        s = triton.cdiv(4 * sms, triton.cdiv(B, bb))
-        s = min(s, max(1, (1 << 26) // max(1, B * D)))  # cap the backward partials at 256 MB (fp32)
+        s = triton.cdiv(4 * sms, max(1, n_programs))
+        s = min(s, max(1, (256 << 20) // max(1, partial_bytes)))
     else:
         s = 1
-    s = max(1, min(s, n_ct))
-    tps = triton.cdiv(n_ct, s)
-    return triton.cdiv(n_ct, tps), tps
+    s = max(1, min(s, n_tiles))
+    tps = triton.cdiv(n_tiles, s)
+    return triton.cdiv(n_tiles, tps), tps
 
 
 def _prec(compute):
@@ -212,8 +216,8 @@ def _bwd(ctx, x, proxies, labels, r0, r1, c0, c1, gsc, has_r0):
     if ctx.needs_input_grad[0]:
         bb, bc, bk, bd, nw = _blocks("rows", cfg.compute, D, x.device)
         n_d = triton.cdiv(D, bd)
-        n_s, tps = _splits(B, C, D, bb, bc, x.device)
         n_b = triton.cdiv(B, bb)
+        n_s, tps = _splits(triton.cdiv(C, bc), n_b * n_d, B * D * acc.itemsize, x.device)
         du = torch.empty((n_s, B, D), dtype=acc, device=x.device)
         cnt = torch.zeros(n_s * n_d * n_b, dtype=torch.int32, device=x.device) if TUNING["count_skips"] else dummy
         K._bwd_rows_kernel[(n_b, n_d, n_s)](x, x.stride(0), x.stride(1), proxies, proxies.stride(0), proxies.stride(1),
@@ -227,13 +231,15 @@ def _bwd(ctx, x, proxies, labels, r0, r1, c0, c1, gsc, has_r0):
         bb, bc, bk, bd, nw = _blocks("cols", cfg.compute, D, x.device)
         n_d = triton.cdiv(D, bd)
         n_c = triton.cdiv(C, bc)
-        dv = torch.empty((C, D), dtype=acc, device=x.device)
-        cnt = torch.zeros(n_c * n_d, dtype=torch.int32, device=x.device) if TUNING["count_skips"] else dummy
-        K._bwd_cols_kernel[(n_c, n_d)](x, x.stride(0), x.stride(1), proxies, proxies.stride(0), proxies.stride(1),
-                                       labels, rx, ax, rp, bp, r0, r1, c0, c1, gsc, dv, sc, cnt, B, C, D,
+        n_s, tps = _splits(triton.cdiv(B, bb), n_c * n_d, C * D * acc.itemsize, x.device, "b")
+        dv = torch.empty((n_s, C, D), dtype=acc, device=x.device)
+        cnt = torch.zeros(n_s * n_c * n_d, dtype=torch.int32, device=x.device) if TUNING["count_skips"] else dummy
+        K._bwd_cols_kernel[(n_c, n_d, n_s)](x, x.stride(0), x.stride(1), proxies, proxies.stride(0), proxies.stride(1),
+                                       labels, rx, ax, rp, bp, r0, r1, c0, c1, gsc, dv, sc, cnt, B, C, D, tps,
                                        BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, BLOCK_D=bd, num_warps=nw, **common)
         if TUNING["count_skips"]:
-            LAST_SKIPS["cols"] = (cnt, n_c * n_d * triton.cdiv(B, bb))
+            LAST_SKIPS["cols"] = (cnt, n_c * n_d * tps * n_s)
+        dv = dv[0] if n_s == 1 else dv.sum(0)
         gp = _l2norm_bwd(dv, proxies, rp, np_, proxies.dtype, cfg.normalize, bd)
     return gx, gp
 
@@ -257,7 +263,7 @@ class _ProxyNCA(torch.autograd.Function):
         bb, bc, bk, bd, nw = _blocks("nca_fwd", cfg.compute, D, x.device)
         norms = _forward_norms(x, proxies, cfg, bd)
         rx, ax, rp, bp, _, _ = norms
-        n_s, tps = _splits(B, C, D, bb, bc, x.device)
+        n_s, tps = _splits(triton.cdiv(C, bc), triton.cdiv(B, bb), 0, x.device)
         m = torch.empty((n_s, B), dtype=acc, device=x.device)
         l_ = torch.empty_like(m)
         t = torch.empty_like(m)
@@ -316,17 +322,23 @@ class _ProxyAnchor(torch.autograd.Function):
         norms = _forward_norms(x, proxies, cfg, bd)
         rx, ax, rp, bp, _, _ = norms
         off = None if weights is None else (weights.to(acc) - 1)
-        lsep = torch.empty(C, dtype=acc, device=x.device)
+        n_c = triton.cdiv(C, bc)
+        n_s, tps = _splits(triton.cdiv(B, bb), n_c, 0, x.device, "b")
+        lsep = torch.empty((n_s, C), dtype=acc, device=x.device)
         lsen = torch.empty_like(lsep)
-        haspos = torch.empty(C, dtype=torch.int32, device=x.device)
+        npos_c = torch.empty((n_s, C), dtype=torch.int32, device=x.device)
         sc = _device_scalars(cfg.scalars, acc, x.device)
-        K._pa_fwd_kernel[(triton.cdiv(C, bc),)](
+        K._pa_fwd_kernel[(n_c, n_s)](
             x, x.stride(0), x.stride(1), proxies, proxies.stride(0), proxies.stride(1), labels,
-            rx if off is None else off, rx, ax, rp, bp, lsep, lsen, haspos, sc, B, C, D, KIND=cfg.kind,
+            rx if off is None else off, rx, ax, rp, bp, lsep, lsen, npos_c, sc, B, C, D, tps, KIND=cfg.kind,
             HAS_OFF=off is not None, BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, CD=_TL[cfg.compute], ACC=_TL[acc],
             EMU_BF16=_interpreting() and cfg.compute == torch.bfloat16, PREC=_prec(cfg.compute), num_warps=nw,
             num_stages=2)
-        npos = haspos.sum()  # |C⁺| on the device
+        if n_s == 1:
+            lsep, lsen, npos_c = lsep[0], lsen[0], npos_c[0]
+        else:  # split 0 holds the implicit zero term, so every merged LSE is finite
+            lsep, lsen, npos_c = torch.logsumexp(lsep, 0), torch.logsumexp(lsen, 0), npos_c.sum(0)
+        npos = (npos_c > 0).sum()  # |C⁺| on the device
         pos_loss = torch.where(npos > 0, lsep.sum() / npos.clamp_min(1).to(acc), 0)
         loss = pos_loss + lsen.sum() / C
         ctx.cfg = cfg

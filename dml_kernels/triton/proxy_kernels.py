@@ -203,13 +203,16 @@ def _nca_fwd_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, rx_ptr, ax_ptr, rp_
 
 @triton.jit
 def _pa_fwd_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, off_ptr, rx_ptr, ax_ptr, rp_ptr, bp_ptr,
-                   lsep_ptr, lsen_ptr, haspos_ptr, sc_ptr, B, C, D,
+                   lsep_ptr, lsen_ptr, npos_ptr, sc_ptr, B, C, D, tiles_per_split,
                    KIND: tl.constexpr, HAS_OFF: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                    CD: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
-    """Proxy Anchor forward, program per proxy block: two column LSEs over the batch, each started with the
-    implicit zero term (m = 0, l = 1), i.e. log(1 + Σ e^z); an empty set gives exactly 0."""
+    """Proxy Anchor forward, program (proxy block, batch split): two column LSEs over the split's batch
+    tiles. Split 0 starts with the implicit zero term (m = 0, l = 1), i.e. log(1 + Σ e^z), so an empty set
+    gives exactly 0; other splits start empty (their partial LSE may be −inf). Writes partial column LSEs
+    and positive counts at [split, column]; the host merges splits with a logsumexp (O(splits·C))."""
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
     k0 = tl.load(sc_ptr)
     k1 = tl.load(sc_ptr + 1)
     k2 = tl.load(sc_ptr + 2)
@@ -218,14 +221,17 @@ def _pa_fwd_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, off_ptr, rx_ptr, ax_
     cmask = cols < C
     rp = tl.load(rp_ptr + cols, mask=cmask, other=0.0)
     bp = tl.load(bp_ptr + cols, mask=cmask, other=0.0)
-    mp = tl.zeros((BLOCK_C,), dtype=ACC)
-    lp = tl.full((BLOCK_C,), 1.0, dtype=ACC)
-    mn = tl.zeros((BLOCK_C,), dtype=ACC)
-    ln = tl.full((BLOCK_C,), 1.0, dtype=ACC)
+    first = tl.full((BLOCK_C,), 0, dtype=tl.int32) + pid_s == 0
+    mp = tl.where(first, 0.0, float("-inf")).to(ACC)
+    lp = tl.where(first, 1.0, 0.0).to(ACC)
+    mn = mp
+    ln = lp
     npos = tl.zeros((BLOCK_C,), dtype=tl.int32)
-    for b0 in range(0, B, BLOCK_B):
+    b_begin = pid_s * tiles_per_split * BLOCK_B
+    b_end = tl.minimum(b_begin + tiles_per_split * BLOCK_B, B)
+    for b0 in range(b_begin, b_end, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
-        rmask = rows < B
+        rmask = rows < b_end
         y = tl.load(y_ptr + rows, mask=rmask, other=-1)
         valid = rmask & (y >= 0) & (y < C)
         rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
@@ -242,15 +248,19 @@ def _pa_fwd_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, off_ptr, rx_ptr, ax_
         npos += tl.sum(is_tgt.to(tl.int32), axis=0)
         zp = tl.where(is_tgt, k0 * val + k1 + off[:, None], float("-inf"))
         m_new = tl.maximum(mp, tl.max(zp, axis=0))
-        lp = lp * tl.exp(mp - m_new) + tl.sum(tl.exp(zp - m_new[None, :]), axis=0)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        lp = lp * tl.exp(mp - m_safe) + tl.sum(tl.exp(zp - m_safe[None, :]), axis=0)
         mp = m_new
         zn = tl.where(neg, k2 * val + k3 + off[:, None], float("-inf"))
         m_new = tl.maximum(mn, tl.max(zn, axis=0))
-        ln = ln * tl.exp(mn - m_new) + tl.sum(tl.exp(zn - m_new[None, :]), axis=0)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        ln = ln * tl.exp(mn - m_safe) + tl.sum(tl.exp(zn - m_safe[None, :]), axis=0)
         mn = m_new
-    tl.store(lsep_ptr + cols, mp + tl.log(lp), mask=cmask)
-    tl.store(lsen_ptr + cols, mn + tl.log(ln), mask=cmask)
-    tl.store(haspos_ptr + cols, (npos > 0).to(tl.int32), mask=cmask)
+    out = pid_s.to(tl.int64) * C + cols
+    # log(0) = −inf for an empty partial of a split > 0
+    tl.store(lsep_ptr + out, tl.where(lp > 0, mp + tl.log(tl.where(lp > 0, lp, 1.0)), float("-inf")), mask=cmask)
+    tl.store(lsen_ptr + out, tl.where(ln > 0, mn + tl.log(tl.where(ln > 0, ln, 1.0)), float("-inf")), mask=cmask)
+    tl.store(npos_ptr + out, npos, mask=cmask)
 
 
 # --------------------------------------------------------------------------- backward kernels
@@ -345,15 +355,17 @@ def _bwd_rows_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, rx_ptr, ax_ptr, rp
 @triton.jit
 def _bwd_cols_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, rx_ptr, ax_ptr, rp_ptr, bp_ptr,
                      r0_ptr, r1_ptr, c0_ptr, c1_ptr, g_ptr, dv_ptr,
-                     sc_ptr, cnt_ptr, B, C, D,
+                     sc_ptr, cnt_ptr, B, C, D, tiles_per_split,
                      LOSS: tl.constexpr, KIND: tl.constexpr, EXCL: tl.constexpr, HAS_R0: tl.constexpr,
                      COUNT: tl.constexpr, SCALE_G: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                      CD: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
-    """dL/dv for a (proxy block, D chunk): loop over batch tiles, recompute S, accumulate Gᵀ·U (plus the
-    ‖v‖² term of the distances). Each program owns its proxy rows: deterministic, no atomics."""
+    """dL/dv for a (proxy block, D chunk, batch split): loop over the split's batch tiles, recompute S,
+    accumulate Gᵀ·U (plus the ‖v‖² term of the distances). Writes the split's partial dv[s, cols, chunk]:
+    each program owns its output rows, so the result is deterministic, with no atomics."""
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
     k0 = tl.load(sc_ptr)
     k1 = tl.load(sc_ptr + 1)
     k2 = tl.load(sc_ptr + 2)
@@ -380,9 +392,11 @@ def _bwd_cols_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, rx_ptr, ax_ptr, rp
     ds64 = ds.to(tl.int64)
     acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=ACC)
     csum = tl.zeros((BLOCK_C,), dtype=ACC)
-    for b0 in range(0, B, BLOCK_B):
+    b_begin = pid_s * tiles_per_split * BLOCK_B
+    b_end = tl.minimum(b_begin + tiles_per_split * BLOCK_B, B)
+    for b0 in range(b_begin, b_end, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
-        rmask = rows < B
+        rmask = rows < b_end
         y = tl.load(y_ptr + rows, mask=rmask, other=-1)
         rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
         ax = tl.load(ax_ptr + rows, mask=rmask, other=0.0)
@@ -421,8 +435,8 @@ def _bwd_cols_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, rx_ptr, ax_ptr, rp
                      other=0.0).to(ACC)
         acc += 2.0 * pt * (rp * csum)[:, None]
     if COUNT:
-        tl.store(cnt_ptr + pid_d * tl.num_programs(0) + pid_c, skipped)
-    out = dv_ptr + cols64[:, None] * D + ds64[None, :]
+        tl.store(cnt_ptr + (pid_s * tl.num_programs(1) + pid_d) * tl.num_programs(0) + pid_c, skipped)
+    out = dv_ptr + (pid_s.to(tl.int64) * C + cols64)[:, None] * D + ds64[None, :]
     tl.store(out, acc, mask=cmask[:, None] & dmask[None, :])
 
 
