@@ -4,10 +4,16 @@ Forward saves O(B + C) statistics (norms, row LSEs or column LSEs) and never a B
 recomputes similarity tiles (``proxy_kernels.py`` has the kernels and the tile-skipping criterion).
 
 * ProxyNCA: a row LSE over proxy tiles (grid: row blocks × C splits, partials merged by a logaddexp over
-  the splits) with the target logit taken from the tile that holds it. Backward: dX from a row-block
-  kernel (per-split partials summed, deterministic), dP from a proxy-block kernel.
+  the splits) with the target logit taken from the tile that holds it (the "indexed dot" of Cut
+  Cross-Entropy, fused into the scan: no extra gather of P rows, and the target logit has exactly the
+  rounding of the LSE term it cancels against). Backward: dX from a row-block kernel, dP from a
+  proxy-block kernel.
 * Proxy Anchor: per proxy block, two column LSEs over the batch with the implicit zero term; |C⁺| is a
   device-side sum. Backward: the same two kernels with the Proxy Anchor tile gradient.
+* Parallelism: the serial loops are split (over C for row kernels, over the batch for proxy-block kernels)
+  when the grid would not fill the GPU; every split writes its own partial (O(splits·B), O(splits·C), or
+  for gradients O(splits·B·D) / O(splits·C·D), capped at 256 MB) and torch merges them deterministically —
+  no atomics anywhere.
 
 Mixed precision: the compute dtype is the embeddings' dtype (or the autocast dtype for fp32 embeddings
 under autocast); proxies are read in that dtype tile by tile (never cast as a whole), accumulation and
