@@ -26,6 +26,12 @@ TORCH_LIBRARY(dml_kernels, m) {
   // Triplet margin loss over every valid triplet (a, p, n) of each anchor row, without the N×M×M set:
   // per anchor, the sum of relu(violation) and the number of violating triplets (sorting + prefix sums).
   m.def("triplet_all(Tensor q, Tensor? r, Tensor labels, Tensor? ref_labels, int dist, float margin) -> (Tensor, Tensor)");
+  // LiftedStructureLoss, positive-pair pass (self mode, label masks): per row i, Σ over its positives k of
+  // ½ relu(pair_ik + margin(v_ik, pos_margin))² with pair_ik = logaddexp of the rows' negative LSEs a_i, a_k
+  // (only those with has_neg), and the number of positives. Differentiable in q and a.
+  m.def("lifted_pos(Tensor q, Tensor labels, Tensor a, Tensor has_neg, int dist, float pos_margin) -> (Tensor, Tensor)");
+  m.def("lifted_pos_backward(Tensor grad_sum, Tensor q, Tensor labels, Tensor a, Tensor has_neg, int dist, "
+        "float pos_margin) -> (Tensor, Tensor)");
   m.def("triplet_all_backward(Tensor grad_total, Tensor q, Tensor? r, Tensor labels, Tensor? ref_labels, int dist, "
         "float margin) -> (Tensor, Tensor)");
 }

@@ -219,6 +219,26 @@ def _register_python_side():
 
     lib.register_autograd("dml_kernels::triplet_all", triplet_backward, setup_context=triplet_setup)
 
+    @lib.register_fake("dml_kernels::lifted_pos")
+    def _(q, labels, a, has_neg, dist, pos_margin):
+        return q.new_empty(q.shape[0]), q.new_empty(q.shape[0], dtype=torch.long)
+
+    @lib.register_fake("dml_kernels::lifted_pos_backward")
+    def _(grad, q, labels, a, has_neg, dist, pos_margin):
+        return q.new_empty(q.shape), q.new_empty(q.shape[0])
+
+    def lifted_setup(ctx, inputs, output):
+        q, labels, a, has_neg, dist, pos_margin = inputs
+        ctx.params = (dist, pos_margin)
+        ctx.save_for_backward(q, labels, a, has_neg)
+
+    def lifted_backward(ctx, g_sum, _g_count):
+        q, labels, a, has_neg = ctx.saved_tensors
+        dq, da = torch.ops.dml_kernels.lifted_pos_backward(g_sum, q, labels, a, has_neg, *ctx.params)
+        return dq, None, da.to(a.dtype), None, None, None
+
+    lib.register_autograd("dml_kernels::lifted_pos", lifted_backward, setup_context=lifted_setup)
+
     def values_setup(ctx, inputs, output):
         q, r, dist = inputs
         ctx.dist = dist
@@ -402,6 +422,25 @@ def contrastive_loss(x, labels, ref, ref_labels, *, pos_margin, neg_margin, dist
     loss = pos_loss + neg_loss
     if pair_rule:
         loss = torch.where(_few_pairs(cnt), zero, loss)
+    return _out(loss, x)
+
+
+@_cpu_only
+def lifted_structure_loss(x, labels, *, neg_margin, pos_margin, distance, pairs=None, pair_rule=True):
+    """Exact in O(N²): per-row negative LSEs A_i (pair_reduce), then one pass over the positive pairs."""
+    if pairs is not None:
+        raise Unsupported("the C++ lifted_structure_loss takes no explicit pairs (PML counts duplicates)")
+    _need(x, "lifted_pos")
+    q, _, code = _prep(x, None, distance)
+    sg = _sg(distance)
+    _, a, _, cnt = torch.ops.dml_kernels.pair_reduce(q, None, labels, None, None, None, code, _LSE, 0.0, 0.0, sg,
+                                                     neg_margin, None)
+    total, count = torch.ops.dml_kernels.lifted_pos(q, labels, a, cnt[1] > 0, code, float(pos_margin))
+    npos, nneg = count.sum(), cnt[1].sum()
+    zero = _zero(x).to(total.dtype)
+    loss = torch.where((npos > 0) & (nneg > 0), total.sum() / npos.clamp_min(1), zero)
+    if pair_rule:
+        loss = torch.where((npos <= 1) & (nneg <= 1), zero, loss)
     return _out(loss, x)
 
 

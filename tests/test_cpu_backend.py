@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"C++ CPU extension una
 DISTANCES = ["cosine", "dot", "euclidean", "squared_euclidean"]
 CPU_OPS = {"pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_mask", "batch_hard_mining",
            "multi_similarity_loss", "generalized_lifted_structure_loss", "contrastive_loss", "triplet_margin_loss",
+           "lifted_structure_loss",
            "proxy_nca_loss", "proxy_anchor_loss"}
 TIGHT = dict(rtol=1e-10, atol=1e-10)
 
@@ -191,6 +192,28 @@ def test_generalized_lifted_and_contrastive(pattern, distance, ref):
         _compare(fn, tensors)
 
 
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("margins", [(1.0, 0.0), (0.4, 0.3)])
+def test_lifted_structure(pattern, distance, margins):
+    x, y = make(pattern, n=13, d=5)
+    neg, pos = margins
+    fn = lambda x, backend: F.lifted_structure_loss(x, y, neg_margin=neg, pos_margin=pos, distance=distance,  # noqa
+                                                    backend=backend)
+    _compare(fn, [x])
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 33, 130])
+def test_lifted_structure_odd_shapes_and_tuples(n):
+    x = torch.randn(n, 7, dtype=torch.float64)
+    y = torch.randint(0, 4, (n,))
+    _compare(lambda x, backend: F.lifted_structure_loss(x, y, backend=backend), [x])
+    if n >= 7:
+        tup = (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([0, 4]), torch.tensor([5, 6]))
+        with pytest.raises(_backends.Unsupported, match="explicit pairs"):
+            F.lifted_structure_loss(x, None, tup, backend="cpu")
+
+
 @pytest.mark.parametrize("pattern", ["random", "all_same", "all_distinct", "pairs", "one_sample"])
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("swap", [False, True])
@@ -344,6 +367,8 @@ def test_gradcheck_fp64():
         lambda x: F.contrastive_loss(x, y, pos_margin=0.1, neg_margin=1.5, backend="cpu"),
         lambda x: F.triplet_margin_loss(x, y, mining="batch_hard", margin=0.5, backend="cpu"),
         lambda x: F.triplet_margin_loss(x, y, margin=0.5, backend="cpu"),
+        lambda x: F.lifted_structure_loss(x, y, neg_margin=0.5, backend="cpu"),
+        lambda x: F.lifted_structure_loss(x, y, distance="cosine", backend="cpu"),
         lambda x, r: F.triplet_margin_loss(x, y, None, r, ry, margin=0.5, distance="squared_euclidean",
                                            backend="cpu"),
         lambda x, p: F.proxy_nca_loss(x, y, p, backend="cpu"),
@@ -377,10 +402,12 @@ def _opcheck_cases():
         (ops.batch_hard.default, (q.detach(), None, y, None, 2)),
         (ops.triplet_all.default, (q, None, y, None, 1, 0.3)),
         (ops.triplet_all.default, (q, r, y, ry, 0, 0.3)),
+        (ops.lifted_pos.default, (q, y, torch.randn(9, dtype=torch.float64, requires_grad=True),
+                                  torch.rand(9) < 0.7, 1, 0.2)),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(12))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)

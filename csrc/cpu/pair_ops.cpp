@@ -874,6 +874,148 @@ std::tuple<Tensor, Tensor> triplet_all_backward_cpu(const Tensor& grad_total, co
   return {dq, dcols};
 }
 
+// ------------------------------------------------------------------------------------ lifted structure
+
+// h_ik = pair(a_i, a_k) + s·(v_ik − pos_margin), s = +1 for a distance, −1 for a similarity;
+// pair = logaddexp(a_i, a_k) over the rows that have negatives (0 if neither has).
+template <typename T>
+struct LiftedPair {
+  const T* a;
+  const bool* has;
+  T pair(int64_t i, int64_t k, T* wi, T* wk) const {
+    if (has[i] && has[k]) {
+      const T mx = std::max(a[i], a[k]);
+      const T lse = mx + std::log(std::exp(a[i] - mx) + std::exp(a[k] - mx));
+      *wi = std::exp(a[i] - lse);
+      *wk = std::exp(a[k] - lse);
+      return lse;
+    }
+    *wi = has[i] ? T(1) : T(0);
+    *wk = has[k] ? T(1) : T(0);
+    return has[i] ? a[i] : (has[k] ? a[k] : T(0));
+  }
+};
+
+void check_lifted(const Tensor& q, const Tensor& labels, const Tensor& a, const Tensor& has_neg) {
+  const int64_t n = q.size(0);
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == n,
+              "dml_kernels: labels must be int64 of shape (", n, ")");
+  TORCH_CHECK(a.dim() == 1 && a.size(0) == n, "dml_kernels: a must have shape (", n, ")");
+  TORCH_CHECK(has_neg.scalar_type() == at::kBool && has_neg.dim() == 1 && has_neg.size(0) == n,
+              "dml_kernels: has_neg must be bool of shape (", n, ")");
+}
+
+std::tuple<Tensor, Tensor> lifted_pos_cpu(const Tensor& q_, const Tensor& labels, const Tensor& a_,
+                                          const Tensor& has_neg, int64_t dist, double pos_margin) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_embeddings(q_, c10::nullopt);
+  check_dist(dist);
+  check_lifted(q_, labels, a_, has_neg);
+  const int64_t n = q_.size(0);
+  Tensor lab = labels.contiguous(), hasn = has_neg.contiguous(), a = a_.detach().to(q_.scalar_type()).contiguous();
+  Tensor sum = at::empty({n}, q_.options()), count = at::empty({n}, q_.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(q_.scalar_type(), "lifted_pos_cpu", [&] {
+    using T = scalar_t;
+    Geometry<T> g(q_, c10::nullopt, dist);
+    const int64_t* lp = lab.data_ptr<int64_t>();
+    const LiftedPair<T> lift{a.data_ptr<T>(), hasn.data_ptr<bool>()};
+    const T s = dist == kSim ? T(-1) : T(1), pm = T(pos_margin);
+    at::parallel_for(0, (n + kBR - 1) / kBR, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<T> buf(kBR * tile_cols(g));
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t i0 = b * kBR, ni = std::min(kBR, n - i0);
+        std::vector<T> acc(ni, T(0));
+        std::vector<int64_t> cnt(ni, 0);
+        for (int64_t k0 = 0; k0 < n; k0 += kBC) {
+          const int64_t nk = std::min(kBC, n - k0);
+          g.qtile(i0, ni, k0, nk, buf.data());
+          for (int64_t i = 0; i < ni; ++i) {
+            const int64_t gi = i0 + i;
+            for (int64_t k = 0; k < nk; ++k) {
+              const int64_t gk = k0 + k;
+              if (lp[gk] != lp[gi] || gk == gi) continue;
+              T wi, wk;
+              const T h = lift.pair(gi, gk, &wi, &wk) + s * (value_of(buf[i * nk + k], dist) - pm);
+              const T rh = h > 0 ? h : T(0);
+              acc[i] += rh * rh / 2;
+              ++cnt[i];
+            }
+          }
+        }
+        for (int64_t i = 0; i < ni; ++i) {
+          sum.data_ptr<T>()[i0 + i] = acc[i];
+          count.data_ptr<int64_t>()[i0 + i] = cnt[i];
+        }
+      }
+    });
+  });
+  return {sum, count};
+}
+
+std::tuple<Tensor, Tensor> lifted_pos_backward_cpu(const Tensor& grad_sum, const Tensor& q_, const Tensor& labels,
+                                                   const Tensor& a_, const Tensor& has_neg, int64_t dist,
+                                                   double pos_margin) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_embeddings(q_, c10::nullopt);
+  check_dist(dist);
+  check_lifted(q_, labels, a_, has_neg);
+  const int64_t n = q_.size(0), d = q_.size(1);
+  TORCH_CHECK(grad_sum.dim() == 1 && grad_sum.size(0) == n, "dml_kernels: grad_sum must have shape (", n, ")");
+  Tensor lab = labels.contiguous(), hasn = has_neg.contiguous(), a = a_.detach().to(q_.scalar_type()).contiguous();
+  Tensor gs = grad_sum.to(q_.scalar_type()).contiguous();
+  Tensor dq = at::zeros({n, d}, q_.options()), da = at::zeros({n}, q_.options());
+  AT_DISPATCH_FLOATING_TYPES(q_.scalar_type(), "lifted_pos_backward_cpu", [&] {
+    using T = scalar_t;
+    Geometry<T> g(q_, c10::nullopt, dist);
+    const int64_t* lp = lab.data_ptr<int64_t>();
+    const T* gp = gs.data_ptr<T>();
+    const LiftedPair<T> lift{a.data_ptr<T>(), hasn.data_ptr<bool>()};
+    const T s = dist == kSim ? T(-1) : T(1), pm = T(pos_margin);
+    at::parallel_for(0, (n + kBR - 1) / kBR, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<T> buf(kBR * tile_cols(g)), rowsum(kBR);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t i0 = b * kBR, ni = std::min(kBR, n - i0);
+        std::fill(rowsum.begin(), rowsum.end(), T(0));
+        Tensor dqb = dq.narrow(0, i0, ni);
+        for (int64_t k0 = 0; k0 < n; k0 += kBC) {
+          const int64_t nk = std::min(kBC, n - k0);
+          g.qtile(i0, ni, k0, nk, buf.data());
+          for (int64_t i = 0; i < ni; ++i) {
+            const int64_t gi = i0 + i;
+            T dai = 0, rs = 0;
+            for (int64_t k = 0; k < nk; ++k) {
+              const int64_t gk = k0 + k;
+              T& st = buf[i * nk + k];
+              if (lp[gk] != lp[gi] || gk == gi) {
+                st = 0;
+                continue;
+              }
+              T wi, wk;
+              const T h = lift.pair(gi, gk, &wi, &wk) + s * (value_of(st, dist) - pm);
+              // the terms of (i, k) in row i and of (k, i) in row k are equal: both upstream grads
+              const T c = (gp[gi] + gp[gk]) * (h > 0 ? h : T(0));
+              dai += c * wi;
+              const T e = edge_of(c * s, st, dist);
+              st = e;
+              rs += e;
+            }
+            da.data_ptr<T>()[gi] += dai;
+            rowsum[i] += rs;
+          }
+          dqb.addmm_(at::from_blob(buf.data(), {ni, nk}, q_.options()), g.q.narrow(0, k0, nk));
+        }
+        if (dist != kSim) {
+          T* dqp = dqb.data_ptr<T>();
+          const T* qp = g.qp + i0 * d;
+          for (int64_t i = 0; i < ni; ++i)
+            for (int64_t c = 0; c < d; ++c) dqp[i * d + c] -= rowsum[i] * qp[i * d + c];
+        }
+      }
+    });
+  });
+  return {dq, da};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dml_kernels, CPU, m) {
@@ -885,6 +1027,8 @@ TORCH_LIBRARY_IMPL(dml_kernels, CPU, m) {
   m.impl("ms_mask", &ms_mask_cpu);
   m.impl("batch_hard", &batch_hard_cpu);
   m.impl("triplet_all", &triplet_all_cpu);
+  m.impl("lifted_pos", &lifted_pos_cpu);
+  m.impl("lifted_pos_backward", &lifted_pos_backward_cpu);
   m.impl("triplet_all_backward", &triplet_all_backward_cpu);
 }
 
