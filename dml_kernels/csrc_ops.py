@@ -273,9 +273,6 @@ def _register_python_side():
 
 # --------------------------------------------------------------------------------------- canonical ops
 
-_CUDA_OPS = {"pair_values", "pair_reduce"}  # kernels the CUDA source implements (others: Unsupported)
-
-
 def _kernel_dtype(x):
     """The dtype the kernels run in: fp32/fp64 as given; fp16/bf16 accumulate in fp32 on CUDA."""
     if x.dtype in (torch.float32, torch.float64):
@@ -331,12 +328,14 @@ def _out(loss, x):
 
 
 def _both(fn):
+    """Ops with CPU and CUDA kernels (an argument combination a kernel lacks raises Unsupported)."""
     register(fn.__name__, "cpu")(fn)
     register(fn.__name__, "cuda")(fn)
     return fn
 
 
 def _cpu_only(fn):
+    """Ops whose kernels exist in the CPU library only (csrc/cpu)."""
     register(fn.__name__, "cpu")(fn)
     return fn
 
@@ -349,7 +348,7 @@ def pairwise_similarity(x, ref, *, distance):
     return out if x.dtype in (torch.float32, torch.float64) else out.to(x.dtype)
 
 
-@_cpu_only
+@_both
 def multi_similarity_thresholds(x, labels, ref, ref_labels, *, distance):
     _need(x, "ms_thresholds")
     with torch.no_grad():
@@ -358,7 +357,7 @@ def multi_similarity_thresholds(x, labels, ref, ref_labels, *, distance):
     return hp.to(x.dtype), hn.to(x.dtype)
 
 
-@_cpu_only
+@_both
 def multi_similarity_mask(x, labels, ref, ref_labels, *, epsilon, distance):
     _need(x, "ms_mask")
     with torch.no_grad():
@@ -367,7 +366,7 @@ def multi_similarity_mask(x, labels, ref, ref_labels, *, epsilon, distance):
     return PackedPairMask(pb, nb, x.shape[0] if ref is None else ref.shape[0])
 
 
-@_cpu_only
+@_both
 def batch_hard_mining(x, labels, ref, ref_labels, *, distance):
     _need(x, "batch_hard")
     with torch.no_grad():
@@ -457,7 +456,7 @@ def _pair_value(a, b, ia, ib, code):
     return torch.where(positive, sq.where(positive, 1).sqrt(), 0)
 
 
-@_cpu_only
+@_both
 def triplet_margin_loss(x, labels, ref, ref_labels, *, margin, swap=False, smooth_loss=False, mining=None,
                         distance, triplets=None):
     if triplets is not None:

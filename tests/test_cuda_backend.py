@@ -138,6 +138,37 @@ def test_fp32_and_low_precision(epsilon, distance):
             assert err <= err_ref + 1e-3 * max(1.0, t.abs().max().item()), (dt, err, err_ref)
 
 
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("ref", [False, True])
+def test_miners(pattern, distance, ref):
+    x, y = make(pattern, n=45, d=7)
+    r, ry = (torch.randn(70, 7, dtype=torch.float64), torch.randint(0, 3, (70,))) if ref else (None, None)
+    args0 = (x, y, r, ry)
+    args1 = tuple(None if t is None else t.cuda() for t in args0)
+    hp0, hn0 = F.multi_similarity_thresholds(*args0, distance=distance, backend="reference")
+    hp1, hn1 = F.multi_similarity_thresholds(*args1, distance=distance, backend="cuda")
+    torch.testing.assert_close((hp1.cpu(), hn1.cpu()), (hp0, hn0), **TIGHT)
+    for eps in (0.0, 0.1, 0.5):
+        m0 = F.multi_similarity_mask(*args0, epsilon=eps, distance=distance, backend="reference")
+        m1 = F.multi_similarity_mask(*args1, epsilon=eps, distance=distance, backend="cuda")
+        assert torch.equal(m1.pos_bits.cpu(), m0.pos_bits) and torch.equal(m1.neg_bits.cpu(), m0.neg_bits)
+    b0 = F.batch_hard_mining(*args0, distance=distance, backend="reference")
+    b1 = F.batch_hard_mining(*args1, distance=distance, backend="cuda")
+    assert torch.equal(b1[0].cpu(), b0[0]) and torch.equal(b1[1].cpu(), b0[1])
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("swap", [False, True])
+def test_triplet_batch_hard(distance, swap):
+    x, y = make("random", n=40, d=6)
+
+    def fn(x, backend):
+        return F.triplet_margin_loss(x, y.to(x.device), mining="batch_hard", swap=swap, distance=distance,
+                                     backend=backend)
+    _compare(fn, [x])
+
+
 def test_matches_cpu_kernels_at_size():
     x = torch.randn(1000, 128, dtype=torch.float64)
     y = torch.randint(0, 50, (1000,))

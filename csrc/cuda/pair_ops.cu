@@ -566,6 +566,175 @@ std::tuple<Tensor, Tensor> pair_reduce_backward_cuda(
   return {dq, dr};
 }
 
+// ------------------------------------------------------------------------------------ miners
+
+// MODE 0: thresholds (hardest positive / negative value per row) into thr (2 × n).
+// MODE 1: MultiSimilarityMiner bits: pass 1 = thresholds, pass 2 = one __ballot_sync per row and 32
+//         references = 4 packed bytes (bit k%8 of byte k/8), written by lane 0.
+// MODE 2: BatchHardMiner indices: per lane the best (score, index) over the columns it sees, merged with
+//         shuffles; ties go to the lowest index; rows lacking a positive or a negative get −1 for both.
+template <typename T, int MODE>
+__global__ void __launch_bounds__(kThreads) miner_kernel(const T* __restrict__ q, const T* __restrict__ r,
+                                                         const T* __restrict__ qn, const T* __restrict__ rn, Masks mk,
+                                                         int64_t dist, T eps, int64_t n, int64_t m, int64_t d,
+                                                         T* __restrict__ thr, uint8_t* __restrict__ pbits,
+                                                         uint8_t* __restrict__ nbits, int64_t* __restrict__ pidx,
+                                                         int64_t* __restrict__ nidx) {
+  __shared__ T sA[kTile][kTile + 1];
+  __shared__ T sB[kTile][kTile + 1];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const bool sim = dist == kSim;
+  T acc[kRowsPerWarp], hp[kRowsPerWarp], hn[kRowsPerWarp];
+  int64_t ip[kRowsPerWarp], in[kRowsPerWarp];
+#pragma unroll
+  for (int j = 0; j < kRowsPerWarp; ++j) {
+    hp[j] = sim ? inf<T>() : -inf<T>();
+    hn[j] = -hp[j];
+    ip[j] = -1;
+    in[j] = -1;
+  }
+  // Pass 1: thresholds (MODE 0, 1) or batch-hard candidates (MODE 2). Batch-hard score = v for a
+  // distance, −v for a similarity: hardest positive = largest score, hardest negative = smallest.
+  for (int64_t k0 = 0; k0 < m; k0 += kTile) {
+    tile_dots(q, n, i0, r, m, k0, d, sA, sB, acc);
+    const int64_t k = k0 + lane;
+#pragma unroll
+    for (int j = 0; j < kRowsPerWarp; ++j) {
+      const int64_t i = i0 + warp * kRowsPerWarp + j;
+      if (i >= n || k >= m) continue;
+      bool pos, neg;
+      mk.get(i, k, pos, neg);
+      const T v = value_of(stored_of(acc[j], sim ? T(0) : qn[i], sim ? T(0) : rn[k], dist), dist);
+      if (MODE == 2) {
+        const T sc = sim ? -v : v;
+        if (pos && (ip[j] < 0 || sc > hp[j])) { hp[j] = sc; ip[j] = k; }
+        if (neg && (in[j] < 0 || sc < hn[j])) { hn[j] = sc; in[j] = k; }
+      } else {
+        if (pos) hp[j] = sim ? min(hp[j], v) : max(hp[j], v);
+        if (neg) hn[j] = sim ? max(hn[j], v) : min(hn[j], v);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kRowsPerWarp; ++j) {
+    const int64_t i = i0 + warp * kRowsPerWarp + j;
+    if (MODE == 2) {
+      for (int o = 16; o > 0; o >>= 1) {
+        const T sp = __shfl_xor_sync(0xffffffffu, hp[j], o), sn = __shfl_xor_sync(0xffffffffu, hn[j], o);
+        const int64_t jp = __shfl_xor_sync(0xffffffffu, ip[j], o), jn = __shfl_xor_sync(0xffffffffu, in[j], o);
+        if (jp >= 0 && (ip[j] < 0 || sp > hp[j] || (sp == hp[j] && jp < ip[j]))) { hp[j] = sp; ip[j] = jp; }
+        if (jn >= 0 && (in[j] < 0 || sn < hn[j] || (sn == hn[j] && jn < in[j]))) { hn[j] = sn; in[j] = jn; }
+      }
+      if (lane == 0 && i < n) {
+        const bool valid = ip[j] >= 0 && in[j] >= 0;
+        pidx[i] = valid ? ip[j] : -1;
+        nidx[i] = valid ? in[j] : -1;
+      }
+    } else {
+      hp[j] = sim ? warp_min(hp[j]) : warp_max(hp[j]);
+      hn[j] = sim ? warp_max(hn[j]) : warp_min(hn[j]);
+      if (MODE == 0 && lane == 0 && i < n) {
+        thr[i] = hp[j];
+        thr[n + i] = hn[j];
+      }
+    }
+  }
+  if (MODE != 1) return;
+  // Pass 2 (mask): the kept pairs, 32 references = 4 bytes per ballot.
+  const int64_t nbytes = (m + 7) / 8;
+  for (int64_t k0 = 0; k0 < m; k0 += kTile) {
+    tile_dots(q, n, i0, r, m, k0, d, sA, sB, acc);
+    const int64_t k = k0 + lane;
+#pragma unroll
+    for (int j = 0; j < kRowsPerWarp; ++j) {
+      const int64_t i = i0 + warp * kRowsPerWarp + j;
+      bool kp = false, kn = false;
+      if (i < n && k < m) {
+        bool pos, neg;
+        mk.get(i, k, pos, neg);
+        const T v = value_of(stored_of(acc[j], sim ? T(0) : qn[i], sim ? T(0) : rn[k], dist), dist);
+        kp = pos && (sim ? (v - eps < hn[j]) : (v + eps > hn[j]));
+        kn = neg && (sim ? (v + eps > hp[j]) : (v - eps < hp[j]));
+      }
+      const unsigned bp = __ballot_sync(0xffffffffu, kp), bn = __ballot_sync(0xffffffffu, kn);
+      if (lane == 0 && i < n) {
+        for (int b = 0; b < 4; ++b) {
+          const int64_t byte = (k0 >> 3) + b;
+          if (byte < nbytes) {
+            pbits[i * nbytes + byte] = static_cast<uint8_t>((bp >> (8 * b)) & 0xffu);
+            nbits[i * nbytes + byte] = static_cast<uint8_t>((bn >> (8 * b)) & 0xffu);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <int MODE>
+void launch_miner(const Tensor& q, const Tensor& r, const Tensor& qn, const Tensor& rn, const Masks& mk, int64_t dist,
+                  double eps, Tensor* thr, Tensor* pb, Tensor* nb, Tensor* pi, Tensor* ni) {
+  const int64_t n = q.size(0), m = r.size(0), d = q.size(1);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dml_miner_cuda", [&] {
+    using T = scalar_t;
+    miner_kernel<T, MODE><<<blocks_for(n), kThreads, 0, stream>>>(
+        q.data_ptr<T>(), r.data_ptr<T>(), qn.data_ptr<T>(), rn.data_ptr<T>(), mk, dist, T(eps), n, m, d,
+        thr ? thr->data_ptr<T>() : nullptr, pb ? pb->data_ptr<uint8_t>() : nullptr,
+        nb ? nb->data_ptr<uint8_t>() : nullptr, pi ? pi->data_ptr<int64_t>() : nullptr,
+        ni ? ni->data_ptr<int64_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+std::tuple<Tensor, Tensor> ms_thresholds_cuda(const Tensor& q_, const c10::optional<Tensor>& r_,
+                                              const c10::optional<Tensor>& labels,
+                                              const c10::optional<Tensor>& ref_labels,
+                                              const c10::optional<Tensor>& pos_bits,
+                                              const c10::optional<Tensor>& neg_bits, int64_t dist) {
+  check_inputs(q_, r_, dist);
+  const c10::cuda::CUDAGuard guard(q_.device());
+  Tensor q = q_.contiguous(), r = r_.has_value() ? r_->contiguous() : q;
+  const int64_t n = q.size(0), m = r.size(0);
+  MaskHolder h = make_masks(q, n, m, !r_.has_value(), labels, ref_labels, pos_bits, neg_bits);
+  Tensor thr = at::empty({2, n}, q.options());
+  if (n > 0) {
+    Tensor qn = sq_norms(q), rn = r_.has_value() ? sq_norms(r) : qn;
+    launch_miner<0>(q, r, qn, rn, h.mk, dist, 0.0, &thr, nullptr, nullptr, nullptr, nullptr);
+  }
+  return {thr.select(0, 0).clone(), thr.select(0, 1).clone()};
+}
+
+std::tuple<Tensor, Tensor> ms_mask_cuda(const Tensor& q_, const c10::optional<Tensor>& r_, const Tensor& labels,
+                                        const c10::optional<Tensor>& ref_labels, int64_t dist, double eps) {
+  check_inputs(q_, r_, dist);
+  const c10::cuda::CUDAGuard guard(q_.device());
+  Tensor q = q_.contiguous(), r = r_.has_value() ? r_->contiguous() : q;
+  const int64_t n = q.size(0), m = r.size(0);
+  MaskHolder h = make_masks(q, n, m, !r_.has_value(), labels, ref_labels, c10::nullopt, c10::nullopt);
+  Tensor pb = at::zeros({n, (m + 7) / 8}, q.options().dtype(at::kByte)), nb = at::zeros_like(pb);
+  if (n > 0 && m > 0) {
+    Tensor qn = sq_norms(q), rn = r_.has_value() ? sq_norms(r) : qn;
+    launch_miner<1>(q, r, qn, rn, h.mk, dist, eps, nullptr, &pb, &nb, nullptr, nullptr);
+  }
+  return {pb, nb};
+}
+
+std::tuple<Tensor, Tensor> batch_hard_cuda(const Tensor& q_, const c10::optional<Tensor>& r_, const Tensor& labels,
+                                           const c10::optional<Tensor>& ref_labels, int64_t dist) {
+  check_inputs(q_, r_, dist);
+  const c10::cuda::CUDAGuard guard(q_.device());
+  Tensor q = q_.contiguous(), r = r_.has_value() ? r_->contiguous() : q;
+  const int64_t n = q.size(0), m = r.size(0);
+  MaskHolder h = make_masks(q, n, m, !r_.has_value(), labels, ref_labels, c10::nullopt, c10::nullopt);
+  Tensor pi = at::empty({n}, q.options().dtype(at::kLong)), ni = at::empty({n}, q.options().dtype(at::kLong));
+  if (n > 0) {
+    Tensor qn = sq_norms(q), rn = r_.has_value() ? sq_norms(r) : qn;
+    launch_miner<2>(q, r, qn, rn, h.mk, dist, 0.0, nullptr, nullptr, nullptr, &pi, &ni);
+  }
+  return {pi, ni};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dml_kernels, CUDA, m) {
@@ -573,6 +742,9 @@ TORCH_LIBRARY_IMPL(dml_kernels, CUDA, m) {
   m.impl("pair_values_backward", &pair_values_backward_cuda);
   m.impl("pair_reduce", &pair_reduce_cuda);
   m.impl("pair_reduce_backward", &pair_reduce_backward_cuda);
+  m.impl("ms_thresholds", &ms_thresholds_cuda);
+  m.impl("ms_mask", &ms_mask_cuda);
+  m.impl("batch_hard", &batch_hard_cuda);
 }
 
 }  // namespace cuda
