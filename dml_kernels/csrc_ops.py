@@ -68,12 +68,34 @@ def _stale(lib: str, src: Path | None) -> bool:
     return newest > os.path.getmtime(lib)
 
 
+def _nvidia_includes():
+    """include/ folders of torch's nvidia-* wheels (headers a bare CUDA toolkit may lack)."""
+    try:
+        import nvidia  # namespace package of the CUDA wheels
+    except ImportError:
+        return []
+    return [str(p) for base in getattr(nvidia, "__path__", []) for p in sorted(Path(base).glob("*/include"))]
+
+
 def _jit_load(src: Path) -> str:
+    """JIT build: CPU + CUDA sources when a GPU, a CUDA torch and nvcc are present, else (or if the CUDA
+    build fails) the CPU sources only."""
+    from torch.utils import cpp_extension
+
+    with_cuda = (torch.version.cuda is not None and torch.cuda.is_available()
+                 and cpp_extension.CUDA_HOME is not None and all((src / s).is_file() for s in _CUDA_SOURCES))
+    if with_cuda:
+        try:
+            return _jit_build(src, True)
+        except Exception as e:  # noqa: BLE001 - keep the CPU kernels usable
+            _STATE["cuda_error"] = f"{type(e).__name__}: {str(e)[-400:]}"
+    return _jit_build(src, False)
+
+
+def _jit_build(src: Path, with_cuda: bool) -> str:
     from torch.utils import cpp_extension
 
     sources = [src / s for s in _CPU_SOURCES]
-    with_cuda = (torch.version.cuda is not None and torch.cuda.is_available()
-                 and cpp_extension.CUDA_HOME is not None and all((src / s).is_file() for s in _CUDA_SOURCES))
     if with_cuda:
         sources += [src / s for s in _CUDA_SOURCES]
     digest = hashlib.sha256()
@@ -86,7 +108,9 @@ def _jit_load(src: Path) -> str:
     cache.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name=name, sources=[str(s) for s in sources], build_directory=str(cache), is_python_module=False,
-        extra_cflags=["-O3", "-fopenmp"], extra_cuda_cflags=["-O3"], verbose=False, with_cuda=with_cuda)
+        extra_cflags=["-O3", "-fopenmp"], verbose=False, with_cuda=with_cuda,
+        extra_cuda_cflags=["-O3"] + [f for d in _nvidia_includes()
+                                     for f in ("-Xcompiler", "-idirafter", "-Xcompiler", d)])
     return f"JIT-compiled into {cache}" + (" (with CUDA)" if with_cuda else "")
 
 
@@ -145,7 +169,9 @@ def unavailable_reason(backend: str) -> str | None:
     if backend == "cpu" and not has_kernel("pair_reduce", "cpu"):
         return "the dml_kernels library was loaded without its CPU kernels; rebuild it"
     if backend == "cuda" and not has_kernel("pair_reduce", "cuda"):
-        return ("the dml_kernels library was built without CUDA kernels (" + str(how_loaded()) + "); reinstall "
+        extra = f"; the CUDA JIT build failed: {_STATE['cuda_error']}" if _STATE.get("cuda_error") else ""
+        return ("the dml_kernels library was built without CUDA kernels (" + str(how_loaded()) + extra + "); "
+                "reinstall "
                 "on a machine with nvcc and a CUDA build of torch: pip install --no-build-isolation . "
                 "(FORCE_CUDA=1 builds them without a GPU)")
     return None

@@ -112,7 +112,8 @@ def test_multi_similarity_many_reference_chunks():
     hp, hn = F.multi_similarity_thresholds(x, y, r, ry, backend="cpu")
     hp0, hn0 = F.multi_similarity_thresholds(x, y, r, ry, backend="reference")
     torch.testing.assert_close((hp, hn), (hp0, hn0), **TIGHT)
-    m1, m0 = F.multi_similarity_mask(x, y, r, ry, backend="cpu"), F.multi_similarity_mask(x, y, r, ry, backend="reference")
+    m1 = F.multi_similarity_mask(x, y, r, ry, backend="cpu")
+    m0 = F.multi_similarity_mask(x, y, r, ry, backend="reference")
     assert torch.equal(m1.pos_bits, m0.pos_bits) and torch.equal(m1.neg_bits, m0.neg_bits)
 
 
