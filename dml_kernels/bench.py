@@ -182,8 +182,7 @@ def _have_pml():
 def build_runner(case, provider, inputs):
     """(run() -> scalar tensor, leaves to differentiate) for one input set."""
     if provider == "pml":
-        fn, extra = case.pml(inputs)
-        return fn, bc.leaves(inputs) + list(extra)
+        return bc.pml_runner(case, inputs)
     if provider == "compile":
         raise AssertionError("compile runners are built per case (see _compiled)")
     return (lambda: case.dk(inputs, provider)), bc.leaves(inputs)

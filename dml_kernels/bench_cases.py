@@ -66,6 +66,14 @@ def leaves(inputs):
     return [v for k, v in inputs.items() if torch.is_tensor(v) and v.requires_grad]
 
 
+def pml_runner(case: Case, inputs):
+    """(run() -> loss, leaves) of the PML pipeline; PML proxy losses own a copy of the proxies, so the
+    benchmark's own proxies are not a leaf there (the module's are)."""
+    fn, extra = case.pml(inputs)
+    own = [v for k, v in inputs.items() if k != "proxies" or not extra]
+    return fn, [v for v in own if torch.is_tensor(v) and v.requires_grad] + list(extra)
+
+
 def input_bytes(inputs):
     return sum(v.numel() * v.element_size() for v in inputs.values() if torch.is_tensor(v))
 
