@@ -309,6 +309,8 @@ def _kernel_dtype(x):
 
 
 def _need(x, *names):
+    if torch.compiler.is_compiling():  # checked when the function first ran eagerly; keeps graphs whole
+        return
     for name in names:
         if not has_kernel(name, x.device.type):
             raise Unsupported(f"the {x.device.type} extension has no {name!r} kernel")

@@ -443,6 +443,27 @@ def test_torch_compile_traces_the_ops():
     torch.testing.assert_close(xr.grad, g0, **TIGHT)
 
 
+def test_backend_functions_compile_fullgraph():
+    """The cpu backend's functions (what the registry calls) trace into one graph: fake kernels, registered
+    autograd, device-side pair counts (no host sync)."""
+    from dml_kernels._distance import Distance
+
+    x, y = make("random", n=16, d=8)
+    for name, kw in (("multi_similarity_loss", dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1)),
+                     ("triplet_margin_loss", dict(margin=0.1)),
+                     ("contrastive_loss", dict(pos_margin=0.0, neg_margin=1.0))):
+        impl = getattr(csrc_ops, name)
+        fn = torch.compile(lambda x: impl(x, y, None, None, distance=Distance("euclidean", True), **kw),
+                           fullgraph=True, backend="aot_eager")
+        xr = x.clone().requires_grad_()
+        v = fn(xr)
+        (g,) = torch.autograd.grad(v, xr)
+        v0, (g0,) = _run(lambda x, backend: getattr(F, name)(x, y, distance="euclidean", backend=backend, **kw),
+                         [x], "reference")
+        torch.testing.assert_close(v.detach(), v0, **TIGHT)
+        torch.testing.assert_close(g, g0, **TIGHT)
+
+
 # --------------------------------------------------------------------------------------- memory
 
 
