@@ -622,7 +622,7 @@ def _jobs(preset, device, ops, dtypes, have_pml, log):
                 continue
             job = dict(case=p.case, op=case.op, variant=case.variant, provider=provider, dtype=p.dtype,
                        B=p.B, M=p.M, C=p.C, D=p.D, time=p.time)
-            reason = why or bc.skip_reason(dev_type, preset, case, provider, p.B, p.M, p.C)
+            reason = why or bc.skip_reason(dev_type, preset, case, provider, p.B, p.M, p.C, p.dtype)
             if reason:
                 job["skip"] = reason
             jobs.append(job)
@@ -673,6 +673,11 @@ def run_sweep(args, log=print):
     except OSError:
         pass
     jobs = _jobs(preset, device, args.ops, args.dtypes, have_pml, log)
+    if getattr(args, "resume", False):
+        done = _done_keys(args.out, device_slug(device), preset)
+        before = len(jobs)
+        jobs = [j for j in jobs if tuple(j[k] for k in CELL_KEY) not in done]
+        log(f"bench: --resume: {before - len(jobs)} cells already measured, {len(jobs)} to go")
     start = time.time()
     deadline = start + args.time_budget if args.time_budget else float("inf")
     mem_avail = _mem_available()
@@ -705,6 +710,8 @@ def run_sweep(args, log=print):
             job["time_budget_s"] = per_cell_time
             t0 = time.time()
             status, res = _cpu_cell(job, min(left, args.cell_timeout), mem_limit)
+            if status == "skipped" and left < args.cell_timeout:
+                res = "time budget of the preset exhausted (the cell was stopped)"
             if status == "ok":
                 rec = _record(job, meta, "ok", res)
             else:
@@ -718,7 +725,6 @@ def run_sweep(args, log=print):
                 records[job["_id"]] = _record(job, meta, "skipped", None, job["skip"])
             else:
                 job["time_budget_s"] = per_cell_time
-                job["deadline"] = deadline
                 job["device"] = device
                 groups.setdefault(job["case"], []).append(job)
         # Interleave: the first point of every op, then the second, ... (presets list important sizes first).
@@ -728,13 +734,20 @@ def run_sweep(args, log=print):
                 for job in group:
                     records[job["_id"]] = _record(job, meta, "skipped", None, "time budget of the preset exhausted")
                 continue
+            # Each op gets a share of the time left in proportion to its cells (×1.5: an op that ends
+            # early leaves its time to the next), so one slow op cannot starve the rest of the sweep.
+            cells_left = sum(len(g) for k, g in groups.items() if all(j["_id"] not in records for j in g))
+            group_deadline = min(deadline, time.time() + 1.5 * left * len(group) / max(1, cells_left))
+            for job in group:
+                job["deadline"] = group_deadline
             with tempfile.TemporaryDirectory() as tmp:
                 jp, op = os.path.join(tmp, "jobs.json"), os.path.join(tmp, "out.jsonl")
                 json.dump(group, open(jp, "w"))
                 t0 = time.time()
                 try:
                     proc = subprocess.run([sys.executable, "-m", "dml_kernels.bench", "--_worker", jp, op],
-                                          timeout=max(10, left + 30), capture_output=True, text=True)
+                                          timeout=max(30, group_deadline - time.time() + 90), capture_output=True,
+                                          text=True)
                     tail = (proc.stderr or "")[-500:]
                 except subprocess.TimeoutExpired:
                     tail = "worker timed out"
@@ -760,6 +773,17 @@ def run_sweep(args, log=print):
         pass
     ordered = [records[j["_id"]] for j in jobs]
     return meta, ordered
+
+
+def _done_keys(out_dir, slug, preset):
+    """Cells of an earlier run of this preset that need no re-run: all but those the time budget skipped."""
+    path = os.path.join(out_dir, slug, f"{preset}.json")
+    try:
+        records = json.load(open(path))["records"]
+    except (OSError, ValueError, KeyError):
+        return set()
+    return {tuple(r.get(k) for k in CELL_KEY) for r in records
+            if not (r.get("status") == "skipped" and "time budget" in (r.get("error") or ""))}
 
 
 def _summary(rec):
@@ -788,6 +812,15 @@ def save(out_dir, slug, preset, meta, records, merge=True):
             keep = [r for r in old.get("records", []) if tuple(r.get(k) for k in CELL_KEY) not in new_keys]
         except (ValueError, AttributeError):
             keep = []
+    if keep:
+        try:
+            prev = old.get("meta", {})
+            meta["runs"] = prev.get("runs", [{k: prev.get(k) for k in ("command", "date", "wall_s", "commit",
+                                                                       "loadavg_start", "loadavg_end")}])
+            meta["runs"].append({k: meta.get(k) for k in ("command", "date", "wall_s", "commit", "loadavg_start",
+                                                          "loadavg_end")})
+        except (AttributeError, NameError):
+            pass
     doc = {"meta": meta, "records": keep + records}
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
@@ -815,13 +848,16 @@ def main(argv=None) -> int:
                              "(default: 560 for cpu-quick and gpu, none for cpu-full)")
     parser.add_argument("--cell-time", type=float, default=None,
                         help="seconds of timed runs per cell (split over fwd, fwd+bwd, bwd); default 1.5 CPU, "
-                             "1.0 GPU")
+                             "0.6 GPU")
     parser.add_argument("--cell-timeout", type=float, default=180, help="CPU: kill a cell after this many seconds")
     parser.add_argument("--mem-limit-gb", type=float, default=None,
                         help="CPU: address-space headroom per cell (default: min(0.6 × available, 16 GiB))")
     parser.add_argument("--isolation", choices=("fork", "worker"), default=None,
                         help="CPU: a forked process per cell (default; fresh peak-RSS counter), or one worker "
                              "subprocess per op as on the GPU (for testing that path)")
+    parser.add_argument("--resume", action="store_true",
+                        help="run only the cells that the last run of this preset did not reach (time budget), "
+                             "merging into its JSON")
     parser.add_argument("--no-report", action="store_true", help="do not regenerate tables and plots")
     parser.add_argument("--report-only", action="store_true",
                         help="only regenerate table.md, plots and benchmarks/RESULTS.md from the JSON files")
@@ -846,7 +882,7 @@ def main(argv=None) -> int:
     if args.isolation is None:
         args.isolation = "fork" if args.device == "cpu" else "worker"
     if args.cell_time is None:
-        args.cell_time = 1.0 if args.device == "cuda" else 1.5
+        args.cell_time = 0.6 if args.device == "cuda" else 1.5
     if args.device == "cpu" and not os.path.exists("/proc/self/clear_refs"):
         print("bench: CPU memory measurement needs Linux /proc/self/clear_refs", file=sys.stderr)
         return 2

@@ -96,6 +96,10 @@ def slug_table(slug, entries):
                   f"- device: {meta.get('device')}; torch {meta.get('torch')}, triton {meta.get('triton')}; "
                   f"commit `{meta.get('commit')}`; {meta.get('date')}; sweep wall time {meta.get('wall_s')} s",
                   f"- command: `{meta.get('command')}`"]
+        for run in (meta.get("runs") or [])[:-1]:
+            lines.append(f"- earlier run merged in: `{run.get('command')}` ({run.get('date')}, {run.get('wall_s')} s, "
+                         f"commit `{run.get('commit')}`, load average {run.get('loadavg_start')} → "
+                         f"{run.get('loadavg_end')})")
         if meta.get("loadavg_start"):
             lines.append(f"- load average (1/5/15 min) at start {meta['loadavg_start']}, at end "
                          f"{meta.get('loadavg_end')} on {meta.get('threads') or '?'} cores: other processes were "
@@ -184,7 +188,11 @@ def headlines(data):
                     parts = []
                     if dk.get("fwd_bwd_ms") and ref and ref.get("fwd_bwd_ms"):
                         parts.append(f"fwd+bwd {dk['fwd_bwd_ms']:.1f} ms vs reference {ref['fwd_bwd_ms']:.1f} ms "
-                                     f"({ref['fwd_bwd_ms'] / dk['fwd_bwd_ms']:.1f}× faster)")
+                                     f"({ref['fwd_bwd_ms'] / dk['fwd_bwd_ms']:.1f}× faster, medians")
+                        if dk.get("fwd_bwd_ms_min") and ref.get("fwd_bwd_ms_min"):
+                            parts[-1] += (f"; fastest runs {dk['fwd_bwd_ms_min']:.1f} vs {ref['fwd_bwd_ms_min']:.1f} ms, "
+                                          f"{ref['fwd_bwd_ms_min'] / dk['fwd_bwd_ms_min']:.1f}×")
+                        parts[-1] += ")"
                     if dk.get("fwd_bwd_ms") and pml and pml.get("fwd_bwd_ms"):
                         parts.append(f"vs PML {pml['fwd_bwd_ms']:.1f} ms ({pml['fwd_bwd_ms'] / dk['fwd_bwd_ms']:.1f}×)")
                     if ref:
@@ -193,8 +201,12 @@ def headlines(data):
                                      f"({ref['peak_extra_bytes'] / max(1, dk['peak_extra_bytes']):.0f}× less)")
                     elif (idx.get(("ms_mining", "reference", dtype, B, None, None, D)) or {}).get("status") == "oom":
                         parts.append(f"peak extra memory {_mib(dk['peak_extra_bytes'])}; reference: OOM")
+                    pml_raw = idx.get(("ms_mining", "pml", dtype, B, None, None, D)) or {}
                     if pml:
                         parts.append(f"PML {_mib(pml['peak_extra_bytes'])}")
+                    elif pml_raw.get("status") == "oom":
+                        parts.append("PML: out of memory (" + (pml_raw.get("error") or "")[:0]
+                                     + ("per-cell memory limit" if slug.startswith("cpu") else "GPU memory") + ")")
                     if parts:
                         out.append(f"- `{slug}` ({preset}), MS + mining, {dtype}, B={B}, D={D}, backend `{prov}`: "
                                    + "; ".join(parts) + ".")
