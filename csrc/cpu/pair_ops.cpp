@@ -261,18 +261,25 @@ Tensor pair_values_cpu(const Tensor& q_, const c10::optional<Tensor>& r_, int64_
   check_dist(dist);
   Tensor out = at::empty({q_.size(0), r_.has_value() ? r_->size(0) : q_.size(0)}, q_.options());
   AT_DISPATCH_FLOATING_TYPES(q_.scalar_type(), "pair_values_cpu", [&] {
-    Geometry<scalar_t> g(q_, r_, dist);
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, (g.n + kBR - 1) / kBR, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t i0 = b * kBR, ni = std::min(kBR, g.n - i0);
-        g.qtile(i0, ni, 0, g.m, op + i0 * g.m);
-        if (dist == kSqEuclid) {
-          scalar_t* p = op + i0 * g.m;
-          for (int64_t t = 0; t < ni * g.m; ++t) p[t] = value_of(p[t], dist);
+    using T = scalar_t;
+    Geometry<T> g(q_, r_, dist);
+    at::mm_out(out, g.q, g.r.t());  // the matrix is the output: one BLAS call, then the epilogue
+    if (dist != kSim) {
+      T* op = out.data_ptr<T>();
+      const T* qn = g.qn.data();
+      const T* rn = g.rn.data();
+      const int64_t m = g.m;
+      at::parallel_for(0, g.n, 16, [&](int64_t b0, int64_t b1) {
+        for (int64_t i = b0; i < b1; ++i) {
+          T* row = op + i * m;
+          const T qi = qn[i];
+          for (int64_t k = 0; k < m; ++k) {
+            const T raw = (qi + rn[k]) - 2 * row[k];
+            row[k] = dist == kSqEuclid ? (raw > 0 ? raw : T(0)) : (raw > 0 ? std::sqrt(raw > 0 ? raw : T(1)) : T(0));
+          }
         }
-      }
-    });
+      });
+    }
   });
   return out;
 }
@@ -561,7 +568,13 @@ std::tuple<Tensor, Tensor> pair_reduce_backward_cpu(
           const int64_t ni = std::min(kBC, n - i0);
           g.rtile(k0, nk, i0, ni, buf.data());
           bool any = false;
-          for (int64_t k = 0; k < nk; ++k) {
+          if (mk.pb == nullptr) {  // label masks: vectorised epilogue
+            for (int64_t k = 0; k < nk; ++k)
+              colsum[k] += col_edges(buf.data() + k * ni, ni, ea, mk.lab + i0, mk.rlab[k0 + k], i0, rg.gp, rg.gn,
+                                     rg.rp, rg.rn, rg.hp, rg.hn);
+            any = true;
+          }
+          for (int64_t k = 0; k < nk && mk.pb != nullptr; ++k) {
             T* row = buf.data() + k * ni;
             T s = 0;
             for (int64_t i = 0; i < ni; ++i) {
