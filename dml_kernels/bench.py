@@ -196,6 +196,17 @@ def _compiled(case):
     return torch.compile(ref_call, dynamic=False)
 
 
+def _failure_status(e):
+    """"oom", "skipped" (the backend declined this argument combination or cannot run here) or "error"."""
+    from . import _backends
+
+    if _is_oom(e):
+        return "oom"
+    if isinstance(e, (_backends.Unsupported, _backends.BackendUnavailable)):
+        return "skipped"
+    return "error"
+
+
 def _is_oom(e):
     if isinstance(e, MemoryError):
         return True
@@ -458,7 +469,7 @@ def _fork_run(target, timeout_s, mem_limit_bytes):
             try:
                 payload = {"status": "ok", "result": target()}
             except BaseException as e:  # noqa: BLE001
-                payload = {"status": "oom" if _is_oom(e) else "error", "error": f"{type(e).__name__}: {e}"[:2000],
+                payload = {"status": _failure_status(e), "error": f"{type(e).__name__}: {e}"[:2000],
                            "trace": traceback.format_exc()[-2000:]}
             data = json.dumps(payload).encode()
             with os.fdopen(w, "wb") as f:
@@ -585,7 +596,7 @@ def _gpu_worker(jobs_path, out_path):
                     if device == "cpu":
                         _malloc_for_memory()
                 except BaseException as e:  # noqa: BLE001
-                    rec.update(status="oom" if _is_oom(e) else "error", error=f"{type(e).__name__}: {e}"[:2000])
+                    rec.update(status=_failure_status(e), error=f"{type(e).__name__}: {e}"[:2000])
                 gc.collect()
                 try:
                     if device == "cuda":
