@@ -819,6 +819,13 @@ def save(out_dir, slug, preset, meta, records, merge=True):
     if merge and os.path.exists(path):
         try:
             old = json.load(open(path))
+            prev = {tuple(r.get(k) for k in CELL_KEY): r for r in old.get("records", [])}
+            # A cell this run skipped by a preset limit does not erase an earlier measurement of it: the
+            # earlier record stays, with its own date and commit (time-budget skips do: --resume redoes them).
+            records = [prev[key] if (r["status"] == "skipped" and key in prev
+                                     and "time budget" not in (r.get("error") or "")
+                                     and prev[key].get("status") in ("ok", "oom", "error")) else r
+                       for r, key in ((r, tuple(r[k] for k in CELL_KEY)) for r in records)]
             new_keys = {tuple(r[k] for k in CELL_KEY) for r in records}
             keep = [r for r in old.get("records", []) if tuple(r.get(k) for k in CELL_KEY) not in new_keys]
         except (ValueError, AttributeError):
