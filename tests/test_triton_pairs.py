@@ -260,16 +260,19 @@ def _errors(name, dtype, n=33, d=16):
 @pytest.mark.parametrize("name", ["ms", "ms_mined", "generalized_lifted", "lifted", "contrastive", "n_pairs",
                                   "triplet"])
 def test_low_precision_no_worse_than_torch(name, dtype):
-    """Cut Cross-Entropy's rule: error vs fp64 ≤ the reference's own same-dtype error + a small slack."""
-    for ours, theirs, scale in _errors(name, dtype):
-        assert ours <= theirs + 1e-2 * scale, (ours, theirs, scale)
+    """Cut Cross-Entropy's rule: error vs fp64 ≤ the reference's own same-dtype error + a small slack. The loss
+    comes back in fp32 (slack: a few fp32 ulps); the gradient in the input dtype (slack: half an ulp of it, the
+    rounding of the returned value itself)."""
+    (ours, theirs, scale), (g_ours, g_theirs, g_scale) = _errors(name, dtype)
+    assert ours <= theirs + 1e-6 * scale, (ours, theirs, scale)
+    assert g_ours <= g_theirs + 0.5 * torch.finfo(dtype).eps * g_scale, (g_ours, g_theirs, g_scale)
 
 
 @pytest.mark.parametrize("name", ["ms", "ms_mined", "generalized_lifted", "lifted", "contrastive", "n_pairs",
                                   "triplet", "triplet_batch_hard"])
 def test_fp32(name):
     for ours, theirs, scale in _errors(name, torch.float32):
-        assert ours <= max(theirs, 1e-6 * scale) * 4 + 1e-6 * scale, (ours, theirs, scale)
+        assert ours <= 2 * theirs + 1e-6 * scale, (ours, theirs, scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -334,6 +337,22 @@ def test_no_pairwise_allocation_and_no_host_sync(name):
     limit = n * n * 4 // 8
     watch = _watched(name, "triton", n)
     assert watch.largest < limit, (watch.largest, watch.largest_op)
+    assert not watch.syncs, watch.syncs
+
+
+@pytest.mark.parametrize("name", ["ms_mined", "generalized_lifted", "contrastive", "triplet"])
+def test_no_pairwise_allocation_with_a_large_reference_set(name):
+    """M ≫ N, gradients for both sides (the column kernel): N = 16, M = 512, D = 1 → N×M fp32 is 32 KiB,
+    4× the limit; the reference set and its gradient take 2 KiB each, the int64 reference labels 4 KiB."""
+    fn, _ = LOSSES[name]
+    n, m = 16, (128 if name == "triplet" else 512)
+    y, ry = torch.randint(0, 4, (n,), device=DEVICE), torch.randint(0, 4, (m,), device=DEVICE)
+    x = torch.randn(n, 1, device=DEVICE, requires_grad=True)
+    ref = torch.randn(m, 1, device=DEVICE, requires_grad=True)
+    with _Watch() as watch:
+        fn(x, y, ref, ry, "euclidean", "triton", check_inputs=False).backward()
+    assert ref.grad is not None and x.grad is not None
+    assert watch.largest < n * m * 4 // 4, (watch.largest, watch.largest_op)
     assert not watch.syncs, watch.syncs
 
 

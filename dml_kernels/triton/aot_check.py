@@ -1,19 +1,24 @@
 """Compile every pair-engine kernel variant for a GPU target without a GPU (a CI check).
 
 The interpreter runs kernels as numpy code and accepts programs the GPU compiler rejects (loop-carried
-type changes, unsupported dtype combinations...). ``python -m dml_kernels.triton.aot_check [cc] [--quick]``
-lowers every kernel × epilogue × dtype through Triton's full pipeline down to a cubin for ``sm_<cc>``
-(default 90; ``ptxas`` ships with Triton) and exits non-zero listing the failures (about 4 s per variant,
-108 variants). ``--quick``: every variant in bf16 plus one fp64 variant of each kernel (the CI subset).
-Run it with TRITON_INTERPRET unset.
+type changes, unsupported dtype combinations...). ``python -m dml_kernels.triton.aot_check [cc] [--quick]
+[--usage]`` lowers every kernel × epilogue × dtype, with the tile shapes of ``engine.GPU_BLOCKS``, through
+Triton's whole pipeline down to a cubin for ``sm_<cc>`` (default 90; ``ptxas`` ships with Triton), and exits
+non-zero listing the failures (about 4 s per variant, 112 variants). ``--quick``: every variant in bf16 plus
+one fp64 variant of each kernel (the CI subset). ``--usage``: print registers and spill stack per variant
+(``cuobjdump -res-usage``). Run it with TRITON_INTERPRET unset.
 """
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 
 def _variants():
+    """(kernel, dtype, compute dtype, pointer types, constexprs, num_warps) for every launch the engine makes."""
     from . import contrastive as C
     from . import engine as E
     from . import lifted_structure as LS
@@ -22,40 +27,47 @@ def _variants():
     from . import similarity as SIM
     from . import triplet as T
 
-    for dtype, ct in (("fp16", "fp32"), ("bf16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")):
-        big = dtype != "fp64"
-        blk = dict(BA=64 if big else 32, BB=64 if big else 32, BD=64 if big else 32)
-        bdo = 64 if big else 32
-        common = dict(SELF=True, HAS_LABELS=True, HAS_PAIRS=False, DIST=2, PREC="ieee", **blk)
+    for dtype, ct, group in (("fp16", "fp32", "half"), ("bf16", "fp32", "half"), ("fp32", "fp32", "fp32"),
+                             ("fp64", "fp64", "fp64")):
+        gprec = "tf32" if group == "half" else "ieee"
+
+        def kw(kind, narrow=False, **extra):
+            ba, bb, bd, bdo, warps = E.gpu_blocks(group, kind, narrow)
+            consts = dict(SELF=True, HAS_LABELS=True, HAS_PAIRS=False, DIST=2, PREC="ieee", BA=ba, BB=bb, BD=bd)
+            if kind in ("rows", "cols") or (kind == "triplet" and "COLUMNS" in extra):
+                consts.update(BDO=bdo, GPREC=gprec)
+            consts.update(extra)
+            return consts, warps
+
         ptr = {"x_ptr": f"*{dtype}", "r_ptr": f"*{dtype}", "lx_ptr": "*i64", "lr_ptr": "*i64", "pos_bits": "*u8",
                "neg_bits": "*u8", "out_pos": "*u8", "out_neg": "*u8"}
-        for fwd, kinds, flag in ((MS.ms_fwd, (3, 3, 1, 1, 0, 0), 1), (LS.gls_fwd, (2, 2, 1, 1, 0, 0), 0),
-                                 (LS.lifted_neg_fwd, (2, 1, 1, 0, 0, 0), 0), (LS.lifted_pos_fwd, (1, 1), 0),
+        for fwd, kinds, flag in ((MS.ms_fwd, (3, 3, 1, 1), 1), (LS.gls_fwd, (2, 2, 1, 1), 0),
+                                 (LS.lifted_neg_fwd, (2, 1, 1), 0), (LS.lifted_pos_fwd, (1, 1), 0),
                                  (C.contrastive_fwd, (1,) * 6, 0), (NP.npairs_fwd, (2, 1), 0),
                                  (MS.thresholds_fwd, (5, 4), 0)):
             kinds = tuple(kinds) + (0,) * (6 - len(kinds))
-            yield E._row_stats_kernel, dtype, ct, ptr, dict(
-                FWD=fwd, FLAG=flag, **{f"K{i}": k for i, k in enumerate(kinds)}, **common)
-        for bwd, flag in ((MS.ms_bwd, 1), (LS.gls_bwd, 0), (LS.lifted_bwd, 0), (C.contrastive_bwd, 0),
-                          (NP.npairs_bwd, 0), (SIM.dout_bwd, 0)):
-            for kern in (E._grad_rows_kernel, E._grad_cols_kernel):
-                yield kern, dtype, ct, ptr, dict(BWD=bwd, FLAG=flag, BDO=bdo, GPREC="ieee", **common)
-        pairs = dict(common, HAS_PAIRS=True, HAS_LABELS=False)
-        yield E._grad_rows_kernel, dtype, ct, ptr, dict(BWD=MS.ms_bwd, FLAG=0, BDO=bdo, GPREC="ieee", **pairs)
-        yield E._row_stats_kernel, dtype, ct, ptr, dict(FWD=MS.ms_fwd, FLAG=0, K0=3, K1=3, K2=1, K3=1, K4=0, K5=0,
-                                                        **dict(pairs, SELF=False, DIST=0))
-        yield MS._mask_kernel, dtype, ct, ptr, dict(common)
-        yield SIM._batch_hard_kernel, dtype, ct, dict(ptr, out_ptr="*i64"), dict(common)
+            yield (E._row_stats_kernel, dtype, ct, ptr,
+                   *kw("fwd", fwd is NP.npairs_fwd, FWD=fwd, FLAG=flag, **{f"K{i}": k for i, k in enumerate(kinds)}))
+        for bwd, flag, narrow in ((MS.ms_bwd, 1, False), (LS.gls_bwd, 0, False), (LS.lifted_bwd, 0, False),
+                                  (C.contrastive_bwd, 0, False), (NP.npairs_bwd, 0, True), (SIM.dout_bwd, 0, True)):
+            yield E._grad_rows_kernel, dtype, ct, ptr, *kw("rows", narrow, BWD=bwd, FLAG=flag)
+            yield E._grad_cols_kernel, dtype, ct, ptr, *kw("cols", narrow, BWD=bwd, FLAG=flag)
+        pairs = dict(HAS_PAIRS=True, HAS_LABELS=False)
+        yield E._grad_rows_kernel, dtype, ct, ptr, *kw("rows", True, BWD=MS.ms_bwd, FLAG=0, **pairs)
+        yield E._grad_cols_kernel, dtype, ct, ptr, *kw("cols", True, BWD=MS.ms_bwd, FLAG=0, **dict(pairs, SELF=False))
+        yield E._row_stats_kernel, dtype, ct, ptr, *kw("fwd", True, FWD=MS.ms_fwd, FLAG=0, K0=3, K1=3, K2=1, K3=1,
+                                                       K4=0, K5=0, SELF=False, DIST=0, **pairs)
+        yield MS._mask_kernel, dtype, ct, ptr, *kw("tile")
+        yield SIM._batch_hard_kernel, dtype, ct, dict(ptr, out_ptr="*i64"), *kw("tile")
+        consts, warps = kw("tile")
         yield SIM._similarity_kernel, dtype, ct, dict(ptr, out_ptr=f"*{dtype}"), {
-            k: v for k, v in common.items() if k in ("DIST", "BA", "BB", "BD", "PREC")}
-        tri = dict(common, BA=16, BB=32 if big else 16)
-        yield T._triplet_fwd_kernel, dtype, ct, ptr, dict(SMOOTH=True, **tri)
+            k: v for k, v in consts.items() if k in ("DIST", "BA", "BB", "BD", "PREC")}, warps
+        yield T._triplet_fwd_kernel, dtype, ct, ptr, *kw("triplet", SMOOTH=True)
         for cols in (False, True):
-            yield T._triplet_grad_kernel, dtype, ct, ptr, dict(SMOOTH=False, COLUMNS=cols, BDO=bdo, GPREC="ieee",
-                                                               **tri)
+            yield T._triplet_grad_kernel, dtype, ct, ptr, *kw("triplet", SMOOTH=False, COLUMNS=cols)
 
 
-def _signature(fn, dtype, ct, ptr, consts):
+def _signature(fn, ct, ptr, consts):
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -71,7 +83,19 @@ def _signature(fn, dtype, ct, ptr, consts):
     return sig
 
 
-def main(cc: int = 90, quick: bool = False) -> int:
+def _usage(cubin: bytes) -> str:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return f"regs {m.group(1)} spill-stack {m.group(2)}" if m else "usage unknown"
+
+
+def main(cc: int = 90, quick: bool = False, usage: bool = False) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET to compile for a GPU target", file=sys.stderr)
         return 2
@@ -80,9 +104,8 @@ def main(cc: int = 90, quick: bool = False) -> int:
     from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", cc, 32)
-    failures, count = [], 0
-    fp64_seen = set()
-    for fn, dtype, ct, ptr, consts in _variants():
+    failures, count, fp64_seen = [], 0, set()
+    for fn, dtype, ct, ptr, consts, warps in _variants():
         if quick:  # every variant in bf16; in fp64 (other dot / accumulator types) the first of each kernel
             if dtype == "fp64" and fn.fn.__name__ not in fp64_seen:
                 fp64_seen.add(fn.fn.__name__)
@@ -92,9 +115,13 @@ def main(cc: int = 90, quick: bool = False) -> int:
         label = f"{fn.fn.__name__}[{dtype}] " + ",".join(
             f"{k}={getattr(v, '__name__', v)}" for k, v in consts.items() if k in ("FWD", "BWD", "COLUMNS"))
         try:
-            triton.compile(ASTSource(fn, _signature(fn, dtype, ct, ptr, consts), constexprs=consts), target=target)
+            kernel = triton.compile(ASTSource(fn, _signature(fn, ct, ptr, consts), constexprs=consts),
+                                    target=target, options={"num_warps": warps})
         except Exception as e:  # noqa: BLE001 - report every failing variant
             failures.append(f"{label}: {type(e).__name__}: {str(e)[-800:]}")
+            continue
+        if usage:
+            print(f"{label}: {_usage(kernel.asm['cubin'])}", flush=True)
     for f in failures:
         print("FAIL", f)
     print(f"compiled {count - len(failures)}/{count} kernel variants for sm_{cc}")
@@ -102,5 +129,6 @@ def main(cc: int = 90, quick: bool = False) -> int:
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--quick"]
-    sys.exit(main(int(args[0]) if args else 90, quick="--quick" in sys.argv[1:]))
+    flags = {a for a in sys.argv[1:] if a.startswith("--")}
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    sys.exit(main(int(args[0]) if args else 90, quick="--quick" in flags, usage="--usage" in flags))

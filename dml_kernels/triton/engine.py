@@ -14,15 +14,17 @@ Label / diagonal / packed-pair masking is applied to the tile, which is then han
 
 * forward ``FWD(v, pos, neg, ia, ib, na, nb, st, nst, p0, p1, p2, p3, DIST, FLAG)`` returns six tiles,
   each reduced along the row by the kind named in ``KINDS`` (sum, LSE, LSE with the implicit zero
-  term, max, min) into per-row statistics (:func:`row_stats`);
+  term, max, min) into per-row statistics (:meth:`Tiles.row_stats`);
 * backward ``BWD(v, pos, neg, ia, ib, na, nb, st, nst, sc, p0, p1, p2, p3, DIST, FLAG)`` returns
-  dL/dv for the tile (:func:`grad`).
+  dL/dv for the tile (:meth:`Tiles.grad`); ``sc`` points at device scalars (upstream gradient × 1/N, the
+  ≤1-pair flag, ...), so nothing is read back to the host.
 
 ``ia``/``ib`` are the anchor / reference indices broadcastable to the tile (``[:, None]`` / ``[None, :]``,
 or swapped for the transposed role), so an epilogue loads whichever per-row statistics it needs from
 ``st`` (K rows of ``nst`` values). In self mode the backward forms G_IJ (rows as anchors) *and* G_JI
 (the columns as anchors, from the same tile) so a row-block program owns its output rows: dX = (G + Gᵀ)X
-without atomics. With a reference set a second column-block kernel produces dRef.
+without atomics. With a reference set a second column-block kernel produces dRef. A tile whose gradient
+is exactly zero (masked out, not mined) skips its gradient dot.
 
 The autograd plumbing (:class:`FusedPairLoss`) saves the inputs plus the O(N) statistics a loss returns
 and recomputes every tile in the backward. Nothing here syncs with the host.
@@ -30,6 +32,7 @@ and recomputes every tile in the backward. Nothing here syncs with the host.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -271,9 +274,10 @@ def _grad_rows_kernel(x_ptr, r_ptr, sx_ptr, sr_ptr, nx_ptr, nr_ptr, lx_ptr, lr_p
                      p0, p1, p2, p3, DIST, FLAG)
         gc, gn = chain(w, v, DIST)
         gc = gc * s_b[None, :]
-        r = tl.load(r_ptr + offs_b.to(tl.int64)[:, None] * stride_r + offs_o[None, :],
-                    mask=(offs_b < M)[:, None] & (offs_o < D)[None, :], other=0.0).to(CT)
-        acc = tl.dot(gc, r, acc, input_precision=GPREC, out_dtype=CT)
+        if tl.max(tl.abs(gc)) > 0:  # skip the gradient dot of an all-zero tile (masked / not mined): exact
+            r = tl.load(r_ptr + offs_b.to(tl.int64)[:, None] * stride_r + offs_o[None, :],
+                        mask=(offs_b < M)[:, None] & (offs_o < D)[None, :], other=0.0).to(CT)
+            acc = tl.dot(gc, r, acc, input_precision=GPREC, out_dtype=CT)
         dn += tl.sum(gn, axis=1)
     inside = offs_a < N
     tl.store(acc_ptr + offs_a.to(tl.int64)[:, None] * D + offs_o[None, :], acc,
@@ -306,9 +310,10 @@ def _grad_cols_kernel(x_ptr, r_ptr, sx_ptr, sr_ptr, nx_ptr, nr_ptr, lx_ptr, lr_p
                 DIST, FLAG)
         gc, gn = chain(w, v, DIST)
         gc = gc * s_a[:, None]
-        xa = tl.load(x_ptr + offs_a.to(tl.int64)[:, None] * stride_x + offs_o[None, :],
-                     mask=(offs_a < N)[:, None] & (offs_o < D)[None, :], other=0.0).to(CT)
-        acc = tl.dot(tl.trans(gc), xa, acc, input_precision=GPREC, out_dtype=CT)
+        if tl.max(tl.abs(gc)) > 0:  # skip the gradient dot of an all-zero tile: exact
+            xa = tl.load(x_ptr + offs_a.to(tl.int64)[:, None] * stride_x + offs_o[None, :],
+                         mask=(offs_a < N)[:, None] & (offs_o < D)[None, :], other=0.0).to(CT)
+            acc = tl.dot(tl.trans(gc), xa, acc, input_precision=GPREC, out_dtype=CT)
         dn += tl.sum(gn, axis=0)
     inside = offs_b < M
     tl.store(acc_ptr + offs_b.to(tl.int64)[:, None] * D + offs_o[None, :], acc,
@@ -347,6 +352,38 @@ def row_scales(x, distance: Distance):
     return s, n
 
 
+class Blocks(NamedTuple):
+    ba: int  # query rows per program (or per inner step in a column kernel)
+    bb: int  # reference columns per tile
+    bd: int  # D-chunk of the similarity dot
+    bdo: int  # D-columns of the gradient accumulator per program
+    warps: int
+
+
+# GPU tile shapes per dtype group and kernel kind (BA, BB, BD, BDO, num_warps), chosen so that ptxas reports no
+# register spills on sm_90 (cuobjdump -res-usage on the AOT-compiled cubins; fp64 triplets still spill and
+# exist for gradcheck). Not yet timed on hardware.
+GPU_BLOCKS = {
+    "half": {"fwd": (64, 64, 32, 0, 8), "rows": (64, 64, 32, 128, 8), "cols": (64, 64, 32, 128, 8),
+             "tile": (64, 64, 32, 0, 8), "triplet": (16, 16, 32, 64, 8)},
+    "fp32": {"fwd": (32, 64, 32, 0, 8), "rows": (64, 32, 32, 64, 8), "cols": (32, 64, 32, 64, 8),
+             "tile": (32, 64, 32, 0, 8), "triplet": (16, 16, 32, 32, 8)},
+    "fp64": {"fwd": (32, 32, 32, 0, 4), "rows": (32, 32, 16, 32, 4), "cols": (32, 32, 16, 32, 4),
+             "tile": (32, 32, 16, 0, 4), "triplet": (16, 16, 16, 32, 8)},
+}
+
+
+def gpu_blocks(group, kind, narrow=False):
+    """The GPU tile shape of a kernel kind; ``narrow`` halves the streamed tile for epilogues that gather
+    per element (packed pair bits, the upstream matrix, N-pairs flags), which otherwise spill registers."""
+    ba, bb, bd, bdo, warps = GPU_BLOCKS[group][kind]
+    if narrow and kind in ("fwd", "rows", "tile"):
+        bb = max(16, bb // 2)
+    elif narrow and kind == "cols":
+        ba = max(16, ba // 2)
+    return ba, bb, bd, bdo, warps
+
+
 def _pow2(n, lo=16):
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
 
@@ -354,8 +391,10 @@ def _pow2(n, lo=16):
 class Tiles:
     """The tile space of one call: queries × references, their masks, distance and launch shapes."""
 
-    def __init__(self, x, labels, ref, ref_labels, distance: Distance, pairs=None, *, use_labels=True):
+    def __init__(self, x, labels, ref, ref_labels, distance: Distance, pairs=None, *, use_labels=True,
+                 narrow=False):
         self.self_mode = ref is None
+        self.narrow = narrow or pairs is not None
         self.n, self.d = x.shape
         self.m = self.n if ref is None else ref.shape[0]
         self.device = x.device
@@ -377,21 +416,27 @@ class Tiles:
         else:
             self.pos_bits = self.neg_bits = dummy_u
             self.nbytes = 1
-        fp32_tf32 = (x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32)
-        self.prec = "tf32" if fp32_tf32 else "ieee"
-        self.gprec = "tf32" if (x.is_cuda and x.dtype != torch.float64 and torch.backends.cuda.matmul.allow_tf32) \
-            else "ieee"
-        if INTERPRET or not x.is_cuda:
-            self.ba = self.bb = 16
-            self.bd = min(_pow2(self.d), 32)
-            self.bdo = min(_pow2(self.d), 64)
-            self.warps = 1
-        else:
-            big = x.dtype != torch.float64
-            self.ba = self.bb = 64 if big else 32
-            self.bd = min(_pow2(self.d), 64 if big else 32)
-            self.bdo = min(_pow2(self.d), 64 if big else 32)
-            self.warps = 4
+        self.gpu = x.is_cuda and not INTERPRET
+        # fp32 inputs use tf32 only when the user allows it. The backward dot (fp32 gradient tile × the
+        # upcast embeddings) runs in tf32 for fp16/bf16 inputs: its rounding (2^-11) is that of the inputs.
+        allow_tf32 = self.gpu and torch.backends.cuda.matmul.allow_tf32
+        self.prec = "tf32" if (allow_tf32 and x.dtype == torch.float32) else "ieee"
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        self.gprec = "tf32" if (self.gpu and half) or (allow_tf32 and x.dtype == torch.float32) else "ieee"
+        self.group = "fp64" if x.dtype == torch.float64 else ("fp32" if x.dtype == torch.float32 else "half")
+
+    def blocks(self, kind):
+        """(BA, BB, BD, BDO, num_warps) of one kernel kind (see ``GPU_BLOCKS``), BD / BDO clipped to D."""
+        if self.gpu:
+            ba, bb, bd, bdo, warps = gpu_blocks(self.group, kind, self.narrow)
+        else:  # the interpreter: small tiles so the tests' odd shapes span several of them
+            ba, bb, bd, bdo, warps = 16, 16, 32, 64, 1
+        return Blocks(ba, bb, min(bd, _pow2(self.d)), min(bdo, _pow2(self.d)), warps)
+
+    def launch(self, kind):
+        """The launch keywords shared by every tile kernel of this kind."""
+        b = self.blocks(kind)
+        return dict(BA=b.ba, BB=b.bb, BD=b.bd, PREC=self.prec, num_warps=b.warps)
 
     def embed(self, x, ref, distance=None):
         """Per-row scales of both sides (autograd-tracked): (s, n, sr, nr)."""
@@ -416,34 +461,35 @@ class Tiles:
         out = torch.empty(6, self.n, dtype=self.ct, device=self.device)
         st = stats if stats is not None else out
         c = self._common(*xs)
-        grid = (triton.cdiv(self.n, self.ba),)
+        kw = self.launch("fwd")
+        grid = (triton.cdiv(self.n, kw["BA"]),)
         _row_stats_kernel[grid](*c, st, st.shape[-1], out, self.n, self.m, self.d, c[0].stride(0), c[1].stride(0),
                                 *[float(p) for p in params], FWD=fwd, K0=kinds[0], K1=kinds[1], K2=kinds[2],
-                                K3=kinds[3], K4=kinds[4], K5=kinds[5], FLAG=flag, BA=self.ba, BB=self.bb,
-                                BD=self.bd, PREC=self.prec, num_warps=self.warps, **self._flags())
+                                K3=kinds[3], K4=kinds[4], K5=kinds[5], FLAG=flag, **kw, **self._flags())
         return out
 
     def grad(self, xs, bwd, stats, sc, params=(0.0, 0.0, 0.0, 0.0), flag=0, need_x=True, need_r=False):
         """(acc, dn, acc_r, dn_r) with acc_i = Σ_k G_ik s_k r_k (plus Gᵀ in self mode); None where not needed."""
         c = self._common(*xs)
         p = [float(v) for v in params]
-        kw = dict(BWD=bwd, FLAG=flag, BA=self.ba, BB=self.bb, BD=self.bd, BDO=self.bdo, PREC=self.prec,
-                  GPREC=self.gprec, num_warps=self.warps, **self._flags())
         nst = stats.shape[-1]
         sc = sc.to(self.ct).contiguous()
         acc = dn = acc_r = dn_r = None
-        if need_x:
-            acc = torch.empty(self.n, self.d, dtype=self.ct, device=self.device)
-            dn = torch.empty(self.n, dtype=self.ct, device=self.device)
-            grid = (triton.cdiv(self.n, self.ba), triton.cdiv(self.d, self.bdo))
-            _grad_rows_kernel[grid](*c, stats, nst, sc, acc, dn, self.n, self.m, self.d, c[0].stride(0),
-                                    c[1].stride(0), *p, **kw)
-        if need_r:
-            acc_r = torch.empty(self.m, self.d, dtype=self.ct, device=self.device)
-            dn_r = torch.empty(self.m, dtype=self.ct, device=self.device)
-            grid = (triton.cdiv(self.m, self.bb), triton.cdiv(self.d, self.bdo))
-            _grad_cols_kernel[grid](*c, stats, nst, sc, acc_r, dn_r, self.n, self.m, self.d, c[0].stride(0),
-                                    c[1].stride(0), *p, **kw)
+        for side, needed in (("rows", need_x), ("cols", need_r)):
+            if not needed:
+                continue
+            b = self.blocks(side)
+            count = self.n if side == "rows" else self.m
+            a = torch.empty(count, self.d, dtype=self.ct, device=self.device)
+            d = torch.empty(count, dtype=self.ct, device=self.device)
+            kernel = _grad_rows_kernel if side == "rows" else _grad_cols_kernel
+            grid = (triton.cdiv(count, b.ba if side == "rows" else b.bb), triton.cdiv(self.d, b.bdo))
+            kernel[grid](*c, stats, nst, sc, a, d, self.n, self.m, self.d, c[0].stride(0), c[1].stride(0), *p,
+                         BWD=bwd, FLAG=flag, BDO=b.bdo, GPREC=self.gprec, **self.launch(side), **self._flags())
+            if side == "rows":
+                acc, dn = a, d
+            else:
+                acc_r, dn_r = a, d
         return acc, dn, acc_r, dn_r
 
 
@@ -500,7 +546,8 @@ def autocast_inputs(x, ref):
 def fused_loss(impl, x, labels, ref, ref_labels, distance, pairs=None, *, use_labels=True):
     """Run ``impl`` (an object with forward / grad_scalars / grad) as a differentiable fused pair loss."""
     x, ref = autocast_inputs(x, ref)
-    tiles = Tiles(x, labels, ref, ref_labels, distance, pairs, use_labels=use_labels)
+    tiles = Tiles(x, labels, ref, ref_labels, distance, pairs, use_labels=use_labels,
+                  narrow=getattr(impl, "NARROW", False))
     s, n, sr, nr = tiles.embed(x, ref)
     return FusedPairLoss.apply(impl, tiles, x, s, n, ref, sr, nr)
 

@@ -153,8 +153,8 @@ def multi_similarity_mask(x, labels, ref, ref_labels, *, epsilon, distance) -> P
     out_pos = torch.empty(tiles.n, nout, dtype=torch.uint8, device=x.device)
     out_neg = torch.empty_like(out_pos)
     c = tiles._common(*xs)
-    grid = (triton.cdiv(tiles.n, tiles.ba), triton.cdiv(tiles.m, tiles.bb))
+    kw = tiles.launch("tile")
+    grid = (triton.cdiv(tiles.n, kw["BA"]), triton.cdiv(tiles.m, kw["BB"]))
     _mask_kernel[grid](*c, th, th.shape[-1], out_pos, out_neg, tiles.n, tiles.m, tiles.d, c[0].stride(0),
-                       c[1].stride(0), float(epsilon), BA=tiles.ba, BB=tiles.bb, BD=tiles.bd, PREC=tiles.prec,
-                       num_warps=tiles.warps, **tiles._flags())
+                       c[1].stride(0), float(epsilon), **kw, **tiles._flags())
     return PackedPairMask(out_pos, out_neg, tiles.m)

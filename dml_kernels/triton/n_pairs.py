@@ -55,6 +55,7 @@ def npairs_bwd(v, pos, neg, ia, ib, na, nb, st, nst, sc, p0, p1, p2, p3, DIST: t
 
 class NPairs(engine.PairLossImpl):
     BWD = npairs_bwd
+    NARROW = True  # the epilogue gathers per-column flags
 
     def __init__(self, labels):
         self.is_anchor, self.is_positive = anchor_positive_flags(labels)

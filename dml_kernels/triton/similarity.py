@@ -38,10 +38,10 @@ class PairwiseSimilarity(torch.autograd.Function):
         xs = (x, s, n, r, sr, nr)
         c = tiles._common(*xs)
         out = torch.empty(tiles.n, tiles.m, dtype=x.dtype, device=x.device)
-        grid = (triton.cdiv(tiles.n, tiles.ba), triton.cdiv(tiles.m, tiles.bb))
+        kw = tiles.launch("tile")
+        grid = (triton.cdiv(tiles.n, kw["BA"]), triton.cdiv(tiles.m, kw["BB"]))
         _similarity_kernel[grid](c[0], c[1], c[2], c[3], c[4], c[5], out, tiles.n, tiles.m, tiles.d,
-                                 c[0].stride(0), c[1].stride(0), DIST=tiles.dist, BA=tiles.ba, BB=tiles.bb,
-                                 BD=tiles.bd, PREC=tiles.prec, num_warps=tiles.warps)
+                                 c[0].stride(0), c[1].stride(0), DIST=tiles.dist, **kw)
         ctx.tiles = tiles
         ctx.save_for_backward(x, s, n, r, sr, nr)
         return out
@@ -66,7 +66,7 @@ class PairwiseSimilarity(torch.autograd.Function):
 
 def pairwise_similarity(x, ref=None, *, distance):
     x, ref = engine.autocast_inputs(x, ref)
-    tiles = engine.Tiles(x, None, ref, None, distance, use_labels=False)
+    tiles = engine.Tiles(x, None, ref, None, distance, use_labels=False, narrow=True)  # dout_bwd gathers
     s, n, sr, nr = tiles.embed(x, ref)
     return PairwiseSimilarity.apply(tiles, x, s, n, ref, sr, nr)
 
@@ -130,9 +130,9 @@ def batch_hard_indices(x, labels, ref, ref_labels, distance):
         s, n, sr, nr = tiles.embed(x, ref)
         c = tiles._common(x, s, n, ref, sr, nr)
         out = torch.empty(2, tiles.n, dtype=torch.int64, device=x.device)
-        _batch_hard_kernel[(triton.cdiv(tiles.n, tiles.ba),)](
-            *c, out, tiles.n, tiles.m, tiles.d, c[0].stride(0), c[1].stride(0), BA=tiles.ba, BB=tiles.bb,
-            BD=tiles.bd, PREC=tiles.prec, num_warps=tiles.warps, **tiles._flags())
+        kw = tiles.launch("tile")
+        _batch_hard_kernel[(triton.cdiv(tiles.n, kw["BA"]),)](
+            *c, out, tiles.n, tiles.m, tiles.d, c[0].stride(0), c[1].stride(0), **kw, **tiles._flags())
     return out[0], out[1]
 
 

@@ -167,22 +167,13 @@ class AllTriplets(engine.PairLossImpl):
     def __init__(self, margin, smooth_loss):
         self.margin, self.smooth = margin, smooth_loss
 
-    @staticmethod
-    def _blocks(tiles):
-        """(BA, BB): the (BA, BB, BB) violation block must fit in registers, so smaller than the engine's."""
-        if engine.INTERPRET or tiles.device.type != "cuda":
-            return 16, 16
-        return 16, (32 if tiles.ct == torch.float32 else 16)
-
     def _kw(self, tiles):
-        ba, bb = self._blocks(tiles)
-        return dict(SMOOTH=self.smooth, BA=ba, BB=bb, BD=tiles.bd, PREC=tiles.prec,
-                    num_warps=tiles.warps, **tiles._flags())
+        return dict(SMOOTH=self.smooth, **tiles.launch("triplet"), **tiles._flags())
 
     def forward(self, tiles, xs):
         c = tiles._common(*xs)
         out = torch.empty(2, tiles.n, dtype=tiles.ct, device=tiles.device)
-        _triplet_fwd_kernel[(triton.cdiv(tiles.n, self._blocks(tiles)[0]),)](
+        _triplet_fwd_kernel[(triton.cdiv(tiles.n, tiles.blocks("triplet").ba),)](
             *c, out, tiles.n, tiles.m, tiles.d, c[0].stride(0), c[1].stride(0), float(self.margin),
             **self._kw(tiles))
         total, count = out.sum(1)
@@ -196,11 +187,11 @@ class AllTriplets(engine.PairLossImpl):
         rows = tiles.m if columns else tiles.n
         acc = torch.empty(rows, tiles.d, dtype=tiles.ct, device=tiles.device)
         dn = torch.empty(rows, dtype=tiles.ct, device=tiles.device)
-        ba, bb = self._blocks(tiles)
-        grid = (triton.cdiv(rows, bb if columns else ba), triton.cdiv(tiles.d, tiles.bdo))
+        b = tiles.blocks("triplet")
+        grid = (triton.cdiv(rows, b.bb if columns else b.ba), triton.cdiv(tiles.d, b.bdo))
         _triplet_grad_kernel[grid](*c, sc.to(tiles.ct).contiguous(), acc, dn, tiles.n, tiles.m, tiles.d,
                                    c[0].stride(0), c[1].stride(0), float(self.margin), COLUMNS=columns,
-                                   BDO=tiles.bdo, GPREC=tiles.gprec, **self._kw(tiles))
+                                   BDO=b.bdo, GPREC=tiles.gprec, **self._kw(tiles))
         return acc, dn
 
     def grad(self, tiles, xs, stats, sc, need_x, need_r):
