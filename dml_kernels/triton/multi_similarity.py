@@ -73,6 +73,13 @@ def ms_bwd(v, pos, neg, ia, ib, na, nb, st, nst, sc, alpha, beta, base, eps, DIS
 
 
 @triton.jit
+def _pack_bits(bits, BA: tl.constexpr, BB: tl.constexpr):
+    """BA×BB bool → BA×(BB/8) uint8, column k in bit k % 8 of byte k // 8 (PackedPairMask's layout)."""
+    shifts = tl.arange(0, 8)[None, None, :]
+    return tl.sum(tl.reshape(bits.to(tl.int32), (BA, BB // 8, 8)) << shifts, axis=2).to(tl.uint8)
+
+
+@triton.jit
 def _mask_kernel(x_ptr, r_ptr, sx_ptr, sr_ptr, nx_ptr, nr_ptr, lx_ptr, lr_ptr, pos_bits, neg_bits, nbytes,
                  st_ptr, nst, out_pos, out_neg, N, M, D, stride_x, stride_r, eps,
                  SELF: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_PAIRS: tl.constexpr, DIST: tl.constexpr,
@@ -87,15 +94,14 @@ def _mask_kernel(x_ptr, r_ptr, sx_ptr, sr_ptr, nx_ptr, nr_ptr, lx_ptr, lr_ptr, p
     pos, neg = engine.pair_masks(lab_a, lab_b, offs_a, offs_b, N, M, pos_bits, neg_bits, nbytes,
                                  SELF, HAS_LABELS, HAS_PAIRS, False)
     pos, neg = mined_masks(v, pos, neg, offs_a[:, None], N, st_ptr, nst, eps, DIST)
-    shifts = tl.arange(0, 8)[None, None, :]
-    pbytes = tl.sum(tl.reshape(pos.to(tl.int32), (BA, BB // 8, 8)) << shifts, axis=2).to(tl.uint8)
-    nbytes_t = tl.sum(tl.reshape(neg.to(tl.int32), (BA, BB // 8, 8)) << shifts, axis=2).to(tl.uint8)
+    pos_packed = _pack_bits(pos, BA, BB)
+    neg_packed = _pack_bits(neg, BA, BB)
     offs_y = tl.program_id(1) * (BB // 8) + tl.arange(0, BB // 8)
     nout = (M + 7) // 8
     where = offs_a.to(tl.int64)[:, None] * nout + offs_y[None, :]
     inside = (offs_a < N)[:, None] & (offs_y < nout)[None, :]
-    tl.store(out_pos + where, pbytes, mask=inside)
-    tl.store(out_neg + where, nbytes_t, mask=inside)
+    tl.store(out_pos + where, pos_packed, mask=inside)
+    tl.store(out_neg + where, neg_packed, mask=inside)
 
 
 def _thresholds(tiles, xs):
