@@ -9,13 +9,14 @@ TORCH_LIBRARY(dml_kernels, m) {
   // Per-row reductions over the positive and the negative pairs of each query row (dml_kernels.h):
   // (red_pos (N,), red_neg (N,), thresholds (2, N) [hardest pos, hardest neg; 0 without mining],
   //  counts (4, N) int64 [pos pairs, neg pairs, nonzero pos terms, nonzero neg terms]).
+  // col_mask (M,) bool: references outside it are in neither set (N-pairs: only the chosen positives).
   m.def("pair_reduce(Tensor q, Tensor? r, Tensor? labels, Tensor? ref_labels, Tensor? pos_bits, "
         "Tensor? neg_bits, int dist, int kind, float pos_scale, float pos_center, float neg_scale, "
-        "float neg_center, float? eps) -> (Tensor, Tensor, Tensor, Tensor)");
+        "float neg_center, float? eps, Tensor? col_mask=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("pair_reduce_backward(Tensor grad_pos, Tensor grad_neg, Tensor q, Tensor? r, Tensor? labels, "
         "Tensor? ref_labels, Tensor? pos_bits, Tensor? neg_bits, int dist, int kind, float pos_scale, "
         "float pos_center, float neg_scale, float neg_center, float? eps, Tensor red_pos, Tensor red_neg, "
-        "Tensor thresholds) -> (Tensor, Tensor)");
+        "Tensor thresholds, Tensor? col_mask=None) -> (Tensor, Tensor)");
   // MultiSimilarityMiner pass 1: per row (hardest positive value, hardest negative value).
   m.def("ms_thresholds(Tensor q, Tensor? r, Tensor? labels, Tensor? ref_labels, Tensor? pos_bits, "
         "Tensor? neg_bits, int dist) -> (Tensor, Tensor)");

@@ -202,7 +202,7 @@ def _register_python_side():
         return q.new_empty(q.shape), q.new_empty((0, q.shape[1]) if r is None else r.shape)
 
     @lib.register_fake("dml_kernels::pair_reduce")
-    def _(q, r, labels, ref_labels, pos_bits, neg_bits, dist, kind, pa, pc, na, nc, eps):
+    def _(q, r, labels, ref_labels, pos_bits, neg_bits, dist, kind, pa, pc, na, nc, eps, col_mask=None):
         n = q.shape[0]
         return q.new_empty(n), q.new_empty(n), q.new_empty(2, n), q.new_empty(4, n, dtype=torch.long)
 
@@ -280,19 +280,20 @@ def _register_python_side():
 
     def reduce_setup(ctx, inputs, output):
         q, r, labels, ref_labels, pos_bits, neg_bits = inputs[:6]
-        ctx.params = inputs[6:]
+        ctx.params = inputs[6:13]
+        col_mask = inputs[13] if len(inputs) > 13 else None
         ctx.has_r = r is not None
         red_pos, red_neg, thr, _ = output
-        ctx.save_for_backward(q, r, labels, ref_labels, pos_bits, neg_bits, red_pos, red_neg, thr)
+        ctx.save_for_backward(q, r, labels, ref_labels, pos_bits, neg_bits, red_pos, red_neg, thr, col_mask)
 
     def reduce_backward(ctx, gp, gn, _gthr, _gcnt):
-        q, r, labels, ref_labels, pos_bits, neg_bits, red_pos, red_neg, thr = ctx.saved_tensors
+        q, r, labels, ref_labels, pos_bits, neg_bits, red_pos, red_neg, thr, col_mask = ctx.saved_tensors
         gp = torch.zeros_like(red_pos) if gp is None else gp
         gn = torch.zeros_like(red_neg) if gn is None else gn
         dq, dr = torch.ops.dml_kernels.pair_reduce_backward(
             gp, gn, q, r if ctx.has_r else None, labels, ref_labels, pos_bits, neg_bits, *ctx.params,
-            red_pos, red_neg, thr)
-        return (dq, dr if ctx.has_r else None) + (None,) * 11
+            red_pos, red_neg, thr, col_mask)
+        return (dq, dr if ctx.has_r else None) + (None,) * 12
 
     lib.register_autograd("dml_kernels::pair_reduce", reduce_backward, setup_context=reduce_setup)
 
@@ -468,6 +469,44 @@ def lifted_structure_loss(x, labels, *, neg_margin, pos_margin, distance, pairs=
     loss = torch.where((npos > 0) & (nneg > 0), total.sum() / npos.clamp_min(1), zero)
     if pair_rule:
         loss = torch.where((npos <= 1) & (nneg <= 1), zero, loss)
+    return _out(loss, x)
+
+
+def _label_ranks(labels):
+    """Per sample: its rank among the samples of its label (by index), and whether a later sample has its
+    label (for rank 0: the label has ≥ 2 samples) — O(N log N), a stable sort, no N×N matrix, no host sync."""
+    n = labels.shape[0]
+    order = torch.argsort(labels, stable=True)
+    srt = labels[order]
+    idx = torch.arange(n, device=labels.device)
+    first = torch.ones(n, dtype=torch.bool, device=labels.device)
+    first[1:] = srt[1:] != srt[:-1]
+    start = torch.cummax(torch.where(first, idx, 0), 0).values
+    rank_sorted = idx - start
+    has_next = torch.zeros(n, dtype=torch.bool, device=labels.device)
+    has_next[:-1] = srt[1:] == srt[:-1]
+    rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+    pair = torch.empty_like(has_next).scatter_(0, order, has_next)
+    return rank, pair
+
+
+@_both
+def n_pairs_loss(x, labels, *, distance, pairs=None):
+    """PML's NPairsLoss: anchors = lowest index of each label with ≥ 2 samples, positives = second lowest;
+    CE of each anchor over the positives' logits. One pair_reduce restricted to the positive columns."""
+    if pairs is not None:
+        raise Unsupported("the C++ n_pairs_loss takes no explicit pairs")
+    _need(x, "pair_reduce")
+    rank, has_pair = _label_ranks(labels)
+    is_anchor, is_positive = (rank == 0) & has_pair, rank == 1
+    q, _, code = _prep(x, None, distance)
+    s = _sg(distance)
+    target, rest, _, cnt = torch.ops.dml_kernels.pair_reduce(
+        q, None, labels, None, None, None, code, _LSE, s, 0.0, s, 0.0, None, is_positive)
+    per_row = torch.where(cnt[1] > 0, torch.logaddexp(target, rest), target) - target
+    k = is_anchor.sum()
+    total = torch.where(is_anchor, per_row, 0).sum()
+    loss = torch.where(k > 0, total / k.clamp_min(1), _zero(x).to(total.dtype))
     return _out(loss, x)
 
 

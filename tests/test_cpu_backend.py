@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"C++ CPU extension una
 DISTANCES = ["cosine", "dot", "euclidean", "squared_euclidean"]
 CPU_OPS = {"pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_mask", "batch_hard_mining",
            "multi_similarity_loss", "generalized_lifted_structure_loss", "contrastive_loss", "triplet_margin_loss",
-           "lifted_structure_loss",
+           "lifted_structure_loss", "n_pairs_loss",
            "proxy_nca_loss", "proxy_anchor_loss"}
 TIGHT = dict(rtol=1e-10, atol=1e-10)
 
@@ -215,6 +215,27 @@ def test_lifted_structure_odd_shapes_and_tuples(n):
             F.lifted_structure_loss(x, None, tup, backend="cpu")
 
 
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_n_pairs(pattern, distance, normalize):
+    x, y = make(pattern, n=13, d=5)
+    fn = lambda x, backend: F.n_pairs_loss(x, y, distance=distance, normalize_embeddings=normalize,  # noqa: E731
+                                           backend=backend)
+    _compare(fn, [x])
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 33, 130])
+def test_n_pairs_shapes_and_label_ranks(n):
+    y = torch.randint(0, max(1, n // 3), (n,))
+    x = torch.randn(n, 6, dtype=torch.float64)
+    _compare(lambda x, backend: F.n_pairs_loss(x, y, backend=backend), [x])
+    rank, has_pair = csrc_ops._label_ranks(y)
+    for i in range(n):
+        same = (y == y[i]).nonzero().flatten().tolist()
+        assert rank[i] == same.index(i) and bool(has_pair[i]) == (i != same[-1])
+
+
 @pytest.mark.parametrize("pattern", ["random", "all_same", "all_distinct", "pairs", "one_sample"])
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("swap", [False, True])
@@ -370,6 +391,8 @@ def test_gradcheck_fp64():
         lambda x: F.triplet_margin_loss(x, y, margin=0.5, backend="cpu"),
         lambda x: F.lifted_structure_loss(x, y, neg_margin=0.5, backend="cpu"),
         lambda x: F.lifted_structure_loss(x, y, distance="cosine", backend="cpu"),
+        lambda x: F.n_pairs_loss(x, y, backend="cpu"),
+        lambda x: F.n_pairs_loss(x, y, distance="euclidean", normalize_embeddings=False, backend="cpu"),
         lambda x, r: F.triplet_margin_loss(x, y, None, r, ry, margin=0.5, distance="squared_euclidean",
                                            backend="cpu"),
         lambda x, p: F.proxy_nca_loss(x, y, p, backend="cpu"),
@@ -405,10 +428,13 @@ def _opcheck_cases():
         (ops.triplet_all.default, (q, r, y, ry, 0, 0.3)),
         (ops.lifted_pos.default, (q, y, torch.randn(9, dtype=torch.float64, requires_grad=True),
                                   torch.rand(9) < 0.7, 1, 0.2)),
+        (ops.pair_reduce.default, (q, None, y, None, None, None, 0, 0, 1.0, 0.0, 1.0, 0.0, None,
+                                   torch.rand(9) < 0.6)),
+        (ops.pair_reduce.default, (q, r, y, ry, None, None, 1, 1, -2.0, 0.5, 50.0, 0.5, 0.1, torch.rand(6) < 0.6)),
     ]
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(14))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)

@@ -158,6 +158,16 @@ def test_miners(pattern, distance, ref):
     assert torch.equal(b1[0].cpu(), b0[0]) and torch.equal(b1[1].cpu(), b0[1])
 
 
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_n_pairs(pattern, distance):
+    x, y = make(pattern, n=40, d=6)
+
+    def fn(x, backend):
+        return F.n_pairs_loss(x, y.to(x.device), distance=distance, backend=backend)
+    _compare(fn, [x])
+
+
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("swap", [False, True])
 def test_triplet_batch_hard(distance, swap):

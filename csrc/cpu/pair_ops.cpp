@@ -122,8 +122,15 @@ struct Masks {
   const uint8_t* nb = nullptr;
   int64_t nbytes = 0;
   bool self = true;
+  const bool* cm = nullptr;  // optional column mask: references outside it are in neither set
+
+  bool simple() const { return pb == nullptr && cm == nullptr; }  // label masks only: vectorised epilogues
 
   inline void get(int64_t i, int64_t k, bool& pos, bool& neg) const {
+    if (cm != nullptr && !cm[k]) {
+      pos = neg = false;
+      return;
+    }
     if (pb != nullptr) {
       const int64_t byte = i * nbytes + (k >> 3);
       const int bit = static_cast<int>(k & 7);
@@ -176,6 +183,15 @@ Masks make_masks(int64_t n, int64_t m, bool self, const c10::optional<Tensor>& l
   return mk;
 }
 
+void set_col_mask(Masks& mk, int64_t m, const c10::optional<Tensor>& col_mask, std::vector<Tensor>& keep) {
+  if (!col_mask.has_value()) return;
+  TORCH_CHECK(col_mask->scalar_type() == at::kBool && col_mask->dim() == 1 && col_mask->size(0) == m &&
+                  col_mask->device().is_cpu(),
+              "dml_kernels: col_mask must be a bool CPU tensor of shape (", m, ")");
+  keep.push_back(col_mask->contiguous());
+  mk.cm = keep.back().data_ptr<bool>();
+}
+
 // Index within the chunk [k0, k0 + nk) of row i's own column in self mode, −1 if none.
 inline int64_t diag_in(const Masks& mk, int64_t i, int64_t k0, int64_t nk) {
   return (mk.self && i >= k0 && i < k0 + nk) ? i - k0 : -1;
@@ -226,7 +242,7 @@ void block_thresholds(const Geometry<T>& g, const Masks& mk, int64_t i0, int64_t
   for (int64_t k0 = 0; k0 < g.m; k0 += kBC) {
     const int64_t nk = std::min(kBC, g.m - k0);
     g.qtile(i0, ni, k0, nk, buf);
-    if (mk.pb == nullptr) {  // label masks: vectorised epilogue
+    if (mk.simple()) {  // label masks: vectorised epilogue
       for (int64_t i = 0; i < ni; ++i)
         row_thresholds(buf + i * nk, nk, g.dist, mk.rlab + k0, mk.lab[i0 + i], diag_in(mk, i0 + i, k0, nk), hp + i,
                        hn + i);
@@ -366,7 +382,7 @@ void block_reduce(const Geometry<T>& g, const Masks& mk, const ReduceParams<T>& 
   for (int64_t k0 = 0; k0 < g.m; k0 += kBC) {
     const int64_t nk = std::min(kBC, g.m - k0);
     if (!cached) g.qtile(i0, ni, k0, nk, buf);
-    if (mk.pb == nullptr && p.kind != kHinge) {  // label masks: vectorised epilogue
+    if (mk.simple() && p.kind != kHinge) {  // label masks: vectorised epilogue
       const EpilogueArgs<T> ea{g.dist, p.kind, p.mine, p.eps, p.pa, p.pc, p.na, p.nc};
       for (int64_t i = 0; i < ni; ++i) {
         const int64_t gi = i0 + i;
@@ -418,7 +434,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pair_reduce_cpu(
     const Tensor& q_, const c10::optional<Tensor>& r_, const c10::optional<Tensor>& labels,
     const c10::optional<Tensor>& ref_labels, const c10::optional<Tensor>& pos_bits,
     const c10::optional<Tensor>& neg_bits, int64_t dist, int64_t kind, double pa, double pc, double na, double nc,
-    c10::optional<double> eps) {
+    c10::optional<double> eps, const c10::optional<Tensor>& col_mask) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_embeddings(q_, r_);
   check_dist(dist);
@@ -426,6 +442,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pair_reduce_cpu(
   const int64_t n = q_.size(0), m = r_.has_value() ? r_->size(0) : n;
   std::vector<Tensor> keep;
   Masks mk = make_masks(n, m, !r_.has_value(), labels, ref_labels, pos_bits, neg_bits, keep);
+  set_col_mask(mk, m, col_mask, keep);
   Tensor red_pos = at::empty({n}, q_.options()), red_neg = at::empty({n}, q_.options());
   Tensor thr = at::zeros({2, n}, q_.options());
   Tensor cnt = at::empty({4, n}, q_.options().dtype(at::kLong));
@@ -480,7 +497,7 @@ std::tuple<Tensor, Tensor> pair_reduce_backward_cpu(
     const c10::optional<Tensor>& labels, const c10::optional<Tensor>& ref_labels,
     const c10::optional<Tensor>& pos_bits, const c10::optional<Tensor>& neg_bits, int64_t dist, int64_t kind,
     double pa, double pc, double na, double nc, c10::optional<double> eps, const Tensor& red_pos_,
-    const Tensor& red_neg_, const Tensor& thr_) {
+    const Tensor& red_neg_, const Tensor& thr_, const c10::optional<Tensor>& col_mask) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_embeddings(q_, r_);
   check_dist(dist);
@@ -488,6 +505,7 @@ std::tuple<Tensor, Tensor> pair_reduce_backward_cpu(
   const bool self = !r_.has_value();
   std::vector<Tensor> keep;
   Masks mk = make_masks(n, m, self, labels, ref_labels, pos_bits, neg_bits, keep);
+  set_col_mask(mk, m, col_mask, keep);
   for (const Tensor* t : {&grad_pos, &grad_neg, &red_pos_, &red_neg_})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == n, "dml_kernels: per-row statistics must have shape (", n, ")");
   TORCH_CHECK(thr_.dim() == 2 && thr_.size(0) == 2 && thr_.size(1) == n, "dml_kernels: thresholds must be 2×", n);
@@ -516,7 +534,7 @@ std::tuple<Tensor, Tensor> pair_reduce_backward_cpu(
           const int64_t nk = std::min(kBC, m - k0);
           g.qtile(i0, ni, k0, nk, buf.data());
           bool any = false;
-          if (mk.pb == nullptr) {  // label masks: vectorised epilogue
+          if (mk.simple()) {  // label masks: vectorised epilogue
             for (int64_t i = 0; i < ni; ++i) {
               const int64_t gi = i0 + i;
               rowsum[i] += row_edges(buf.data() + i * nk, nk, ea, mk.rlab + k0, mk.lab[gi], diag_in(mk, gi, k0, nk),
@@ -524,7 +542,7 @@ std::tuple<Tensor, Tensor> pair_reduce_backward_cpu(
             }
             any = true;
           }
-          for (int64_t i = 0; i < ni && mk.pb != nullptr; ++i) {
+          for (int64_t i = 0; i < ni && !mk.simple(); ++i) {
             const int64_t gi = i0 + i;
             T* row = buf.data() + i * nk;
             T s = 0;
@@ -568,13 +586,13 @@ std::tuple<Tensor, Tensor> pair_reduce_backward_cpu(
           const int64_t ni = std::min(kBC, n - i0);
           g.rtile(k0, nk, i0, ni, buf.data());
           bool any = false;
-          if (mk.pb == nullptr) {  // label masks: vectorised epilogue
+          if (mk.simple()) {  // label masks: vectorised epilogue
             for (int64_t k = 0; k < nk; ++k)
               colsum[k] += col_edges(buf.data() + k * ni, ni, ea, mk.lab + i0, mk.rlab[k0 + k], i0, rg.gp, rg.gn,
                                      rg.rp, rg.rn, rg.hp, rg.hn);
             any = true;
           }
-          for (int64_t k = 0; k < nk && mk.pb != nullptr; ++k) {
+          for (int64_t k = 0; k < nk && !mk.simple(); ++k) {
             T* row = buf.data() + k * ni;
             T s = 0;
             for (int64_t i = 0; i < ni; ++i) {

@@ -62,8 +62,13 @@ struct Masks {
   const uint8_t* nb;
   int64_t nbytes;
   bool self;
+  const bool* cm;  // optional column mask: references outside it are in neither set
 
   __device__ __forceinline__ void get(int64_t i, int64_t k, bool& pos, bool& neg) const {
+    if (cm != nullptr && !cm[k]) {
+      pos = neg = false;
+      return;
+    }
     if (pb != nullptr) {
       const int64_t byte = i * nbytes + (k >> 3);
       const int bit = static_cast<int>(k & 7);
@@ -348,11 +353,20 @@ struct MaskHolder {
   Tensor keep[3];
 };
 
+void set_col_mask(MaskHolder& h, const Tensor& q, int64_t m, const c10::optional<Tensor>& col_mask) {
+  if (!col_mask.has_value()) return;
+  TORCH_CHECK(col_mask->scalar_type() == at::kBool && col_mask->dim() == 1 && col_mask->size(0) == m &&
+                  col_mask->device() == q.device(),
+              "dml_kernels: col_mask must be a bool tensor of shape (", m, ") on q's device");
+  h.keep[2] = col_mask->contiguous();
+  h.mk.cm = h.keep[2].data_ptr<bool>();
+}
+
 MaskHolder make_masks(const Tensor& q, int64_t n, int64_t m, bool self, const c10::optional<Tensor>& labels,
                       const c10::optional<Tensor>& ref_labels, const c10::optional<Tensor>& pos_bits,
                       const c10::optional<Tensor>& neg_bits) {
   MaskHolder h;
-  h.mk = Masks{nullptr, nullptr, nullptr, nullptr, 0, self};
+  h.mk = Masks{nullptr, nullptr, nullptr, nullptr, 0, self, nullptr};
   if (pos_bits.has_value() || neg_bits.has_value()) {
     TORCH_CHECK(pos_bits.has_value() && neg_bits.has_value(), "dml_kernels: pos_bits and neg_bits go together");
     const int64_t nbytes = (m + 7) / 8;
@@ -397,12 +411,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pair_reduce_cuda(
     const Tensor& q_, const c10::optional<Tensor>& r_, const c10::optional<Tensor>& labels,
     const c10::optional<Tensor>& ref_labels, const c10::optional<Tensor>& pos_bits,
     const c10::optional<Tensor>& neg_bits, int64_t dist, int64_t kind, double pa, double pc, double na, double nc,
-    c10::optional<double> eps) {
+    c10::optional<double> eps, const c10::optional<Tensor>& col_mask) {
   check_inputs(q_, r_, dist);
   const c10::cuda::CUDAGuard guard(q_.device());
   Tensor q = q_.contiguous(), r = r_.has_value() ? r_->contiguous() : q;
   const int64_t n = q.size(0), m = r.size(0), d = q.size(1);
   MaskHolder h = make_masks(q, n, m, !r_.has_value(), labels, ref_labels, pos_bits, neg_bits);
+  set_col_mask(h, q, m, col_mask);
   Tensor red_pos = at::empty({n}, q.options()), red_neg = at::empty({n}, q.options());
   Tensor thr = at::zeros({2, n}, q.options());
   Tensor cnt = at::empty({4, n}, q.options().dtype(at::kLong));
@@ -529,13 +544,14 @@ std::tuple<Tensor, Tensor> pair_reduce_backward_cuda(
     const c10::optional<Tensor>& labels, const c10::optional<Tensor>& ref_labels,
     const c10::optional<Tensor>& pos_bits, const c10::optional<Tensor>& neg_bits, int64_t dist, int64_t kind,
     double pa, double pc, double na, double nc, c10::optional<double> eps, const Tensor& red_pos,
-    const Tensor& red_neg, const Tensor& thr) {
+    const Tensor& red_neg, const Tensor& thr, const c10::optional<Tensor>& col_mask) {
   check_inputs(q_, r_, dist);
   const c10::cuda::CUDAGuard guard(q_.device());
   Tensor q = q_.contiguous(), r = r_.has_value() ? r_->contiguous() : q;
   const bool self = !r_.has_value();
   const int64_t n = q.size(0), m = r.size(0), d = q.size(1);
   MaskHolder h = make_masks(q, n, m, self, labels, ref_labels, pos_bits, neg_bits);
+  set_col_mask(h, q, m, col_mask);
   for (const Tensor* t : {&grad_pos, &grad_neg, &red_pos, &red_neg})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->device() == q.device(),
                 "dml_kernels: per-row statistics must have shape (", n, ") on q's device");
