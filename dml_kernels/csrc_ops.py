@@ -301,12 +301,12 @@ def _register_python_side():
 # --------------------------------------------------------------------------------------- canonical ops
 
 def _kernel_dtype(x):
-    """The dtype the kernels run in: fp32/fp64 as given; fp16/bf16 accumulate in fp32 on CUDA."""
+    """The dtype the kernels run in: fp32/fp64 as given; fp16/bf16 are upcast and accumulate in fp32."""
     if x.dtype in (torch.float32, torch.float64):
         return x.dtype
-    if x.device.type == "cuda":
+    if x.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
-    raise Unsupported(f"the cpu backend computes in float32 or float64, not {x.dtype}")
+    raise Unsupported(f"the C++ kernels compute in float32 or float64, not {x.dtype}")
 
 
 def _need(x, *names):

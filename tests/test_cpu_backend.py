@@ -61,12 +61,19 @@ def test_registered_ops_and_how_loaded():
     assert _backends.unavailable_reason("cpu", "cpu") is None
 
 
-def test_cpu_backend_refuses_cuda_and_half():
-    x, y = make("random", n=6, d=3, dtype=torch.float16)
-    with pytest.raises(_backends.Unsupported, match="float32 or float64"):
-        F.multi_similarity_loss(x, y, backend="cpu")
-    # auto falls back to the reference for dtypes the kernels do not take
-    F.multi_similarity_loss(x.double(), y, backend="auto")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_accumulate_in_fp32(dtype):
+    """fp16/bf16 embeddings are upcast: the loss comes back in fp32, no worse than the reference run in the
+    same low precision (errors vs fp64 on the same rounded inputs), gradients in the input dtype."""
+    x, y = make("random", n=40, d=16, dtype=dtype)
+    fn = lambda x, backend: F.multi_similarity_loss(x, y, epsilon=0.1, backend=backend)  # noqa: E731
+    exact, (exact_g,) = _run(fn, [x.double()], "reference")
+    low, (low_g,) = _run(fn, [x], "reference")
+    ours, (ours_g,) = _run(fn, [x], "cpu")
+    assert ours.dtype == torch.float32 and ours_g.dtype == dtype
+    for a, b, t in ((ours, low, exact), (ours_g, low_g, exact_g)):
+        err, err_low = (a.double() - t).abs().max().item(), (b.double() - t).abs().max().item()
+        assert err <= err_low + 1e-3 * max(1.0, t.abs().max().item()), (err, err_low)
 
 
 # --------------------------------------------------------------------------------------- multi-similarity
