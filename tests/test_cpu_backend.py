@@ -534,3 +534,24 @@ def test_fused_path_never_allocates_n_by_n():
     reference = _peak_extra_bytes(lambda: step("reference"))
     assert fused < nxn / 8, f"fused path peak extra {fused / 2**20:.1f} MiB"
     assert reference > nxn, f"the check cannot fail: reference peak extra only {reference / 2**20:.1f} MiB"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
+def test_proxy_losses_never_allocate_n_by_c():
+    """N=1024 embeddings against C=65536 proxies (one N×C fp32 matrix = 256 MiB), forward + backward: the
+    fused proxy losses stay far below it; the reference exceeds it."""
+    n, c, d = 1024, 65536, 8  # O((N + C)·D) tensors are ~2 MiB each
+    x, p = torch.randn(n, d), torch.randn(c, d)
+    y = torch.randint(0, c, (n,))
+    nxc = n * c * 4
+
+    def step(name, backend):
+        xr, pr = x.clone().requires_grad_(), p.clone().requires_grad_()
+        getattr(F, name)(xr, y, pr, backend=backend).backward()
+
+    for name in ("proxy_nca_loss", "proxy_anchor_loss"):
+        step(name, "cpu")
+        fused = _peak_extra_bytes(lambda: step(name, "cpu"))
+        assert fused < nxc / 8, f"{name}: fused path peak extra {fused / 2**20:.1f} MiB"
+    reference = _peak_extra_bytes(lambda: step("proxy_nca_loss", "reference"))
+    assert reference > nxc, f"the check cannot fail: reference peak extra only {reference / 2**20:.1f} MiB"
