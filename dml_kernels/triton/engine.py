@@ -398,11 +398,9 @@ class Tiles:
         self.n, self.d = x.shape
         self.m = self.n if ref is None else ref.shape[0]
         self.device = x.device
-        self.dtype = x.dtype
         self.ct = compute_dtype(x.dtype)
         self.distance = distance
         self.dist = dist_code(distance)
-        self.sign = 1.0 if distance.is_similarity else -1.0
         self.has_pairs = pairs is not None
         self.has_labels = use_labels and labels is not None and not self.has_pairs
         dummy_i = torch.zeros(1, dtype=torch.int64, device=x.device)
