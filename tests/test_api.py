@@ -122,6 +122,8 @@ def test_packed_mask_as_indices_tuple_equals_pml_tuple():
 def test_auto_falls_back_once_with_a_warning(monkeypatch):
     monkeypatch.setattr(_backends, "_WARNED", set())
     monkeypatch.setattr(_backends, "auto_candidates", lambda device_type: ("triton", "reference"))
+    _backends._load("triton")  # so its registrations happen now, before the one below is removed
+    monkeypatch.delitem(_backends._IMPLS, ("multi_similarity_loss", "triton"), raising=False)
     x, y = make("random", n=6, d=4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
