@@ -11,6 +11,8 @@ import importlib
 import os
 import warnings
 
+import torch
+
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 
 _IMPLS: dict[tuple[str, str], object] = {}
@@ -44,6 +46,7 @@ def register(op: str, backend: str):
     return deco
 
 
+@torch.compiler.assume_constant_result  # evaluated eagerly while torch.compile traces (no import in graph)
 def _load(backend: str) -> str | None:
     """Import the backend's module once; return None if it loaded, else the reason it did not."""
     if backend not in _LOADED:
@@ -55,6 +58,7 @@ def _load(backend: str) -> str | None:
     return _LOADED[backend]
 
 
+@torch.compiler.assume_constant_result
 def unavailable_reason(backend: str, device_type: str) -> str | None:
     """None if ``backend`` can run on tensors of ``device_type`` here, else a sentence saying why not."""
     if backend not in BACKENDS:

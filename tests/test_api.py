@@ -178,3 +178,20 @@ def test_batch_hard_mining_device_form():
     assert hard_pos.shape == (9,) and hard_neg.shape == (9,)
     singles = [i for i in range(9) if (y == y[i]).sum() == 1]
     assert all(hard_pos[i] == -1 and hard_neg[i] == -1 for i in singles)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_public_api_compiles_fullgraph_without_checks(backend):
+    """With check_inputs=False nothing syncs with the host, so torch.compile(fullgraph=True) traces the
+    whole public call (validation, dispatch, the op) and agrees with eager."""
+    x, y = make("random", n=12, d=6, dtype=torch.float32)
+    p = torch.randn(4, 6)
+
+    def losses(e, lab, prox):
+        return (F.multi_similarity_loss(e, lab, epsilon=0.1, backend=backend, check_inputs=False)
+                + F.proxy_anchor_loss(e, lab % 4, prox, backend=backend, check_inputs=False))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(losses, fullgraph=True)
+        torch.testing.assert_close(compiled(x, y, p), losses(x, y, p), rtol=1e-5, atol=1e-6)
