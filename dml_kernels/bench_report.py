@@ -93,17 +93,19 @@ def slug_table(slug, entries):
     lines = [f"# Benchmark results: `{slug}`", ""]
     for preset, meta, records in entries:
         lines += [f"## Preset `{preset}`", "",
-                  f"- device: {meta.get('device')}; torch {meta.get('torch')}, triton {meta.get('triton')}; "
-                  f"commit `{meta.get('commit')}`; {meta.get('date')}; sweep wall time {meta.get('wall_s')} s",
-                  f"- command: `{meta.get('command')}`"]
-        for run in (meta.get("runs") or [])[:-1]:
-            lines.append(f"- earlier run merged in: `{run.get('command')}` ({run.get('date')}, {run.get('wall_s')} s, "
-                         f"commit `{run.get('commit')}`, load average {run.get('loadavg_start')} → "
-                         f"{run.get('loadavg_end')})")
+                  f"- device: {meta.get('device')}; torch {meta.get('torch')}, triton {meta.get('triton')}"]
+        runs = meta.get("runs") or [{k: meta.get(k) for k in ("command", "date", "wall_s", "commit", "loadavg_start",
+                                                              "loadavg_end")}]
+        for run in runs:
+            lines.append(f"- run: `{run.get('command')}` — {run.get('date')}, sweep wall time {run.get('wall_s')} s, "
+                         f"commit `{run.get('commit')}`, load average (1/5/15 min) {run.get('loadavg_start')} → "
+                         f"{run.get('loadavg_end')}" + (" (later runs replace the cells they re-measured; each "
+                                                       "record has its own date and commit)" if len(runs) > 1 and
+                                                      run is runs[0] else ""))
         if meta.get("loadavg_start"):
-            lines.append(f"- load average (1/5/15 min) at start {meta['loadavg_start']}, at end "
-                         f"{meta.get('loadavg_end')} on {meta.get('threads') or '?'} cores: other processes were "
-                         "competing for the CPU when it is above the core count; per-record `loadavg_1m` in the JSON")
+            lines.append(f"- a load average above the core count ({meta.get('threads') or '?'}) means other processes "
+                         "were competing for the CPU: timings are inflated and noisy (memory is not affected); "
+                         "per-record `loadavg_1m` in the JSON")
         gemm = meta.get("gemm") or {}
         if gemm:
             lines.append("- GEMM floor (dense square matmul): " + ", ".join(
