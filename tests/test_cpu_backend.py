@@ -497,6 +497,20 @@ def test_backend_functions_compile_fullgraph():
         torch.testing.assert_close(g, g0, **TIGHT)
 
 
+def test_public_api_compiles_fullgraph_on_the_cpu_backend():
+    x, y = make("random", n=16, d=8)
+    for name, kw in (("multi_similarity_loss", dict(epsilon=0.1)), ("n_pairs_loss", {}),
+                     ("lifted_structure_loss", {}), ("triplet_margin_loss", {})):
+        fn = torch.compile(lambda x: getattr(F, name)(x, y, backend="cpu", check_inputs=False, **kw),
+                           fullgraph=True, backend="aot_eager")
+        xr = x.clone().requires_grad_()
+        v = fn(xr)
+        (g,) = torch.autograd.grad(v, xr)
+        v0, (g0,) = _run(lambda x, backend: getattr(F, name)(x, y, backend=backend, **kw), [x], "reference")
+        torch.testing.assert_close(v.detach(), v0, **TIGHT)
+        torch.testing.assert_close(g, g0, **TIGHT)
+
+
 # --------------------------------------------------------------------------------------- memory
 
 
