@@ -1,6 +1,6 @@
 """CPU target check for the C++ backend (not a test): MS loss with fused mining (epsilon=0.1), fp32.
 
-  python csrc/bench_cpu_target.py [--threads 2] [--b 4096] [--d 256] [--mem-b 16384] [--mem-d 128]
+  python benchmarks/cpu_target.py [--threads 2] [--b 4096] [--d 256] [--mem-b 16384] [--mem-d 128]
 
 1. time forward+backward, cpu backend vs reference backend (torch.utils.benchmark, median);
 2. peak extra resident memory of forward+backward at B=mem-b, D=mem-d, vs one B×B fp32 matrix
