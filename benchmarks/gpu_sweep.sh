@@ -26,14 +26,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(0))"
 
 echo "== install (build for this GPU only, at most 240 s)"
-# --no-deps: the machine has no network and torch/triton are already there (setup.py's requirements
-# would make pip look for them). TORCH_CUDA_ARCH_LIST: compile for the local GPU only (faster build).
-ARCH=$(python -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')" 2>/dev/null || echo "9.0")
-if ! TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=16 timeout 240 pip install -q --no-build-isolation --no-deps -e .; then
-  echo "== the build did not finish in time or failed: installing without the compiled extension"
-  DML_KERNELS_NO_BUILD=1 timeout 60 pip install -q --no-build-isolation --no-deps -e . || true
-fi
-python -m dml_kernels ops || true
+# shellcheck source=benchmarks/gpu_install.sh
+source benchmarks/gpu_install.sh
 echo "== install done at $(elapsed) s"
 
 BUDGET=$(( TOTAL - $(elapsed) - 45 ))   # 45 s for the last cells' teardown, tables and plots
