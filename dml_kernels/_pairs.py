@@ -58,13 +58,7 @@ class PackedPairMask:
     @classmethod
     def from_indices(cls, indices_tuple, num_queries: int, num_refs: int, device=None) -> "PackedPairMask":
         """PML 3-tuple (a, p, n) or 4-tuple (a1, p, a2, n) → mask (duplicates collapse to one bit)."""
-        a1, p, a2, n = indices_to_pairs(indices_tuple)
-        device = device if device is not None else a1.device
-        pos = torch.zeros(num_queries, num_refs, dtype=torch.bool, device=device)
-        neg = torch.zeros_like(pos)
-        pos[a1.to(device), p.to(device)] = True
-        neg[a2.to(device), n.to(device)] = True
-        return cls.from_dense(pos, neg)
+        return cls.from_dense(*dense_from_indices(indices_tuple, num_queries, num_refs, device))
 
     def to_dense(self):
         """(pos, neg) as N×M bool tensors."""
@@ -87,6 +81,17 @@ class PackedPairMask:
 
     def __repr__(self):
         return f"PackedPairMask(shape={self.shape}, device={self.device})"
+
+
+def dense_from_indices(indices_tuple, num_queries: int, num_refs: int, device=None):
+    """PML 3- or 4-tuple → (pos, neg) N×M bool masks (duplicate pairs collapse)."""
+    a1, p, a2, n = indices_to_pairs(indices_tuple)
+    device = device if device is not None else a1.device
+    pos = torch.zeros(num_queries, num_refs, dtype=torch.bool, device=device)
+    neg = torch.zeros_like(pos)
+    pos[a1.to(device), p.to(device)] = True
+    neg[a2.to(device), n.to(device)] = True
+    return pos, neg
 
 
 def indices_to_pairs(indices_tuple):

@@ -9,7 +9,7 @@ import torch
 
 from . import _backends
 from ._distance import parse_distance
-from ._pairs import PackedPairMask, indices_to_pairs, indices_to_triplets
+from ._pairs import PackedPairMask, dense_from_indices, indices_to_pairs, indices_to_triplets
 from ._validation import (
     check_embeddings,
     check_indices_tuple,
@@ -61,12 +61,10 @@ def _matrix_pairs(indices_tuple, n, m, device, check_inputs):
     pairs = indices_to_pairs(check_indices_tuple(indices_tuple, n, m, check_values=check_inputs, device=device))
     if all(len(t) <= 1 for t in pairs):
         return None, False, True
-    mask = PackedPairMask.from_indices(pairs, n, m, device=device)
-    if check_inputs:
-        pos, neg = mask.to_dense()
-        if bool((pos & neg).any()):
-            raise ValueError("indices_tuple has a pair that is both positive and negative")
-    return mask, False, False
+    pos, neg = dense_from_indices(pairs, n, m, device)
+    if check_inputs and bool((pos & neg).any()):  # PML 2.9 asserts the same (GenericPairLoss)
+        raise ValueError("indices_tuple has a pair that is both positive and negative")
+    return PackedPairMask.from_dense(pos, neg), False, False
 
 
 def _pair_list(indices_tuple, n, m, device, check_inputs):
