@@ -109,3 +109,47 @@ def indices_to_triplets(indices_tuple):
     a1, p, a2, n = indices_tuple
     p_idx, n_idx = torch.where(a1.unsqueeze(1) == a2)
     return a1[p_idx], p[p_idx], n[n_idx]
+
+
+# ----------------------------------------------------------------------------------------- N-pairs selection
+
+# Cut the N-pairs block to exactly K rows × K columns when the labels are on the CPU (reading K costs
+# nothing there); else, and under torch.compile, to the sync-free bound ceil(N/2) ≥ K. Tests set it False to
+# run the bound on the CPU.
+N_PAIRS_EXACT_ON_CPU = True
+
+
+def n_pairs_flags(labels):
+    """(is_anchor, is_positive): PML's NPairsLoss pairs per sample — the anchor of a label with ≥ 2 samples is
+    its lowest index, the positive its second lowest. O(N log N) (a stable sort), no N×N, no host sync."""
+    n = labels.shape[0]
+    order = torch.argsort(labels, stable=True)
+    srt = labels[order]
+    idx = torch.arange(n, device=labels.device)
+    first = torch.ones(n, dtype=torch.bool, device=labels.device)
+    first[1:] = srt[1:] != srt[:-1]
+    rank = idx - torch.cummax(torch.where(first, idx, 0), 0).values  # rank within the label, by index
+    has_next = torch.zeros(n, dtype=torch.bool, device=labels.device)
+    has_next[:-1] = ~first[1:]
+    is_anchor, is_positive = torch.empty_like(first), torch.empty_like(first)
+    is_anchor[order] = (rank == 0) & has_next
+    is_positive[order] = rank == 1
+    return is_anchor, is_positive
+
+
+def n_pairs_block(labels):
+    """The one block of the N×N tile space that N-pairs needs: ``(rows, cols, row_is_anchor, col_is_positive)``.
+
+    ``rows`` lists the samples with the anchors first (in index order), ``cols`` with the positives first;
+    both are cut to the same length h, K (the number of pairs) when that is free to read (labels on the CPU,
+    eager) and the bound ceil(N/2) ≥ K otherwise. The loss over rows × cols is the loss over N × N: every
+    row cut off is not an anchor and every column cut off is not a positive. For a PK batch (4 per class)
+    that is N²/16 (CPU) or N²/4 (GPU) similarity entries instead of N².
+    """
+    is_anchor, is_positive = n_pairs_flags(labels)
+    n = labels.shape[0]
+    exact = N_PAIRS_EXACT_ON_CPU and labels.device.type == "cpu" and not torch.compiler.is_compiling()
+    h = int(is_anchor.sum()) if exact else (n + 1) // 2
+    rows = torch.argsort((~is_anchor).to(torch.int32), stable=True)[:h]
+    cols = torch.argsort((~is_positive).to(torch.int32), stable=True)[:h]
+    return rows, cols, is_anchor[rows], is_positive[cols]

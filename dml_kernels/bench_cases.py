@@ -276,7 +276,15 @@ def preset_gpu():
     return pts
 
 
-PRESETS = {"cpu-quick": preset_cpu_quick, "cpu-full": preset_cpu_full, "gpu": preset_gpu}
+def preset_cpu_smoke():
+    """Seconds on a CPU: the harness's own test (tests/test_bench.py). One tiny cell per family, and a
+    memory-only cell whose reference needs ~0.3 GB (a test runs it under a smaller cap: status "oom")."""
+    return [Point("ms_mining", 64, D=16), Point("ms_mining_ref", 32, M=128, D=16), Point("proxy_nca", 32, C=100, D=16),
+            Point("ms_mining", 4096, D=16, time=False, providers=("cpu", "reference"))]
+
+
+PRESETS = {"cpu-quick": preset_cpu_quick, "cpu-full": preset_cpu_full, "gpu": preset_gpu,
+           "cpu-smoke": preset_cpu_smoke}
 
 # Provider × case size limits: beyond these a provider is recorded as "skipped" (it would take too long).
 # Keys: (device_type, case, provider) -> largest B (pair) / M (ref) / C (proxy) that is run.
@@ -299,6 +307,7 @@ _GPU_LIMITS = {
 # preset's wall-clock budget), so the presets run it at fewer sizes.
 COMPILE_SIZES = {
     "cpu-quick": {"pair": (4096,), "ref": (), "proxy": (32768,)},
+    "cpu-smoke": {"pair": (), "ref": (), "proxy": ()},
     "gpu": {"pair": (16384,), "ref": (), "proxy": (100000,)},
 }
 COMPILE_CASES = {"gpu": ("ms_mining", "ms", "proxy_nca", "proxy_anchor")}

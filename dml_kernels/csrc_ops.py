@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backends import Unsupported, register
-from ._pairs import PackedPairMask
+from ._pairs import PackedPairMask, n_pairs_block
 
 _PKG = Path(__file__).resolve().parent
 _LOCK = threading.Lock()
@@ -472,40 +472,24 @@ def lifted_structure_loss(x, labels, *, neg_margin, pos_margin, distance, pairs=
     return _out(loss, x)
 
 
-def _label_ranks(labels):
-    """Per sample: its rank among the samples of its label (by index), and whether a later sample has its
-    label (for rank 0: the label has ≥ 2 samples) — O(N log N), a stable sort, no N×N matrix, no host sync."""
-    n = labels.shape[0]
-    order = torch.argsort(labels, stable=True)
-    srt = labels[order]
-    idx = torch.arange(n, device=labels.device)
-    first = torch.ones(n, dtype=torch.bool, device=labels.device)
-    first[1:] = srt[1:] != srt[:-1]
-    start = torch.cummax(torch.where(first, idx, 0), 0).values
-    rank_sorted = idx - start
-    has_next = torch.zeros(n, dtype=torch.bool, device=labels.device)
-    has_next[:-1] = srt[1:] == srt[:-1]
-    rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
-    pair = torch.empty_like(has_next).scatter_(0, order, has_next)
-    return rank, pair
-
-
 @_both
 def n_pairs_loss(x, labels, *, distance, pairs=None):
     """PML's NPairsLoss: anchors = lowest index of each label with ≥ 2 samples, positives = second lowest;
-    CE of each anchor over the positives' logits. One pair_reduce restricted to the positive columns."""
+    CE of each anchor over the positives' logits. One pair_reduce over the anchors × positives block only
+    (:func:`dml_kernels._pairs.n_pairs_block`), the positive columns masked."""
     if pairs is not None:
         raise Unsupported("the C++ n_pairs_loss takes no explicit pairs")
     _need(x, "pair_reduce")
-    rank, has_pair = _label_ranks(labels)
-    is_anchor, is_positive = (rank == 0) & has_pair, rank == 1
-    q, _, code = _prep(x, None, distance)
+    rows, cols, row_is_anchor, col_is_positive = n_pairs_block(labels)
+    if rows.numel() == 0:  # no label has two samples (known on the host: the exact CPU cut)
+        return _out(_zero(x), x)
+    q, r, code = _prep(x[rows], x[cols], distance)
     s = _sg(distance)
     target, rest, _, cnt = torch.ops.dml_kernels.pair_reduce(
-        q, None, labels, None, None, None, code, _LSE, s, 0.0, s, 0.0, None, is_positive)
+        q, r, labels[rows], labels[cols], None, None, code, _LSE, s, 0.0, s, 0.0, None, col_is_positive)
     per_row = torch.where(cnt[1] > 0, torch.logaddexp(target, rest), target) - target
-    k = is_anchor.sum()
-    total = torch.where(is_anchor, per_row, 0).sum()
+    k = row_is_anchor.sum()
+    total = torch.where(row_is_anchor, per_row, 0).sum()
     loss = torch.where(k > 0, total / k.clamp_min(1), _zero(x).to(total.dtype))
     return _out(loss, x)
 

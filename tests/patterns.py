@@ -17,3 +17,15 @@ def make(pattern, n=9, d=5, dtype=torch.float64, device="cpu"):
     labels = PATTERNS[pattern](n)
     x = torch.randn(len(labels), d, dtype=dtype, device=device)
     return x, labels.to(device)
+
+
+DISTANCES = ["cosine", "dot", "euclidean", "squared_euclidean"]
+# ... plus the unnormalised ones: with L2-normalised inputs the radial part of a gradient (the ‖·‖² terms of
+# the distances) is projected away by the normalisation's backward, so only raw embeddings test it.
+DISTANCE_CASES = DISTANCES + ["dot/raw", "euclidean/raw", "squared_euclidean/raw"]
+
+
+def dist_kw(case):
+    """A DISTANCE_CASES entry as keyword arguments (``distance=``, ``normalize_embeddings=``)."""
+    name, _, raw = case.partition("/")
+    return dict(distance=name, normalize_embeddings=not raw)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dml_kernels as dk
-from dml_kernels import _backends
+from dml_kernels import _backends, _pairs
 from patterns import make
 
 F = dk.functional
@@ -195,3 +195,23 @@ def test_public_api_compiles_fullgraph_without_checks(backend):
         warnings.simplefilter("ignore")
         compiled = torch.compile(losses, fullgraph=True)
         torch.testing.assert_close(compiled(x, y, p), losses(x, y, p), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 31])
+def test_n_pairs_block(n, exact, monkeypatch):
+    """PML's pairs (anchor = lowest index of a label with ≥ 2 samples, positive = second lowest), and a block
+    that holds every anchor row and every positive column: exactly K of each, or ceil(N/2) of each."""
+    monkeypatch.setattr(_pairs, "N_PAIRS_EXACT_ON_CPU", exact)
+    y = torch.randint(0, max(1, n // 3), (n,))
+    is_anchor, is_positive = _pairs.n_pairs_flags(y)
+    for i in range(n):
+        same = (y == y[i]).nonzero().flatten().tolist()
+        assert bool(is_anchor[i]) == (len(same) >= 2 and i == same[0])
+        assert bool(is_positive[i]) == (len(same) >= 2 and i == same[1])
+    rows, cols, row_is_anchor, col_is_positive = _pairs.n_pairs_block(y)
+    k = int(is_anchor.sum())
+    assert len(rows) == len(cols) == (k if exact else (n + 1) // 2)
+    assert set(rows[row_is_anchor].tolist()) == set(is_anchor.nonzero().flatten().tolist())
+    assert set(cols[col_is_positive].tolist()) == set(is_positive.nonzero().flatten().tolist())
+    assert torch.equal(row_is_anchor, is_anchor[rows]) and torch.equal(col_is_positive, is_positive[cols])

@@ -14,15 +14,14 @@ import torch
 
 import dml_kernels as dk
 import dml_kernels._ops  # noqa: F401
-from dml_kernels import _backends, csrc_ops
+from dml_kernels import _backends, _pairs, csrc_ops
 from dml_kernels._pairs import PackedPairMask
-from patterns import PATTERNS, make
+from patterns import DISTANCE_CASES, DISTANCES, PATTERNS, dist_kw, make
 
 F = dk.functional
 _WHY = csrc_ops.unavailable_reason("cpu")
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"C++ CPU extension unavailable: {_WHY}")
 
-DISTANCES = ["cosine", "dot", "euclidean", "squared_euclidean"]
 CPU_OPS = {"pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_mask", "batch_hard_mining",
            "multi_similarity_loss", "generalized_lifted_structure_loss", "contrastive_loss", "triplet_margin_loss",
            "lifted_structure_loss", "n_pairs_loss",
@@ -80,21 +79,21 @@ def test_low_precision_inputs_accumulate_in_fp32(dtype):
 
 
 @pytest.mark.parametrize("pattern", list(PATTERNS))
-@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("distance", DISTANCE_CASES)
 @pytest.mark.parametrize("epsilon", [None, 0.1])
 def test_multi_similarity_fp64_self(pattern, distance, epsilon):
     x, y = make(pattern, n=11, d=5)
-    fn = lambda x, backend: _ms(x, y, distance=distance, epsilon=epsilon, backend=backend)  # noqa: E731
+    fn = lambda x, backend: _ms(x, y, **dist_kw(distance), epsilon=epsilon, backend=backend)  # noqa: E731
     _compare(fn, [x])
 
 
-@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("distance", DISTANCE_CASES)
 @pytest.mark.parametrize("epsilon", [None, 0.1])
 @pytest.mark.parametrize("m", [1, 7, 130])
 def test_multi_similarity_fp64_ref(distance, epsilon, m):
     x, y = make("random", n=9, d=6)
     r, ry = torch.randn(m, 6, dtype=torch.float64), torch.randint(0, 3, (m,))
-    fn = lambda x, r, backend: _ms(x, y, r, ry, distance=distance, epsilon=epsilon, backend=backend)  # noqa: E731
+    fn = lambda x, r, backend: _ms(x, y, r, ry, **dist_kw(distance), epsilon=epsilon, backend=backend)  # noqa: E731
     _compare(fn, [x, r])
 
 
@@ -131,12 +130,22 @@ def test_multi_similarity_m_much_larger_than_n():
     _compare(fn, [x, r])
 
 
-@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
-def test_multi_similarity_packed_pairs(distance):
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "squared_euclidean"])
+@pytest.mark.parametrize("normalize", [True, False])  # unnormalised: the distances' ‖·‖² terms stay visible
+@pytest.mark.parametrize("ref", [False, True])
+def test_multi_similarity_packed_pairs(distance, normalize, ref):
     x, y = make("random", n=13, d=4)
-    mask = F.multi_similarity_mask(x, y, epsilon=0.3, distance=distance, backend="reference")
-    fn = lambda x, backend: F.multi_similarity_loss(x, y, mask, distance=distance, backend=backend)  # noqa: E731
-    _compare(fn, [x])
+    kw = dict(distance=distance, normalize_embeddings=normalize)
+    if ref:  # the reference side's gradient goes through the column pass with per-pair mask bits
+        r, ry = torch.randn(11, 4, dtype=torch.float64), torch.randint(0, 4, (11,))
+        mask = F.multi_similarity_mask(x, y, ref_emb=r, ref_labels=ry, epsilon=0.3, backend="reference", **kw)
+        fn = lambda x, r, backend: F.multi_similarity_loss(  # noqa: E731
+            x, y, mask, ref_emb=r, ref_labels=ry, backend=backend, **kw)
+        _compare(fn, [x, r])
+    else:
+        mask = F.multi_similarity_mask(x, y, epsilon=0.3, backend="reference", **kw)
+        fn = lambda x, backend: F.multi_similarity_loss(x, y, mask, backend=backend, **kw)  # noqa: E731
+        _compare(fn, [x])
     # an explicit index tuple is not handled by the kernels: Unsupported, and auto falls back
     tup = mask.to_indices()
     with pytest.raises(_backends.Unsupported):
@@ -183,7 +192,7 @@ def test_multi_similarity_fp32(distance, epsilon, ref):
 
 
 @pytest.mark.parametrize("pattern", ["random", "all_same", "all_distinct", "singletons_and_pairs", "two_samples_same"])
-@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("distance", DISTANCE_CASES)
 @pytest.mark.parametrize("ref", [False, True])
 def test_generalized_lifted_and_contrastive(pattern, distance, ref):
     x, y = make(pattern, n=10, d=4)
@@ -191,22 +200,22 @@ def test_generalized_lifted_and_contrastive(pattern, distance, ref):
     tensors = [x] + ([r] if ref else [])
     for name in ("generalized_lifted_structure_loss", "contrastive_loss"):
         def fn(x, *rest, backend, name=name):
-            return getattr(F, name)(x, y, None, rest[0] if rest else None, ry, distance=distance, backend=backend)
+            return getattr(F, name)(x, y, None, rest[0] if rest else None, ry, **dist_kw(distance), backend=backend)
         _compare(fn, tensors)
     for kw in (dict(pos_margin=0.3, neg_margin=0.8), dict(pos_margin=-0.2, neg_margin=2.0)):
         def fn(x, *rest, backend):
-            return F.contrastive_loss(x, y, None, rest[0] if rest else None, ry, distance=distance, backend=backend,
+            return F.contrastive_loss(x, y, None, rest[0] if rest else None, ry, **dist_kw(distance), backend=backend,
                                       **kw)
         _compare(fn, tensors)
 
 
 @pytest.mark.parametrize("pattern", list(PATTERNS))
-@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("distance", DISTANCE_CASES)
 @pytest.mark.parametrize("margins", [(1.0, 0.0), (0.4, 0.3)])
 def test_lifted_structure(pattern, distance, margins):
     x, y = make(pattern, n=13, d=5)
     neg, pos = margins
-    fn = lambda x, backend: F.lifted_structure_loss(x, y, neg_margin=neg, pos_margin=pos, distance=distance,  # noqa
+    fn = lambda x, backend: F.lifted_structure_loss(x, y, neg_margin=neg, pos_margin=pos, **dist_kw(distance),  # noqa
                                                     backend=backend)
     _compare(fn, [x])
 
@@ -232,25 +241,24 @@ def test_n_pairs(pattern, distance, normalize):
     _compare(fn, [x])
 
 
+@pytest.mark.parametrize("exact", [True, False])  # the K×K block (CPU) or the sync-free ceil(N/2) bound (GPU)
 @pytest.mark.parametrize("n", [1, 2, 7, 33, 130])
-def test_n_pairs_shapes_and_label_ranks(n):
+def test_n_pairs_shapes_and_block_cut(n, exact, monkeypatch):
+    monkeypatch.setattr(_pairs, "N_PAIRS_EXACT_ON_CPU", exact)
     y = torch.randint(0, max(1, n // 3), (n,))
     x = torch.randn(n, 6, dtype=torch.float64)
-    _compare(lambda x, backend: F.n_pairs_loss(x, y, backend=backend), [x])
-    rank, has_pair = csrc_ops._label_ranks(y)
-    for i in range(n):
-        same = (y == y[i]).nonzero().flatten().tolist()
-        assert rank[i] == same.index(i) and bool(has_pair[i]) == (i != same[-1])
+    for distance in ("cosine", "euclidean/raw"):
+        _compare(lambda x, backend: F.n_pairs_loss(x, y, **dist_kw(distance), backend=backend), [x])
 
 
 @pytest.mark.parametrize("pattern", ["random", "all_same", "all_distinct", "pairs", "one_sample"])
-@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("distance", DISTANCE_CASES)
 @pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("smooth", [False, True])
 def test_triplet_batch_hard(pattern, distance, swap, smooth):
     x, y = make(pattern, n=12, d=5)
     fn = lambda x, backend: F.triplet_margin_loss(x, y, mining="batch_hard", swap=swap, smooth_loss=smooth,  # noqa
-                                                  distance=distance, margin=0.2, backend=backend)
+                                                  **dist_kw(distance), margin=0.2, backend=backend)
     _compare(fn, [x])
     if swap or smooth:  # all-triplets mode takes neither
         with pytest.raises(_backends.Unsupported, match="swap / smooth_loss"):
@@ -258,11 +266,11 @@ def test_triplet_batch_hard(pattern, distance, swap, smooth):
 
 
 @pytest.mark.parametrize("pattern", list(PATTERNS))
-@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("distance", DISTANCE_CASES)
 @pytest.mark.parametrize("margin", [0.05, 0.4])
 def test_triplet_all(pattern, distance, margin):
     x, y = make(pattern, n=14, d=5)
-    fn = lambda x, backend: F.triplet_margin_loss(x, y, distance=distance, margin=margin, backend=backend)  # noqa
+    fn = lambda x, backend: F.triplet_margin_loss(x, y, **dist_kw(distance), margin=margin, backend=backend)  # noqa
     _compare(fn, [x])
 
 
@@ -301,7 +309,7 @@ def test_triplet_batch_hard_ref():
         _compare(fn, [x, r])
 
 
-@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("distance", DISTANCE_CASES)
 @pytest.mark.parametrize("exclude_positive", [False, True])
 @pytest.mark.parametrize("classes", [2, 7, 130])
 def test_proxy_nca(distance, exclude_positive, classes):
@@ -309,7 +317,7 @@ def test_proxy_nca(distance, exclude_positive, classes):
     y = torch.randint(0, min(classes, 5), (33,))  # classes absent from the batch too
     p = torch.randn(classes, 6, dtype=torch.float64)
     fn = lambda x, p, backend: F.proxy_nca_loss(x, y, p, softmax_scale=3.0, exclude_positive=exclude_positive,  # noqa
-                                                distance=distance, backend=backend)
+                                                **dist_kw(distance), backend=backend)
     _compare(fn, [x, p])
 
 
@@ -323,13 +331,13 @@ def test_proxy_nca_single_class_and_miner_weights():
     _compare(lambda x, p, backend: F.proxy_nca_loss(x, y, p, tup, backend=backend), [x, p])
 
 
-@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("distance", DISTANCE_CASES)
 @pytest.mark.parametrize("classes", [1, 4, 33])
 def test_proxy_anchor(distance, classes):
     x = torch.randn(20, 7, dtype=torch.float64)
     y = torch.randint(0, min(classes, 3), (20,))
     p = torch.randn(classes, 7, dtype=torch.float64)
-    fn = lambda x, p, backend: F.proxy_anchor_loss(x, y, p, distance=distance, backend=backend)  # noqa: E731
+    fn = lambda x, p, backend: F.proxy_anchor_loss(x, y, p, **dist_kw(distance), backend=backend)  # noqa: E731
     _compare(fn, [x, p])
 
 
@@ -355,19 +363,19 @@ def test_pairwise_similarity(distance, normalize, shape):
 
 
 @pytest.mark.parametrize("pattern", list(PATTERNS))
-@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("distance", DISTANCE_CASES)
 def test_miners(pattern, distance):
     x, y = make(pattern, n=15, d=4)
-    hp, hn = F.multi_similarity_thresholds(x, y, distance=distance, backend="cpu")
-    hp0, hn0 = F.multi_similarity_thresholds(x, y, distance=distance, backend="reference")
+    hp, hn = F.multi_similarity_thresholds(x, y, **dist_kw(distance), backend="cpu")
+    hp0, hn0 = F.multi_similarity_thresholds(x, y, **dist_kw(distance), backend="reference")
     torch.testing.assert_close((hp, hn), (hp0, hn0), **TIGHT)
     for eps in (0.0, 0.1, 0.5):
-        m1 = F.multi_similarity_mask(x, y, epsilon=eps, distance=distance, backend="cpu")
-        m0 = F.multi_similarity_mask(x, y, epsilon=eps, distance=distance, backend="reference")
+        m1 = F.multi_similarity_mask(x, y, epsilon=eps, **dist_kw(distance), backend="cpu")
+        m0 = F.multi_similarity_mask(x, y, epsilon=eps, **dist_kw(distance), backend="reference")
         assert isinstance(m1, PackedPairMask) and m1.shape == m0.shape
         assert torch.equal(m1.pos_bits, m0.pos_bits) and torch.equal(m1.neg_bits, m0.neg_bits)
-    bp, bn = F.batch_hard_mining(x, y, distance=distance, backend="cpu")
-    bp0, bn0 = F.batch_hard_mining(x, y, distance=distance, backend="reference")
+    bp, bn = F.batch_hard_mining(x, y, **dist_kw(distance), backend="cpu")
+    bp0, bn0 = F.batch_hard_mining(x, y, **dist_kw(distance), backend="reference")
     assert torch.equal(bp, bp0) and torch.equal(bn, bn0)
 
 

@@ -11,7 +11,7 @@ import torch
 
 import dml_kernels as dk
 from dml_kernels import csrc_ops
-from patterns import PATTERNS, make
+from patterns import DISTANCE_CASES, DISTANCES, PATTERNS, dist_kw, make
 
 F = dk.functional
 
@@ -24,7 +24,6 @@ def _why():
 
 _WHY = _why()
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"CUDA extension backend unavailable: {_WHY}")
-DISTANCES = ["cosine", "dot", "euclidean", "squared_euclidean"]
 TIGHT = dict(rtol=1e-10, atol=1e-10)
 
 
@@ -48,17 +47,17 @@ def _labels(t):
 
 
 @pytest.mark.parametrize("pattern", list(PATTERNS))
-@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("distance", DISTANCE_CASES)
 @pytest.mark.parametrize("epsilon", [None, 0.1])
 def test_multi_similarity_fp64_self(pattern, distance, epsilon):
     x, y = make(pattern, n=37, d=19)
 
     def fn(x, backend):
-        return F.multi_similarity_loss(x, y.to(x.device), distance=distance, epsilon=epsilon, backend=backend)
+        return F.multi_similarity_loss(x, y.to(x.device), **dist_kw(distance), epsilon=epsilon, backend=backend)
     _compare(fn, [x])
 
 
-@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("distance", DISTANCE_CASES)
 @pytest.mark.parametrize("epsilon", [None, 0.1])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (7, 130, 33), (130, 7, 2), (65, 300, 70)])
 def test_multi_similarity_fp64_ref(distance, epsilon, shape):
@@ -67,7 +66,7 @@ def test_multi_similarity_fp64_ref(distance, epsilon, shape):
     y, ry = torch.randint(0, 3, (n,)), torch.randint(0, 3, (m,))
 
     def fn(x, r, backend):
-        return F.multi_similarity_loss(x, y.to(x.device), None, r, ry.to(x.device), distance=distance,
+        return F.multi_similarity_loss(x, y.to(x.device), None, r, ry.to(x.device), **dist_kw(distance),
                                        epsilon=epsilon, backend=backend)
     _compare(fn, [x, r])
 
@@ -81,13 +80,13 @@ def test_multi_similarity_packed_pairs():
     _compare(fn, [x])
 
 
-@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("distance", DISTANCE_CASES)
 def test_other_pair_reduce_losses(distance):
     x, y = make("random", n=50, d=12)
     p = torch.randn(7, 12, dtype=torch.float64)
     cases = [
-        lambda x, backend: F.generalized_lifted_structure_loss(x, y.to(x.device), distance=distance, backend=backend),
-        lambda x, backend: F.contrastive_loss(x, y.to(x.device), distance=distance, pos_margin=0.1, neg_margin=0.9,
+        lambda x, backend: F.generalized_lifted_structure_loss(x, y.to(x.device), **dist_kw(distance), backend=backend),
+        lambda x, backend: F.contrastive_loss(x, y.to(x.device), **dist_kw(distance), pos_margin=0.1, neg_margin=0.9,
                                               backend=backend),
     ]
     for fn in cases:
@@ -95,8 +94,8 @@ def test_other_pair_reduce_losses(distance):
     yp = y % 7
     for exclude in (False, True):
         _compare(lambda x, p, backend: F.proxy_nca_loss(x, yp.to(x.device), p, exclude_positive=exclude,
-                                                        distance=distance, backend=backend), [x, p])
-    _compare(lambda x, p, backend: F.proxy_anchor_loss(x, yp.to(x.device), p, distance=distance, backend=backend),
+                                                        **dist_kw(distance), backend=backend), [x, p])
+    _compare(lambda x, p, backend: F.proxy_anchor_loss(x, yp.to(x.device), p, **dist_kw(distance), backend=backend),
              [x, p])
 
 
@@ -159,22 +158,22 @@ def test_miners(pattern, distance, ref):
 
 
 @pytest.mark.parametrize("pattern", list(PATTERNS))
-@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("distance", DISTANCE_CASES)
 def test_n_pairs(pattern, distance):
     x, y = make(pattern, n=40, d=6)
 
     def fn(x, backend):
-        return F.n_pairs_loss(x, y.to(x.device), distance=distance, backend=backend)
+        return F.n_pairs_loss(x, y.to(x.device), **dist_kw(distance), backend=backend)
     _compare(fn, [x])
 
 
-@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("distance", DISTANCE_CASES)
 @pytest.mark.parametrize("swap", [False, True])
 def test_triplet_batch_hard(distance, swap):
     x, y = make("random", n=40, d=6)
 
     def fn(x, backend):
-        return F.triplet_margin_loss(x, y.to(x.device), mining="batch_hard", swap=swap, distance=distance,
+        return F.triplet_margin_loss(x, y.to(x.device), mining="batch_hard", swap=swap, **dist_kw(distance),
                                      backend=backend)
     _compare(fn, [x])
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dml_kernels as dk
-from dml_kernels import _backends
+from dml_kernels import _backends, _pairs
 from dml_kernels._pairs import PackedPairMask
 from patterns import PATTERNS, make
 
@@ -102,13 +102,37 @@ def test_odd_shapes(name, n, d):
     check_against_reference(lambda e, b: fn(e, y, None, None, distance, b), [x])
 
 
-def test_unnormalized_dot_and_euclidean():
+@pytest.mark.parametrize("ref", [False, True])
+@pytest.mark.parametrize("distance", ["dot", "euclidean", "squared_euclidean"])
+@pytest.mark.parametrize("name", LOSSES)
+def test_unnormalized_embeddings(name, distance, ref):
+    """Raw embeddings: with L2-normalised ones the normalisation's backward projects the radial part of the
+    gradient away (the ‖·‖² terms of the distances, dL/dn in the engine), so only these tests check it."""
+    fn, ref_ok = LOSSES[name]
+    if ref and not ref_ok:
+        pytest.skip(f"{name} takes no reference set")
     x, y = make("random", n=19, d=5, device=DEVICE)
-    for distance in ("dot", "euclidean", "squared_euclidean"):
-        check_against_reference(lambda e, b: F.multi_similarity_loss(
-            e, y, distance=distance, normalize_embeddings=False, alpha=0.5, beta=0.5, base=0.1, backend=b), [x])
-        check_against_reference(lambda e, b: F.triplet_margin_loss(
-            e, y, distance=distance, normalize_embeddings=False, backend=b), [x])
+    kw = dict(normalize_embeddings=False)
+    if name.startswith("ms"):  # raw dot products reach ~10: keep exp(β·S) moderate
+        kw.update(alpha=0.5, beta=0.5, base=0.1)
+        fn = lambda e, y, r, ry, d, b, **k: F.multi_similarity_loss(  # noqa: E731
+            e, y, None, r, ry, distance=d, backend=b, epsilon=0.1 if name == "ms_mined" else None, **k)
+    if ref:
+        r, ry = torch.randn(11, 5, dtype=torch.float64, device=DEVICE), torch.randint(0, 4, (11,), device=DEVICE)
+        check_against_reference(lambda e, rr, b: fn(e, y, rr, ry, distance, b, **kw), [x, r])
+    else:
+        check_against_reference(lambda e, b: fn(e, y, None, None, distance, b, **kw), [x])
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 33])
+def test_n_pairs_sync_free_block_bound(n, monkeypatch):
+    """The ceil(N/2) × ceil(N/2) block the GPU runs (no host read of K), here on the CPU."""
+    monkeypatch.setattr(_pairs, "N_PAIRS_EXACT_ON_CPU", False)
+    fn, _ = LOSSES["n_pairs"]
+    y = torch.randint(0, max(1, n // 3), (n,), device=DEVICE)
+    x = torch.randn(n, 6, dtype=torch.float64, device=DEVICE)
+    for distance in ("cosine", "squared_euclidean"):
+        check_against_reference(lambda e, b: fn(e, y, None, None, distance, b), [x])
 
 
 def _random_mask(n, m, self_mode, density=0.3):
@@ -322,9 +346,14 @@ def _watched(name, backend, n, d=3):
     y = torch.randint(0, 8, (n,), device=DEVICE)
     x = torch.randn(n, d, device=DEVICE, requires_grad=True)
     loss_fn = lambda e: fn(e, y, None, None, "euclidean", backend, check_inputs=False)  # noqa: E731
-    with _Watch() as watch:
-        loss = loss_fn(x)
-        loss.backward()
+    exact = _pairs.N_PAIRS_EXACT_ON_CPU
+    _pairs.N_PAIRS_EXACT_ON_CPU = False  # N-pairs reads K on the CPU only (no sync there): watch the GPU path
+    try:
+        with _Watch() as watch:
+            loss = loss_fn(x)
+            loss.backward()
+    finally:
+        _pairs.N_PAIRS_EXACT_ON_CPU = exact
     return watch
 
 

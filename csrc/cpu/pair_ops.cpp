@@ -269,6 +269,44 @@ int64_t tile_cols(const Geometry<T>& g) {
   return std::min(kBC, std::max<int64_t>(g.m, 1));
 }
 
+// rows_i −= rowsum_i · own_i for a block of rows: the squared-norm term of a distance's gradient.
+template <typename T>
+void subtract_norm_term(T* rows, const T* own, const T* rowsum, int64_t nrows, int64_t d) {
+  for (int64_t i = 0; i < nrows; ++i)
+    for (int64_t c = 0; c < d; ++c) rows[i * d + c] -= rowsum[i] * own[i * d + c];
+}
+
+// The gradient of one side from edge weights E (dL/d⟨own_o, other_k⟩ after the distance's chain rule,
+// see edge_of). Blocks of BR owned rows (q rows; r rows when `columns`) stream tiles of the other side;
+// `edges(o0, no, k0, nk, buf, rowsum)` turns the tile of stored values in `buf` (no × nk) into E in place,
+// adds each row's Σ_k E_ok to rowsum, and says whether any entry is non-zero (else the GEMM is skipped);
+// out_block += E · other_tile. Distances then add −(Σ_k E_ok) own_o. A block writes only its own rows of
+// `out` (and whatever per-row outputs `edges` owns): deterministic, no atomics.
+template <typename T, typename Edges>
+void side_grad(const Geometry<T>& g, bool columns, Tensor& out, const Edges& edges) {
+  const int64_t own = columns ? g.m : g.n, other = columns ? g.n : g.m, d = g.d;
+  const Tensor& other_rows = columns ? g.q : g.r;
+  const T* own_rows = columns ? g.rp : g.qp;
+  at::parallel_for(0, (own + kBR - 1) / kBR, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> buf(kBR * std::min(kBC, std::max<int64_t>(other, 1))), rowsum(kBR);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t o0 = b * kBR, no = std::min(kBR, own - o0);
+      std::fill(rowsum.begin(), rowsum.end(), T(0));
+      Tensor block = out.narrow(0, o0, no);
+      for (int64_t k0 = 0; k0 < other; k0 += kBC) {
+        const int64_t nk = std::min(kBC, other - k0);
+        if (columns)
+          g.rtile(o0, no, k0, nk, buf.data());
+        else
+          g.qtile(o0, no, k0, nk, buf.data());
+        if (edges(o0, no, k0, nk, buf.data(), rowsum.data()))
+          block.addmm_(at::from_blob(buf.data(), {no, nk}, out.options()), other_rows.narrow(0, k0, nk));
+      }
+      if (g.dist != kSim) subtract_norm_term(block.data_ptr<T>(), own_rows + o0 * d, rowsum.data(), no, d);
+    }
+  });
+}
+
 // ------------------------------------------------------------------------------------ pair_values
 
 Tensor pair_values_cpu(const Tensor& q_, const c10::optional<Tensor>& r_, int64_t dist) {
@@ -523,98 +561,58 @@ std::tuple<Tensor, Tensor> pair_reduce_backward_cpu(
                   dist);
     const EpilogueArgs<T> ea{dist, kind, p.mine, p.eps, p.pa, p.pc, p.na, p.nc};
     // dQ: row blocks of q against tiles of r (self mode adds row k's view of the pair (k, i)).
-    at::parallel_for(0, (n + kBR - 1) / kBR, 1, [&](int64_t b0, int64_t b1) {
-      const int64_t bc = tile_cols(g);
-      std::vector<T> buf(kBR * bc), rowsum(kBR);
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t i0 = b * kBR, ni = std::min(kBR, n - i0);
-        std::fill(rowsum.begin(), rowsum.end(), T(0));
-        Tensor dqb = dq.narrow(0, i0, ni);
-        for (int64_t k0 = 0; k0 < m; k0 += kBC) {
-          const int64_t nk = std::min(kBC, m - k0);
-          g.qtile(i0, ni, k0, nk, buf.data());
-          bool any = false;
-          if (mk.simple()) {  // label masks: vectorised epilogue
-            for (int64_t i = 0; i < ni; ++i) {
-              const int64_t gi = i0 + i;
-              rowsum[i] += row_edges(buf.data() + i * nk, nk, ea, mk.rlab + k0, mk.lab[gi], diag_in(mk, gi, k0, nk),
-                                     self, gi, self ? k0 : 0, rg.gp, rg.gn, rg.rp, rg.rn, rg.hp, rg.hn);
-            }
-            any = true;
-          }
-          for (int64_t i = 0; i < ni && !mk.simple(); ++i) {
-            const int64_t gi = i0 + i;
-            T* row = buf.data() + i * nk;
-            T s = 0;
-            for (int64_t k = 0; k < nk; ++k) {
-              const int64_t gk = k0 + k;
-              const T stored = row[k], v = value_of(stored, dist);
-              bool pos, neg;
-              mk.get(gi, gk, pos, neg);
-              T w = rg(gi, v, pos, neg);
-              if (self) {
-                mk.get(gk, gi, pos, neg);
-                w += rg(gk, v, pos, neg);
-              }
-              const T e = edge_of(w, stored, dist);
-              row[k] = e;
-              s += e;
-              any = any || e != 0;
-            }
-            rowsum[i] += s;
-          }
-          if (any) dqb.addmm_(at::from_blob(buf.data(), {ni, nk}, q_.options()), g.r.narrow(0, k0, nk));
+    side_grad(g, false, dq, [&](int64_t i0, int64_t ni, int64_t k0, int64_t nk, T* buf, T* rowsum) {
+      if (mk.simple()) {  // label masks: vectorised epilogue
+        for (int64_t i = 0; i < ni; ++i) {
+          const int64_t gi = i0 + i;
+          rowsum[i] += row_edges(buf + i * nk, nk, ea, mk.rlab + k0, mk.lab[gi], diag_in(mk, gi, k0, nk), self, gi,
+                                 self ? k0 : 0, rg.gp, rg.gn, rg.rp, rg.rn, rg.hp, rg.hn);
         }
-        if (dist != kSim) {
-          T* dqp = dqb.data_ptr<T>();
-          const T* qp = g.qp + i0 * d;
-          for (int64_t i = 0; i < ni; ++i)
-            for (int64_t c = 0; c < d; ++c) dqp[i * d + c] -= rowsum[i] * qp[i * d + c];
+        return true;
+      }
+      bool any = false;
+      for (int64_t i = 0; i < ni; ++i) {
+        const int64_t gi = i0 + i;
+        T* row = buf + i * nk;
+        for (int64_t k = 0; k < nk; ++k) {
+          const int64_t gk = k0 + k;
+          const T stored = row[k], v = value_of(stored, dist);
+          bool pos, neg;
+          mk.get(gi, gk, pos, neg);
+          T w = rg(gi, v, pos, neg);
+          if (self) {
+            mk.get(gk, gi, pos, neg);
+            w += rg(gk, v, pos, neg);
+          }
+          row[k] = edge_of(w, stored, dist);
+          rowsum[i] += row[k];
+          any = any || row[k] != 0;
         }
       }
+      return any;
     });
     if (self) return;
     // dR: blocks of reference rows against tiles of q; the weight of (i, k) is row i's.
-    at::parallel_for(0, (m + kBR - 1) / kBR, 1, [&](int64_t b0, int64_t b1) {
-      const int64_t bc = std::min(kBC, std::max<int64_t>(n, 1));
-      std::vector<T> buf(kBR * bc), colsum(kBR);
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t k0 = b * kBR, nk = std::min(kBR, m - k0);
-        std::fill(colsum.begin(), colsum.end(), T(0));
-        Tensor drb = dr.narrow(0, k0, nk);
-        for (int64_t i0 = 0; i0 < n; i0 += kBC) {
-          const int64_t ni = std::min(kBC, n - i0);
-          g.rtile(k0, nk, i0, ni, buf.data());
-          bool any = false;
-          if (mk.simple()) {  // label masks: vectorised epilogue
-            for (int64_t k = 0; k < nk; ++k)
-              colsum[k] += col_edges(buf.data() + k * ni, ni, ea, mk.lab + i0, mk.rlab[k0 + k], i0, rg.gp, rg.gn,
-                                     rg.rp, rg.rn, rg.hp, rg.hn);
-            any = true;
-          }
-          for (int64_t k = 0; k < nk && !mk.simple(); ++k) {
-            T* row = buf.data() + k * ni;
-            T s = 0;
-            for (int64_t i = 0; i < ni; ++i) {
-              const T stored = row[i], v = value_of(stored, dist);
-              bool pos, neg;
-              mk.get(i0 + i, k0 + k, pos, neg);
-              const T e = edge_of(rg(i0 + i, v, pos, neg), stored, dist);
-              row[i] = e;
-              s += e;
-              any = any || e != 0;
-            }
-            colsum[k] += s;
-          }
-          if (any) drb.addmm_(at::from_blob(buf.data(), {nk, ni}, q_.options()), g.q.narrow(0, i0, ni));
-        }
-        if (dist != kSim) {
-          T* drp = drb.data_ptr<T>();
-          const T* rp = g.rp + k0 * d;
-          for (int64_t k = 0; k < nk; ++k)
-            for (int64_t c = 0; c < d; ++c) drp[k * d + c] -= colsum[k] * rp[k * d + c];
+    side_grad(g, true, dr, [&](int64_t k0, int64_t nk, int64_t i0, int64_t ni, T* buf, T* colsum) {
+      if (mk.simple()) {  // label masks: vectorised epilogue
+        for (int64_t k = 0; k < nk; ++k)
+          colsum[k] += col_edges(buf + k * ni, ni, ea, mk.lab + i0, mk.rlab[k0 + k], i0, rg.gp, rg.gn, rg.rp, rg.rn,
+                                 rg.hp, rg.hn);
+        return true;
+      }
+      bool any = false;
+      for (int64_t k = 0; k < nk; ++k) {
+        T* row = buf + k * ni;
+        for (int64_t i = 0; i < ni; ++i) {
+          const T stored = row[i], v = value_of(stored, dist);
+          bool pos, neg;
+          mk.get(i0 + i, k0 + k, pos, neg);
+          row[i] = edge_of(rg(i0 + i, v, pos, neg), stored, dist);
+          colsum[k] += row[i];
+          any = any || row[i] != 0;
         }
       }
+      return any;
     });
   });
   return {dq, dr};
@@ -883,22 +881,14 @@ std::tuple<Tensor, Tensor> triplet_all_backward_cpu(const Tensor& grad_total, co
         Tensor dqb = dq.narrow(0, i0, ni);
         dqb.addmm_(e, g.r);                               // row view: Σ_k E_ik r_k
         acc[tid].addmm_(e.t(), g.q.narrow(0, i0, ni));   // column view: Σ_i E_ik q_i
-        if (dist != kSim) {
-          T* dqp = dqb.data_ptr<T>();
-          const T* qp = g.qp + i0 * d;
-          for (int64_t i = 0; i < ni; ++i)
-            for (int64_t c = 0; c < d; ++c) dqp[i * d + c] -= rowsum[i] * qp[i * d + c];
-        }
+        if (dist != kSim) subtract_norm_term(dqb.data_ptr<T>(), g.qp + i0 * d, rowsum.data(), ni, d);
       }
     });
     T* dc = dcols.data_ptr<T>();
     for (int t = 0; t < nthreads; ++t) {
       if (!acc[t].defined()) continue;
       dcols.add_(acc[t]);
-      if (dist != kSim) {
-        for (int64_t k = 0; k < m; ++k)
-          for (int64_t c = 0; c < d; ++c) dc[k * d + c] -= accsum[t][k] * g.rp[k * d + c];
-      }
+      if (dist != kSim) subtract_norm_term(dc, g.rp, accsum[t].data(), m, d);
     }
   });
   if (self) return {dq + dcols, at::empty({0, d}, q_.options())};
@@ -1002,46 +992,29 @@ std::tuple<Tensor, Tensor> lifted_pos_backward_cpu(const Tensor& grad_sum, const
     const T* gp = gs.data_ptr<T>();
     const LiftedPair<T> lift{a.data_ptr<T>(), hasn.data_ptr<bool>()};
     const T s = dist == kSim ? T(-1) : T(1), pm = T(pos_margin);
-    at::parallel_for(0, (n + kBR - 1) / kBR, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<T> buf(kBR * tile_cols(g)), rowsum(kBR);
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t i0 = b * kBR, ni = std::min(kBR, n - i0);
-        std::fill(rowsum.begin(), rowsum.end(), T(0));
-        Tensor dqb = dq.narrow(0, i0, ni);
-        for (int64_t k0 = 0; k0 < n; k0 += kBC) {
-          const int64_t nk = std::min(kBC, n - k0);
-          g.qtile(i0, ni, k0, nk, buf.data());
-          for (int64_t i = 0; i < ni; ++i) {
-            const int64_t gi = i0 + i;
-            T dai = 0, rs = 0;
-            for (int64_t k = 0; k < nk; ++k) {
-              const int64_t gk = k0 + k;
-              T& st = buf[i * nk + k];
-              if (lp[gk] != lp[gi] || gk == gi) {
-                st = 0;
-                continue;
-              }
-              T wi, wk;
-              const T h = lift.pair(gi, gk, &wi, &wk) + s * (value_of(st, dist) - pm);
-              // the terms of (i, k) in row i and of (k, i) in row k are equal: both upstream grads
-              const T c = (gp[gi] + gp[gk]) * (h > 0 ? h : T(0));
-              dai += c * wi;
-              const T e = edge_of(c * s, st, dist);
-              st = e;
-              rs += e;
-            }
-            da.data_ptr<T>()[gi] += dai;
-            rowsum[i] += rs;
+    T* dap = da.data_ptr<T>();
+    side_grad(g, false, dq, [&](int64_t i0, int64_t ni, int64_t k0, int64_t nk, T* buf, T* rowsum) {
+      for (int64_t i = 0; i < ni; ++i) {
+        const int64_t gi = i0 + i;
+        T dai = 0;
+        for (int64_t k = 0; k < nk; ++k) {
+          const int64_t gk = k0 + k;
+          T& st = buf[i * nk + k];
+          if (lp[gk] != lp[gi] || gk == gi) {
+            st = 0;
+            continue;
           }
-          dqb.addmm_(at::from_blob(buf.data(), {ni, nk}, q_.options()), g.q.narrow(0, k0, nk));
+          T wi, wk;
+          const T h = lift.pair(gi, gk, &wi, &wk) + s * (value_of(st, dist) - pm);
+          // the terms of (i, k) in row i and of (k, i) in row k are equal: both upstream grads
+          const T c = (gp[gi] + gp[gk]) * (h > 0 ? h : T(0));
+          dai += c * wi;
+          st = edge_of(c * s, st, dist);
+          rowsum[i] += st;
         }
-        if (dist != kSim) {
-          T* dqp = dqb.data_ptr<T>();
-          const T* qp = g.qp + i0 * d;
-          for (int64_t i = 0; i < ni; ++i)
-            for (int64_t c = 0; c < d; ++c) dqp[i * d + c] -= rowsum[i] * qp[i * d + c];
-        }
+        dap[gi] += dai;
       }
+      return true;
     });
   });
   return {dq, da};

@@ -34,7 +34,7 @@ def _variants():
         def kw(kind, narrow=False, **extra):
             ba, bb, bd, bdo, warps = E.gpu_blocks(group, kind, narrow)
             consts = dict(SELF=True, HAS_LABELS=True, HAS_PAIRS=False, DIST=2, PREC="ieee", BA=ba, BB=bb, BD=bd)
-            if kind in ("rows", "cols") or (kind == "triplet" and "COLUMNS" in extra):
+            if "COLUMNS" in extra:  # the gradient kernels
                 consts.update(BDO=bdo, GPREC=gprec)
             consts.update(extra)
             return consts, warps
@@ -48,13 +48,17 @@ def _variants():
             kinds = tuple(kinds) + (0,) * (6 - len(kinds))
             yield (E._row_stats_kernel, dtype, ct, ptr,
                    *kw("fwd", fwd is NP.npairs_fwd, FWD=fwd, FLAG=flag, **{f"K{i}": k for i, k in enumerate(kinds)}))
+        grad = dict(TILE_GRAD=E.grad_tile)
         for bwd, flag, narrow in ((MS.ms_bwd, 1, False), (LS.gls_bwd, 0, False), (LS.lifted_bwd, 0, False),
                                   (C.contrastive_bwd, 0, False), (NP.npairs_bwd, 0, True), (SIM.dout_bwd, 0, True)):
-            yield E._grad_rows_kernel, dtype, ct, ptr, *kw("rows", narrow, BWD=bwd, FLAG=flag)
-            yield E._grad_cols_kernel, dtype, ct, ptr, *kw("cols", narrow, BWD=bwd, FLAG=flag)
+            yield E._grad_kernel, dtype, ct, ptr, *kw("rows", narrow, **grad, BWD=bwd, FLAG=flag, COLUMNS=False)
+            # the column (reference-side) kernel runs only with a reference set: never in self mode
+            yield E._grad_kernel, dtype, ct, ptr, *kw("cols", narrow, **grad, BWD=bwd, FLAG=flag, COLUMNS=True,
+                                                      SELF=False)
         pairs = dict(HAS_PAIRS=True, HAS_LABELS=False)
-        yield E._grad_rows_kernel, dtype, ct, ptr, *kw("rows", True, BWD=MS.ms_bwd, FLAG=0, **pairs)
-        yield E._grad_cols_kernel, dtype, ct, ptr, *kw("cols", True, BWD=MS.ms_bwd, FLAG=0, **dict(pairs, SELF=False))
+        yield E._grad_kernel, dtype, ct, ptr, *kw("rows", True, **grad, BWD=MS.ms_bwd, FLAG=0, COLUMNS=False, **pairs)
+        yield E._grad_kernel, dtype, ct, ptr, *kw("cols", True, **grad, BWD=MS.ms_bwd, FLAG=0, COLUMNS=True,
+                                                  **dict(pairs, SELF=False))
         yield E._row_stats_kernel, dtype, ct, ptr, *kw("fwd", True, FWD=MS.ms_fwd, FLAG=0, K0=3, K1=3, K2=1, K3=1,
                                                        K4=0, K5=0, SELF=False, DIST=0, **pairs)
         yield MS._mask_kernel, dtype, ct, ptr, *kw("tile")
@@ -64,7 +68,8 @@ def _variants():
             k: v for k, v in consts.items() if k in ("DIST", "BA", "BB", "BD", "PREC")}, warps
         yield T._triplet_fwd_kernel, dtype, ct, ptr, *kw("triplet", SMOOTH=True)
         for cols in (False, True):
-            yield T._triplet_grad_kernel, dtype, ct, ptr, *kw("triplet", SMOOTH=False, COLUMNS=cols)
+            yield E._grad_kernel, dtype, ct, ptr, *kw("triplet", TILE_GRAD=T._triplet_grad_tile, BWD=None, FLAG=0,
+                                                      COLUMNS=cols)
 
 
 def _signature(fn, ct, ptr, consts):
@@ -107,13 +112,15 @@ def main(cc: int = 90, quick: bool = False, usage: bool = False) -> int:
     failures, count, fp64_seen = [], 0, set()
     for fn, dtype, ct, ptr, consts, warps in _variants():
         if quick:  # every variant in bf16; in fp64 (other dot / accumulator types) the first of each kernel
-            if dtype == "fp64" and fn.fn.__name__ not in fp64_seen:
-                fp64_seen.add(fn.fn.__name__)
+            key = (fn.fn.__name__, consts.get("COLUMNS"))
+            if dtype == "fp64" and key not in fp64_seen:
+                fp64_seen.add(key)
             elif dtype != "bf16":
                 continue
         count += 1
         label = f"{fn.fn.__name__}[{dtype}] " + ",".join(
-            f"{k}={getattr(v, '__name__', v)}" for k, v in consts.items() if k in ("FWD", "BWD", "COLUMNS"))
+            f"{k}={getattr(v, '__name__', v)}" for k, v in consts.items()
+            if k in ("FWD", "TILE_GRAD", "BWD", "COLUMNS"))
         try:
             kernel = triton.compile(ASTSource(fn, _signature(fn, ct, ptr, consts), constexprs=consts),
                                     target=target, options={"num_warps": warps})

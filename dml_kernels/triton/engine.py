@@ -23,8 +23,10 @@ Label / diagonal / packed-pair masking is applied to the tile, which is then han
 or swapped for the transposed role), so an epilogue loads whichever per-row statistics it needs from
 ``st`` (K rows of ``nst`` values). In self mode the backward forms G_IJ (rows as anchors) *and* G_JI
 (the columns as anchors, from the same tile) so a row-block program owns its output rows: dX = (G + Gᵀ)X
-without atomics. With a reference set a second column-block kernel produces dRef. A tile whose gradient
-is exactly zero (masked out, not mined) skips its gradient dot.
+without atomics. With a reference set the same kernel, in its column form (a program owns a block of
+references), produces dRef. A tile whose gradient is exactly zero (masked out, not mined) skips its
+gradient dot. The tile gradient is a ``TILE_GRAD`` function: by default :func:`grad_tile` (recompute,
+mask, ``BWD``); all-triplets passes its own.
 
 The autograd plumbing (:class:`FusedPairLoss`) saves the inputs plus the O(N) statistics a loss returns
 and recomputes every tile in the backward. Nothing here syncs with the host.
@@ -246,80 +248,90 @@ def _row_stats_kernel(x_ptr, r_ptr, sx_ptr, sr_ptr, nx_ptr, nr_ptr, lx_ptr, lr_p
 
 
 @triton.jit
-def _grad_rows_kernel(x_ptr, r_ptr, sx_ptr, sr_ptr, nx_ptr, nr_ptr, lx_ptr, lr_ptr, pos_bits, neg_bits, nbytes,
-                      st_ptr, nst, sc_ptr, acc_ptr, dn_ptr, N, M, D, stride_x, stride_r, p0, p1, p2, p3,
-                      BWD: tl.constexpr, SELF: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_PAIRS: tl.constexpr,
-                      DIST: tl.constexpr, FLAG: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr,
-                      BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr):
-    """acc_i = Σ_k (G_ik [+ G_ki in self mode]) s_k r_k and dn_i = Σ_k dL/dn_i for a block of rows."""
-    CT: tl.constexpr = sx_ptr.dtype.element_ty
-    offs_a = tl.program_id(0) * BA + tl.arange(0, BA)
-    offs_o = tl.program_id(1) * BDO + tl.arange(0, BDO)
-    s_a, n_a, lab_a = load_rows(x_ptr, sx_ptr, nx_ptr, lx_ptr, offs_a, N, HAS_LABELS)
-    acc = tl.zeros((BA, BDO), CT)
-    dn = tl.zeros((BA,), CT)
-    for b0 in range(0, M, BB):
-        offs_b = b0 + tl.arange(0, BB)
-        s_b, n_b, lab_b = load_rows(r_ptr, sr_ptr, nr_ptr, lr_ptr, offs_b, M, HAS_LABELS)
-        v = value_tile(x_ptr, r_ptr, offs_a, offs_b, s_a, s_b, n_a, n_b, N, M, D, stride_x, stride_r,
-                       DIST, BA, BB, BD, PREC)
-        pos, neg = pair_masks(lab_a, lab_b, offs_a, offs_b, N, M, pos_bits, neg_bits, nbytes,
-                              SELF, HAS_LABELS, HAS_PAIRS, False)
-        w = BWD(v, pos, neg, offs_a[:, None], offs_b[None, :], N, M, st_ptr, nst, sc_ptr, p0, p1, p2, p3,
-                DIST, FLAG)
-        if SELF:  # G_JI from the same tile: the columns play the anchors
-            pos_t, neg_t = pair_masks(lab_a, lab_b, offs_a, offs_b, N, M, pos_bits, neg_bits, nbytes,
-                                      SELF, HAS_LABELS, HAS_PAIRS, True)
-            w += BWD(v, pos_t, neg_t, offs_b[None, :], offs_a[:, None], M, N, st_ptr, nst, sc_ptr,
-                     p0, p1, p2, p3, DIST, FLAG)
-        gc, gn = chain(w, v, DIST)
-        gc = gc * s_b[None, :]
-        if tl.max(tl.abs(gc)) > 0:  # skip the gradient dot of an all-zero tile (masked / not mined): exact
-            r = tl.load(r_ptr + offs_b.to(tl.int64)[:, None] * stride_r + offs_o[None, :],
-                        mask=(offs_b < M)[:, None] & (offs_o < D)[None, :], other=0.0).to(CT)
-            acc = tl.dot(gc, r, acc, input_precision=GPREC, out_dtype=CT)
-        dn += tl.sum(gn, axis=1)
-    inside = offs_a < N
-    tl.store(acc_ptr + offs_a.to(tl.int64)[:, None] * D + offs_o[None, :], acc,
-             mask=inside[:, None] & (offs_o < D)[None, :])
-    if tl.program_id(1) == 0:
-        tl.store(dn_ptr + offs_a, dn, mask=inside)
+def grad_tile(x_ptr, r_ptr, sr_ptr, nr_ptr, lr_ptr, offs_a, offs_b, s_a, s_b, n_a, n_b, lab_a, lab_b,
+              pos_bits, neg_bits, nbytes, st_ptr, nst, sc_ptr, N, M, D, stride_x, stride_r, p0, p1, p2, p3,
+              BWD: tl.constexpr, SELF: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_PAIRS: tl.constexpr,
+              DIST: tl.constexpr, FLAG: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr,
+              PREC: tl.constexpr):
+    """The default ``TILE_GRAD`` of :func:`_grad_kernel`: (dL/dc, dL/dn) of the tile rows offs_a × cols
+    offs_b, recomputed from the embeddings, with the backward epilogue ``BWD`` giving dL/dv. In self mode
+    the columns also play the anchors (G_IJ + G_JIᵀ from the same tile), so a row block owns its rows.
+    (A loss whose tile gradient is not elementwise in O(1) row statistics, like all-triplets, passes its
+    own function with this signature; ``sr_ptr`` / ``nr_ptr`` / ``lr_ptr`` let it stream other columns.)"""
+    v = value_tile(x_ptr, r_ptr, offs_a, offs_b, s_a, s_b, n_a, n_b, N, M, D, stride_x, stride_r,
+                   DIST, BA, BB, BD, PREC)
+    pos, neg = pair_masks(lab_a, lab_b, offs_a, offs_b, N, M, pos_bits, neg_bits, nbytes,
+                          SELF, HAS_LABELS, HAS_PAIRS, False)
+    w = BWD(v, pos, neg, offs_a[:, None], offs_b[None, :], N, M, st_ptr, nst, sc_ptr, p0, p1, p2, p3, DIST, FLAG)
+    if SELF:
+        pos_t, neg_t = pair_masks(lab_a, lab_b, offs_a, offs_b, N, M, pos_bits, neg_bits, nbytes,
+                                  SELF, HAS_LABELS, HAS_PAIRS, True)
+        w += BWD(v, pos_t, neg_t, offs_b[None, :], offs_a[:, None], M, N, st_ptr, nst, sc_ptr,
+                 p0, p1, p2, p3, DIST, FLAG)
+    return chain(w, v, DIST)
 
 
 @triton.jit
-def _grad_cols_kernel(x_ptr, r_ptr, sx_ptr, sr_ptr, nx_ptr, nr_ptr, lx_ptr, lr_ptr, pos_bits, neg_bits, nbytes,
-                      st_ptr, nst, sc_ptr, acc_ptr, dn_ptr, N, M, D, stride_x, stride_r, p0, p1, p2, p3,
-                      BWD: tl.constexpr, SELF: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_PAIRS: tl.constexpr,
-                      DIST: tl.constexpr, FLAG: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr,
-                      BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr):
-    """The reference side: acc_k = Σ_i G_ik s_i x_i and dn_k = Σ_i dL/dn_k for a block of columns."""
-    CT: tl.constexpr = sx_ptr.dtype.element_ty
-    offs_b = tl.program_id(0) * BB + tl.arange(0, BB)
-    offs_o = tl.program_id(1) * BDO + tl.arange(0, BDO)
-    s_b, n_b, lab_b = load_rows(r_ptr, sr_ptr, nr_ptr, lr_ptr, offs_b, M, HAS_LABELS)
-    acc = tl.zeros((BB, BDO), CT)
-    dn = tl.zeros((BB,), CT)
-    for a0 in range(0, N, BA):
-        offs_a = a0 + tl.arange(0, BA)
-        s_a, n_a, lab_a = load_rows(x_ptr, sx_ptr, nx_ptr, lx_ptr, offs_a, N, HAS_LABELS)
-        v = value_tile(x_ptr, r_ptr, offs_a, offs_b, s_a, s_b, n_a, n_b, N, M, D, stride_x, stride_r,
-                       DIST, BA, BB, BD, PREC)
-        pos, neg = pair_masks(lab_a, lab_b, offs_a, offs_b, N, M, pos_bits, neg_bits, nbytes,
-                              SELF, HAS_LABELS, HAS_PAIRS, False)
-        w = BWD(v, pos, neg, offs_a[:, None], offs_b[None, :], N, M, st_ptr, nst, sc_ptr, p0, p1, p2, p3,
-                DIST, FLAG)
-        gc, gn = chain(w, v, DIST)
-        gc = gc * s_a[:, None]
-        if tl.max(tl.abs(gc)) > 0:  # skip the gradient dot of an all-zero tile: exact
-            xa = tl.load(x_ptr + offs_a.to(tl.int64)[:, None] * stride_x + offs_o[None, :],
-                         mask=(offs_a < N)[:, None] & (offs_o < D)[None, :], other=0.0).to(CT)
-            acc = tl.dot(tl.trans(gc), xa, acc, input_precision=GPREC, out_dtype=CT)
-        dn += tl.sum(gn, axis=0)
-    inside = offs_b < M
-    tl.store(acc_ptr + offs_b.to(tl.int64)[:, None] * D + offs_o[None, :], acc,
+def accumulate_grad(acc, g, e_ptr, offs_e, n_e, stride_e, offs_o, D, GPREC: tl.constexpr):
+    """acc += g · E[offs_e, offs_o] for a gradient tile g (owned rows × streamed rows) and the streamed
+    side's embeddings E. An all-zero g (masked out, not mined) skips the load and the dot: exact."""
+    if tl.max(tl.abs(g)) > 0:
+        e = tl.load(e_ptr + offs_e.to(tl.int64)[:, None] * stride_e + offs_o[None, :],
+                    mask=(offs_e < n_e)[:, None] & (offs_o < D)[None, :], other=0.0).to(acc.dtype)
+        acc = tl.dot(g, e, acc, input_precision=GPREC, out_dtype=acc.dtype)
+    return acc
+
+
+@triton.jit
+def store_grad(acc_ptr, dn_ptr, acc, dn, offs, n_rows, offs_o, D):
+    """Write a program's (rows × D-chunk) accumulator and, once per row block, its dL/dn."""
+    inside = offs < n_rows
+    tl.store(acc_ptr + offs.to(tl.int64)[:, None] * D + offs_o[None, :], acc,
              mask=inside[:, None] & (offs_o < D)[None, :])
     if tl.program_id(1) == 0:
-        tl.store(dn_ptr + offs_b, dn, mask=inside)
+        tl.store(dn_ptr + offs, dn, mask=inside)
+
+
+@triton.jit
+def _grad_kernel(x_ptr, r_ptr, sx_ptr, sr_ptr, nx_ptr, nr_ptr, lx_ptr, lr_ptr, pos_bits, neg_bits, nbytes,
+                 st_ptr, nst, sc_ptr, acc_ptr, dn_ptr, N, M, D, stride_x, stride_r, p0, p1, p2, p3,
+                 TILE_GRAD: tl.constexpr, BWD: tl.constexpr, COLUMNS: tl.constexpr, SELF: tl.constexpr,
+                 HAS_LABELS: tl.constexpr, HAS_PAIRS: tl.constexpr, DIST: tl.constexpr, FLAG: tl.constexpr,
+                 BA: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BDO: tl.constexpr, PREC: tl.constexpr,
+                 GPREC: tl.constexpr):
+    """The backward of every pair loss. Rows (COLUMNS=False): acc_i = Σ_k (G_ik [+ G_ki in self mode]) s_k r_k
+    and dn_i = Σ_k dL/dn_i for a block of query rows. Columns (the reference side): acc_k = Σ_i G_ik s_i x_i
+    and dn_k = Σ_i dL/dn_k for a block of references. G and dL/dn of a tile come from ``TILE_GRAD``."""
+    CT: tl.constexpr = sx_ptr.dtype.element_ty
+    offs_o = tl.program_id(1) * BDO + tl.arange(0, BDO)
+    if COLUMNS:
+        offs_b = tl.program_id(0) * BB + tl.arange(0, BB)
+        s_b, n_b, lab_b = load_rows(r_ptr, sr_ptr, nr_ptr, lr_ptr, offs_b, M, HAS_LABELS)
+        acc = tl.zeros((BB, BDO), CT)
+        dn = tl.zeros((BB,), CT)
+        for a0 in range(0, N, BA):
+            offs_a = a0 + tl.arange(0, BA)
+            s_a, n_a, lab_a = load_rows(x_ptr, sx_ptr, nx_ptr, lx_ptr, offs_a, N, HAS_LABELS)
+            gc, gn = TILE_GRAD(x_ptr, r_ptr, sr_ptr, nr_ptr, lr_ptr, offs_a, offs_b, s_a, s_b, n_a, n_b, lab_a, lab_b,
+                               pos_bits, neg_bits, nbytes, st_ptr, nst, sc_ptr, N, M, D, stride_x, stride_r,
+                               p0, p1, p2, p3, BWD, SELF, HAS_LABELS, HAS_PAIRS, DIST, FLAG, BA, BB, BD, PREC)
+            acc = accumulate_grad(acc, tl.trans(gc * s_a[:, None]), x_ptr, offs_a, N, stride_x, offs_o, D, GPREC)
+            dn += tl.sum(gn, axis=0)
+        store_grad(acc_ptr, dn_ptr, acc, dn, offs_b, M, offs_o, D)
+    else:
+        offs_a = tl.program_id(0) * BA + tl.arange(0, BA)
+        s_a, n_a, lab_a = load_rows(x_ptr, sx_ptr, nx_ptr, lx_ptr, offs_a, N, HAS_LABELS)
+        acc = tl.zeros((BA, BDO), CT)
+        dn = tl.zeros((BA,), CT)
+        for b0 in range(0, M, BB):
+            offs_b = b0 + tl.arange(0, BB)
+            s_b, n_b, lab_b = load_rows(r_ptr, sr_ptr, nr_ptr, lr_ptr, offs_b, M, HAS_LABELS)
+            gc, gn = TILE_GRAD(x_ptr, r_ptr, sr_ptr, nr_ptr, lr_ptr, offs_a, offs_b, s_a, s_b, n_a, n_b, lab_a, lab_b,
+                               pos_bits, neg_bits, nbytes, st_ptr, nst, sc_ptr, N, M, D, stride_x, stride_r,
+                               p0, p1, p2, p3, BWD, SELF, HAS_LABELS, HAS_PAIRS, DIST, FLAG, BA, BB, BD, PREC)
+            acc = accumulate_grad(acc, gc * s_b[None, :], r_ptr, offs_b, M, stride_r, offs_o, D, GPREC)
+            dn += tl.sum(gn, axis=1)
+        store_grad(acc_ptr, dn_ptr, acc, dn, offs_a, N, offs_o, D)
 
 
 # ----------------------------------------------------------------------------------------------- host
@@ -466,28 +478,30 @@ class Tiles:
                                 K3=kinds[3], K4=kinds[4], K5=kinds[5], FLAG=flag, **kw, **self._flags())
         return out
 
+    def grad_side(self, xs, columns, bwd, stats, sc, params=(0.0, 0.0, 0.0, 0.0), flag=0, tile_grad=None,
+                  kind=None):
+        """(acc, dn) of one side. Rows: acc_i = Σ_k G_ik s_k r_k (plus Gᵀ in self mode, with the default
+        ``grad_tile``); columns: acc_k = Σ_i G_ik s_i x_i. ``kind`` picks the tile shape (default rows / cols)."""
+        c = self._common(*xs)
+        kind = kind or ("cols" if columns else "rows")
+        b = self.blocks(kind)
+        count = self.m if columns else self.n
+        acc = torch.empty(count, self.d, dtype=self.ct, device=self.device)
+        dn = torch.empty(count, dtype=self.ct, device=self.device)
+        grid = (triton.cdiv(count, b.bb if columns else b.ba), triton.cdiv(self.d, b.bdo))
+        _grad_kernel[grid](*c, stats, stats.shape[-1], sc.to(self.ct).contiguous(), acc, dn, self.n, self.m, self.d,
+                           c[0].stride(0), c[1].stride(0), *[float(v) for v in params],
+                           TILE_GRAD=tile_grad or grad_tile, BWD=bwd, COLUMNS=columns, FLAG=flag, BDO=b.bdo,
+                           GPREC=self.gprec, **self.launch(kind), **self._flags())
+        return acc, dn
+
     def grad(self, xs, bwd, stats, sc, params=(0.0, 0.0, 0.0, 0.0), flag=0, need_x=True, need_r=False):
         """(acc, dn, acc_r, dn_r) with acc_i = Σ_k G_ik s_k r_k (plus Gᵀ in self mode); None where not needed."""
-        c = self._common(*xs)
-        p = [float(v) for v in params]
-        nst = stats.shape[-1]
-        sc = sc.to(self.ct).contiguous()
         acc = dn = acc_r = dn_r = None
-        for side, needed in (("rows", need_x), ("cols", need_r)):
-            if not needed:
-                continue
-            b = self.blocks(side)
-            count = self.n if side == "rows" else self.m
-            a = torch.empty(count, self.d, dtype=self.ct, device=self.device)
-            d = torch.empty(count, dtype=self.ct, device=self.device)
-            kernel = _grad_rows_kernel if side == "rows" else _grad_cols_kernel
-            grid = (triton.cdiv(count, b.ba if side == "rows" else b.bb), triton.cdiv(self.d, b.bdo))
-            kernel[grid](*c, stats, nst, sc, a, d, self.n, self.m, self.d, c[0].stride(0), c[1].stride(0), *p,
-                         BWD=bwd, FLAG=flag, BDO=b.bdo, GPREC=self.gprec, **self.launch(side), **self._flags())
-            if side == "rows":
-                acc, dn = a, d
-            else:
-                acc_r, dn_r = a, d
+        if need_x:
+            acc, dn = self.grad_side(xs, False, bwd, stats, sc, params, flag)
+        if need_r:
+            acc_r, dn_r = self.grad_side(xs, True, bwd, stats, sc, params, flag)
         return acc, dn, acc_r, dn_r
 
 

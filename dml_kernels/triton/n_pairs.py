@@ -1,9 +1,12 @@
 """N-pairs loss on the tiled engine, without a host sync.
 
-Per label with ≥2 samples the anchor is its lowest index and the positive its second lowest (found with
-a stable sort, O(N)). With sv = v for a similarity and −v for a distance, for each anchor row i:
-LSE_i over the positive columns of sv and the target sv(i, its positive); loss = (1/K) Σ_anchors (LSE_i − target_i).
-Per-row statistics: [is_anchor, is_positive, LSE].
+Per label with ≥2 samples the anchor is its lowest index and the positive its second lowest. Only the
+anchors × positives block of the tile space matters, so the engine runs on ``rows`` (anchors first) against
+``cols`` (positives first) of :func:`dml_kernels._pairs.n_pairs_block` — h × h with h = ceil(N/2) on the GPU
+(a bound needing no sync; N²/4 instead of N²), h = K on the CPU — as a query set against a reference set, both
+gathered from x (autograd sums both gradients back into x). With sv = v for a similarity and −v for a
+distance, for each anchor row i: LSE_i over the positive columns of sv and the target sv(i, its positive);
+loss = (1/K) Σ_anchors (LSE_i − target_i). Per-row statistics: [row is an anchor, column is a positive, LSE].
 """
 from __future__ import annotations
 
@@ -11,26 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._pairs import n_pairs_block
 from . import engine
 from .engine import LSE, SUM
-
-
-def anchor_positive_flags(labels):
-    """(is_anchor, is_positive) bool vectors: rank 0 / rank 1 within each label group (rank-0 needs a rank 1)."""
-    n = labels.shape[0]
-    order = torch.sort(labels, stable=True).indices
-    sl = labels[order]
-    idx = torch.arange(n, device=labels.device)
-    new_group = torch.ones(n, dtype=torch.bool, device=labels.device)
-    new_group[1:] = sl[1:] != sl[:-1]
-    start = torch.cummax(torch.where(new_group, idx, 0), 0).values
-    rank = idx - start
-    has_next = torch.zeros(n, dtype=torch.bool, device=labels.device)
-    has_next[:-1] = ~new_group[1:]
-    is_anchor, is_positive = torch.empty_like(new_group), torch.empty_like(new_group)
-    is_anchor[order] = (rank == 0) & has_next
-    is_positive[order] = rank == 1
-    return is_anchor, is_positive
 
 
 @triton.jit
@@ -57,8 +43,8 @@ class NPairs(engine.PairLossImpl):
     BWD = npairs_bwd
     NARROW = True  # the epilogue gathers per-column flags
 
-    def __init__(self, labels):
-        self.is_anchor, self.is_positive = anchor_positive_flags(labels)
+    def __init__(self, row_is_anchor, col_is_positive):
+        self.is_anchor, self.is_positive = row_is_anchor, col_is_positive
 
     def forward(self, tiles, xs):
         a = self.is_anchor.to(tiles.ct)
@@ -76,4 +62,8 @@ class NPairs(engine.PairLossImpl):
 def n_pairs_loss(x, labels, *, distance, pairs=None):
     if pairs is not None:
         raise engine.Unsupported("the triton n_pairs_loss has no explicit-pair form")
-    return engine.fused_loss(NPairs(labels), x, labels, None, None, distance)
+    rows, cols, row_is_anchor, col_is_positive = n_pairs_block(labels)
+    if rows.numel() == 0:  # no label has two samples (known on the host: the exact CPU cut)
+        return (x * 0).sum().to(engine.compute_dtype(x.dtype))
+    return engine.fused_loss(NPairs(row_is_anchor, col_is_positive), x[rows], labels[rows], x[cols], labels[cols],
+                             distance)

@@ -226,9 +226,10 @@ def _bwd(ctx, x, proxies, labels, r0, r1, c0, c1, gsc, has_r0):
         n_s, tps = _splits(triton.cdiv(C, bc), n_b * n_d, B * D * acc.itemsize, x.device)
         du = torch.empty((n_s, B, D), dtype=acc, device=x.device)
         cnt = torch.zeros(n_s * n_d * n_b, dtype=torch.int32, device=x.device) if TUNING["count_skips"] else dummy
-        K._bwd_rows_kernel[(n_b, n_d, n_s)](x, x.stride(0), x.stride(1), proxies, proxies.stride(0), proxies.stride(1),
-                                          labels, rx, ax, rp, bp, r0, r1, c0, c1, gsc, du, sc, cnt, B, C, D, tps,
-                                          BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, BLOCK_D=bd, num_warps=nw, **common)
+        K._bwd_kernel[(n_b, n_d, n_s)](x, x.stride(0), x.stride(1), proxies, proxies.stride(0), proxies.stride(1),
+                                       labels, rx, ax, rp, bp, r0, r1, c0, c1, gsc, du, sc, cnt, B, C, D, tps,
+                                       COLUMNS=False, BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, BLOCK_D=bd, num_warps=nw,
+                                       **common)
         if TUNING["count_skips"]:
             LAST_SKIPS["rows"] = (cnt, n_b * n_d * tps * n_s)
         du = du[0] if n_s == 1 else du.sum(0)
@@ -240,9 +241,10 @@ def _bwd(ctx, x, proxies, labels, r0, r1, c0, c1, gsc, has_r0):
         n_s, tps = _splits(triton.cdiv(B, bb), n_c * n_d, C * D * acc.itemsize, x.device, "b")
         dv = torch.empty((n_s, C, D), dtype=acc, device=x.device)
         cnt = torch.zeros(n_s * n_c * n_d, dtype=torch.int32, device=x.device) if TUNING["count_skips"] else dummy
-        K._bwd_cols_kernel[(n_c, n_d, n_s)](x, x.stride(0), x.stride(1), proxies, proxies.stride(0), proxies.stride(1),
+        K._bwd_kernel[(n_c, n_d, n_s)](x, x.stride(0), x.stride(1), proxies, proxies.stride(0), proxies.stride(1),
                                        labels, rx, ax, rp, bp, r0, r1, c0, c1, gsc, dv, sc, cnt, B, C, D, tps,
-                                       BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, BLOCK_D=bd, num_warps=nw, **common)
+                                       COLUMNS=True, BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, BLOCK_D=bd, num_warps=nw,
+                                       **common)
         if TUNING["count_skips"]:
             LAST_SKIPS["cols"] = (cnt, n_c * n_d * tps * n_s)
         dv = dv[0] if n_s == 1 else dv.sum(0)

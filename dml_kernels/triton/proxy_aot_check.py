@@ -41,11 +41,12 @@ def _variants():
             b, nw = blk("pa_fwd")
             yield K._pa_fwd_kernel, ptr, acc, dict(KIND=kind, HAS_OFF=kind != 0, **dev, **b), nw
             for loss in (0, 1):
-                for kern, name in ((K._bwd_rows_kernel, "rows"), (K._bwd_cols_kernel, "cols")):
+                for name in ("rows", "cols"):
                     b, nw = blk(name, with_d=True)
-                    yield kern, ptr, acc, dict(LOSS=loss, KIND=kind, EXCL=loss == 0 and kind == 2,
-                                               HAS_R0=loss == 0 or kind == 1, COUNT=kind == 2,
-                                               SCALE_G=dtype == "fp16", **dev, **b), nw
+                    yield K._bwd_kernel, ptr, acc, dict(COLUMNS=name == "cols", LOSS=loss, KIND=kind,
+                                                        EXCL=loss == 0 and kind == 2,
+                                                        HAS_R0=loss == 0 or kind == 1, COUNT=kind == 2,
+                                                        SCALE_G=dtype == "fp16", **dev, **b), nw
 
 
 def _signature(fn, ptr, acc, consts):
@@ -75,7 +76,7 @@ def main(cc: int = 90) -> int:
     for fn, ptr, acc, consts, num_warps in _variants():
         count += 1
         label = f"{fn.fn.__name__}[{ptr['x_ptr']}] " + ",".join(
-            f"{k}={v}" for k, v in consts.items() if k in ("LOSS", "KIND"))
+            f"{k}={v}" for k, v in consts.items() if k in ("COLUMNS", "LOSS", "KIND"))
         try:
             triton.compile(ASTSource(fn, _signature(fn, ptr, acc, consts), constexprs=consts), target=target,
                            options=dict(num_warps=num_warps, num_stages=2))

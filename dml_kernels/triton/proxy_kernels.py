@@ -267,27 +267,9 @@ def _pa_fwd_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, off_ptr, rx_ptr, ax_
 
 
 @triton.jit
-def _bwd_rows_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, rx_ptr, ax_ptr, rp_ptr, bp_ptr,
-                     r0_ptr, r1_ptr, c0_ptr, c1_ptr, g_ptr, du_ptr,
-                     sc_ptr, cnt_ptr, B, C, D, tiles_per_split,
-                     LOSS: tl.constexpr, KIND: tl.constexpr, EXCL: tl.constexpr, HAS_R0: tl.constexpr,
-                     COUNT: tl.constexpr, SCALE_G: tl.constexpr,
-                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                     CD: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
-    """dL/du for a (row block, D chunk, C split): recompute each S tile, form the tile gradient, and
-    accumulate G·V (plus the ‖u‖² term of the distances). Writes the split's partial du[s, rows, chunk]."""
-    pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    k0 = tl.load(sc_ptr)
-    k1 = tl.load(sc_ptr + 1)
-    k2 = tl.load(sc_ptr + 2)
-    k3 = tl.load(sc_ptr + 3)
-    tau = tl.load(sc_ptr + 4)  # < 0: never skip
-    skipped = 0
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    rmask = rows < B
-    rows64 = rows.to(tl.int64)
+def _row_inputs(y_ptr, rx_ptr, ax_ptr, r0_ptr, r1_ptr, rows, rmask,
+                LOSS: tl.constexpr, HAS_R0: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Per-row inputs of a gradient tile: label, 1/‖x‖, ‖u‖², and r0 / r1 of :func:`_tile_grad`."""
     y = tl.load(y_ptr + rows, mask=rmask, other=-1)
     rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
     ax = tl.load(ax_ptr + rows, mask=rmask, other=0.0)
@@ -297,73 +279,55 @@ def _bwd_rows_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, rx_ptr, ax_ptr, rp
         r0 = tl.zeros((BLOCK_B,), dtype=ACC)
     if LOSS == 0:
         r1 = tl.load(r1_ptr + rows, mask=rmask, other=0.0)
-        g0 = 0.0
-        g1 = 0.0
     else:
         r1 = r0
-        g0 = tl.load(g_ptr)
-        g1 = tl.load(g_ptr + 1)
-    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = ds < D
-    ds64 = ds.to(tl.int64)
-    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC)
-    rsum = tl.zeros((BLOCK_B,), dtype=ACC)
-    c_begin = pid_s * tiles_per_split * BLOCK_C
-    c_end = tl.minimum(c_begin + tiles_per_split * BLOCK_C, C)
-    for cb in range(c_begin, c_end, BLOCK_C):
-        cols = cb + tl.arange(0, BLOCK_C)
-        cmask = cols < c_end
-        rp = tl.load(rp_ptr + cols, mask=cmask, other=0.0)
-        bp = tl.load(bp_ptr + cols, mask=cmask, other=0.0)
-        if LOSS == 1:
-            c0 = tl.load(c0_ptr + cols, mask=cmask, other=0.0)
-            c1 = tl.load(c1_ptr + cols, mask=cmask, other=0.0)
-        else:
-            c0 = rp
-            c1 = rp
-        raw = _raw_dot_tile(x_ptr, sxb, sxd, rows, rmask, p_ptr, spc, spd, cols, cmask, D,
-                            BLOCK_B, BLOCK_C, BLOCK_K, CD, ACC, EMU_BF16, PREC)
-        val, dd = _value(raw, rx, ax, rp, bp, KIND)
-        gv, stat = _tile_grad(val, rows, rmask, cols, cmask, y, C, r0, r1, c0, c1, g0, g1, k0, k1, k2, k3,
-                              LOSS, EXCL)
-        if stat >= tau:
-            gs, gd = _chain_value(gv, val, dd, KIND)
-            gs = gs * rp[None, :]  # dL/ds · ∂s/∂v-scaling: s = u·(p·rp)
-            pt = tl.load(p_ptr + cols.to(tl.int64)[:, None] * spc + ds64[None, :] * spd,
-                         mask=cmask[:, None] & dmask[None, :], other=0.0)
-            if SCALE_G:
-                sc = tl.max(tl.abs(gs), axis=1)
-                sc = tl.where(sc > 0, sc, 1.0)
-                part = tl.dot(_cvt(gs / sc[:, None], CD, EMU_BF16), _cvt(pt, CD, EMU_BF16), input_precision=PREC)
-                acc += part.to(ACC) * sc[:, None]
-            else:
-                acc = tl.dot(_cvt(gs, CD, EMU_BF16), _cvt(pt, CD, EMU_BF16), acc, input_precision=PREC)
-            if KIND != 0:
-                rsum += tl.sum(gd, axis=1)
-        else:
-            skipped += 1
-    if KIND != 0:
-        xt = tl.load(x_ptr + rows64[:, None] * sxb + ds64[None, :] * sxd, mask=rmask[:, None] & dmask[None, :],
-                     other=0.0).to(ACC)
-        acc += 2.0 * xt * (rx * rsum)[:, None]
-    if COUNT:
-        tl.store(cnt_ptr + (pid_s * tl.num_programs(1) + pid_d) * tl.num_programs(0) + pid_b, skipped)
-    out = du_ptr + (pid_s.to(tl.int64) * B + rows64)[:, None] * D + ds64[None, :]
-    tl.store(out, acc, mask=rmask[:, None] & dmask[None, :])
+    return y, rx, ax, r0, r1
 
 
 @triton.jit
-def _bwd_cols_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, rx_ptr, ax_ptr, rp_ptr, bp_ptr,
-                     r0_ptr, r1_ptr, c0_ptr, c1_ptr, g_ptr, dv_ptr,
-                     sc_ptr, cnt_ptr, B, C, D, tiles_per_split,
-                     LOSS: tl.constexpr, KIND: tl.constexpr, EXCL: tl.constexpr, HAS_R0: tl.constexpr,
-                     COUNT: tl.constexpr, SCALE_G: tl.constexpr,
-                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                     CD: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
-    """dL/dv for a (proxy block, D chunk, batch split): loop over the split's batch tiles, recompute S,
-    accumulate Gᵀ·U (plus the ‖v‖² term of the distances). Writes the split's partial dv[s, cols, chunk]:
-    each program owns its output rows, so the result is deterministic, with no atomics."""
-    pid_c = tl.program_id(0)
+def _col_inputs(rp_ptr, bp_ptr, c0_ptr, c1_ptr, cols, cmask, LOSS: tl.constexpr):
+    """Per-proxy inputs of a gradient tile: 1/‖p‖, ‖v‖², and c0 / c1 of :func:`_tile_grad`."""
+    rp = tl.load(rp_ptr + cols, mask=cmask, other=0.0)
+    bp = tl.load(bp_ptr + cols, mask=cmask, other=0.0)
+    if LOSS == 1:
+        c0 = tl.load(c0_ptr + cols, mask=cmask, other=0.0)
+        c1 = tl.load(c1_ptr + cols, mask=cmask, other=0.0)
+    else:
+        c0 = rp
+        c1 = rp
+    return rp, bp, c0, c1
+
+
+@triton.jit
+def _accumulate(acc, g, e_ptr, s_e, s_d, offs, emask, ds64, dmask, SCALE_G: tl.constexpr, CD: tl.constexpr,
+                ACC: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
+    """acc += g · E[offs, ds] with the product in the compute dtype; SCALE_G (fp16) divides g by its
+    per-output-row maximum before the cast and multiplies it back after the dot."""
+    e = tl.load(e_ptr + offs.to(tl.int64)[:, None] * s_e + ds64[None, :] * s_d, mask=emask[:, None] & dmask[None, :],
+                other=0.0)
+    if SCALE_G:
+        sc = tl.max(tl.abs(g), axis=1)
+        sc = tl.where(sc > 0, sc, 1.0)
+        part = tl.dot(_cvt(g / sc[:, None], CD, EMU_BF16), _cvt(e, CD, EMU_BF16), input_precision=PREC)
+        acc += part.to(ACC) * sc[:, None]
+    else:
+        acc = tl.dot(_cvt(g, CD, EMU_BF16), _cvt(e, CD, EMU_BF16), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _bwd_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, rx_ptr, ax_ptr, rp_ptr, bp_ptr,
+                r0_ptr, r1_ptr, c0_ptr, c1_ptr, g_ptr, out_ptr, sc_ptr, cnt_ptr, B, C, D, tiles_per_split,
+                COLUMNS: tl.constexpr, LOSS: tl.constexpr, KIND: tl.constexpr, EXCL: tl.constexpr,
+                HAS_R0: tl.constexpr, COUNT: tl.constexpr, SCALE_G: tl.constexpr,
+                BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                CD: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
+    """One program per (owned block, D chunk, split). Rows (COLUMNS=False): dL/du of a row block over the
+    split's proxy tiles, G·V plus the ‖u‖² term of the distances. Columns: dL/dv of a proxy block over the
+    split's batch tiles, Gᵀ·U plus the ‖v‖² term. Every S tile is recomputed; the split's partial is
+    written at out[split, owned rows, chunk], so each program owns its output: deterministic, no atomics.
+    ``cnt`` (COUNT) receives the number of skipped tiles per program."""
+    pid_o = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
     k0 = tl.load(sc_ptr)
@@ -371,43 +335,45 @@ def _bwd_cols_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, rx_ptr, ax_ptr, rp
     k2 = tl.load(sc_ptr + 2)
     k3 = tl.load(sc_ptr + 3)
     tau = tl.load(sc_ptr + 4)  # < 0: never skip
-    skipped = 0
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    cols64 = cols.to(tl.int64)
-    rp = tl.load(rp_ptr + cols, mask=cmask, other=0.0)
-    bp = tl.load(bp_ptr + cols, mask=cmask, other=0.0)
     if LOSS == 1:
-        c0 = tl.load(c0_ptr + cols, mask=cmask, other=0.0)
-        c1 = tl.load(c1_ptr + cols, mask=cmask, other=0.0)
         g0 = tl.load(g_ptr)
         g1 = tl.load(g_ptr + 1)
     else:
-        c0 = rp
-        c1 = rp
         g0 = 0.0
         g1 = 0.0
+    skipped = 0
     ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = ds < D
     ds64 = ds.to(tl.int64)
-    acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=ACC)
-    csum = tl.zeros((BLOCK_C,), dtype=ACC)
-    b_begin = pid_s * tiles_per_split * BLOCK_B
-    b_end = tl.minimum(b_begin + tiles_per_split * BLOCK_B, B)
-    for b0 in range(b_begin, b_end, BLOCK_B):
-        rows = b0 + tl.arange(0, BLOCK_B)
-        rmask = rows < b_end
-        y = tl.load(y_ptr + rows, mask=rmask, other=-1)
-        rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
-        ax = tl.load(ax_ptr + rows, mask=rmask, other=0.0)
-        if HAS_R0:
-            r0 = tl.load(r0_ptr + rows, mask=rmask, other=0.0)
+    if COLUMNS:
+        cols = pid_o * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        rp, bp, c0, c1 = _col_inputs(rp_ptr, bp_ptr, c0_ptr, c1_ptr, cols, cmask, LOSS)
+        acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=ACC)
+        norm_sum = tl.zeros((BLOCK_C,), dtype=ACC)
+        begin = pid_s * tiles_per_split * BLOCK_B
+        end = tl.minimum(begin + tiles_per_split * BLOCK_B, B)
+        step: tl.constexpr = BLOCK_B
+    else:
+        rows = pid_o * BLOCK_B + tl.arange(0, BLOCK_B)
+        rmask = rows < B
+        y, rx, ax, r0, r1 = _row_inputs(y_ptr, rx_ptr, ax_ptr, r0_ptr, r1_ptr, rows, rmask, LOSS, HAS_R0, ACC,
+                                        BLOCK_B)
+        acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC)
+        norm_sum = tl.zeros((BLOCK_B,), dtype=ACC)
+        begin = pid_s * tiles_per_split * BLOCK_C
+        end = tl.minimum(begin + tiles_per_split * BLOCK_C, C)
+        step: tl.constexpr = BLOCK_C
+    for t0 in range(begin, end, step):
+        if COLUMNS:
+            rows = t0 + tl.arange(0, BLOCK_B)
+            rmask = rows < end
+            y, rx, ax, r0, r1 = _row_inputs(y_ptr, rx_ptr, ax_ptr, r0_ptr, r1_ptr, rows, rmask, LOSS, HAS_R0, ACC,
+                                            BLOCK_B)
         else:
-            r0 = tl.zeros((BLOCK_B,), dtype=ACC)
-        if LOSS == 0:
-            r1 = tl.load(r1_ptr + rows, mask=rmask, other=0.0)
-        else:
-            r1 = r0
+            cols = t0 + tl.arange(0, BLOCK_C)
+            cmask = cols < end
+            rp, bp, c0, c1 = _col_inputs(rp_ptr, bp_ptr, c0_ptr, c1_ptr, cols, cmask, LOSS)
         raw = _raw_dot_tile(x_ptr, sxb, sxd, rows, rmask, p_ptr, spc, spd, cols, cmask, D,
                             BLOCK_B, BLOCK_C, BLOCK_K, CD, ACC, EMU_BF16, PREC)
         val, dd = _value(raw, rx, ax, rp, bp, KIND)
@@ -415,29 +381,31 @@ def _bwd_cols_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, rx_ptr, ax_ptr, rp
                               LOSS, EXCL)
         if stat >= tau:
             gs, gd = _chain_value(gv, val, dd, KIND)
-            gs = gs * rx[:, None]
-            xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxb + ds64[None, :] * sxd,
-                         mask=rmask[:, None] & dmask[None, :], other=0.0)
-            gst = tl.trans(gs)
-            if SCALE_G:
-                sc = tl.max(tl.abs(gst), axis=1)
-                sc = tl.where(sc > 0, sc, 1.0)
-                part = tl.dot(_cvt(gst / sc[:, None], CD, EMU_BF16), _cvt(xt, CD, EMU_BF16), input_precision=PREC)
-                acc += part.to(ACC) * sc[:, None]
-            else:
-                acc = tl.dot(_cvt(gst, CD, EMU_BF16), _cvt(xt, CD, EMU_BF16), acc, input_precision=PREC)
-            if KIND != 0:
-                csum += tl.sum(gd, axis=0)
+            if COLUMNS:  # dL/dv_c = Σ_i gs_ic · u_i with u = x·rx
+                acc = _accumulate(acc, tl.trans(gs * rx[:, None]), x_ptr, sxb, sxd, rows, rmask, ds64, dmask,
+                                  SCALE_G, CD, ACC, EMU_BF16, PREC)
+                if KIND != 0:
+                    norm_sum += tl.sum(gd, axis=0)
+            else:  # dL/du_i = Σ_c gs_ic · v_c with v = p·rp
+                acc = _accumulate(acc, gs * rp[None, :], p_ptr, spc, spd, cols, cmask, ds64, dmask,
+                                  SCALE_G, CD, ACC, EMU_BF16, PREC)
+                if KIND != 0:
+                    norm_sum += tl.sum(gd, axis=1)
         else:
             skipped += 1
+    # the squared-norm term of the distances, 2·(Σ gd)·u (the owned side's own vectors), then the partial
+    if COLUMNS:
+        own, own_mask, own64, n_own, e_ptr, s_e, s_d, r_own = cols, cmask, cols.to(tl.int64), C, p_ptr, spc, spd, rp
+    else:
+        own, own_mask, own64, n_own, e_ptr, s_e, s_d, r_own = rows, rmask, rows.to(tl.int64), B, x_ptr, sxb, sxd, rx
     if KIND != 0:
-        pt = tl.load(p_ptr + cols64[:, None] * spc + ds64[None, :] * spd, mask=cmask[:, None] & dmask[None, :],
+        et = tl.load(e_ptr + own64[:, None] * s_e + ds64[None, :] * s_d, mask=own_mask[:, None] & dmask[None, :],
                      other=0.0).to(ACC)
-        acc += 2.0 * pt * (rp * csum)[:, None]
+        acc += 2.0 * et * (r_own * norm_sum)[:, None]
     if COUNT:
-        tl.store(cnt_ptr + (pid_s * tl.num_programs(1) + pid_d) * tl.num_programs(0) + pid_c, skipped)
-    out = dv_ptr + (pid_s.to(tl.int64) * C + cols64)[:, None] * D + ds64[None, :]
-    tl.store(out, acc, mask=cmask[:, None] & dmask[None, :])
+        tl.store(cnt_ptr + (pid_s * tl.num_programs(1) + pid_d) * tl.num_programs(0) + pid_o, skipped)
+    out = out_ptr + (pid_s.to(tl.int64) * n_own + own64)[:, None] * D + ds64[None, :]
+    tl.store(out, acc, mask=own_mask[:, None] & dmask[None, :])
 
 
 @triton.jit

@@ -6,10 +6,10 @@ with ``smooth_loss``). Per anchor block I the forward streams a positive tile J 
 negative tile K, and reduces the (BA, BB, BB) block of violations to per-row sums and counts.
 
 The gradient of a pair (a, k) is (1/count)·sg·(Σ_{p} h'(t_apk) [k negative] − Σ_{n} h'(t_akn) [k positive]),
-a sum over the anchor's other references, so it is not an O(1) row statistic: a row kernel computes the
-(I, J) weights by streaming K tiles and accumulates dX_I; a column kernel does the same per column block
-and accumulates the reference side (dRef, or the Gᵀ half of dX in self mode). Both cost about one
-forward each; no atomics.
+a sum over the anchor's other references, so it is not an O(1) row statistic: the engine's gradient
+kernel runs with :func:`_triplet_grad_tile` as its tile gradient, which computes the (I, J) weights by
+streaming K tiles. Its row form accumulates dX_I; its column form the reference side (dRef, or the Gᵀ
+half of dX in self mode). Both cost about one forward each; no atomics.
 
 ``mining="batch_hard"``: the fused batch-hard miner gives one (p, n) per anchor; the O(N·D) tail
 (gathered pair distances, hinge, AvgNonZero) is plain autograd, so the backward is a gather/scatter.
@@ -101,81 +101,34 @@ def _pair_weights(x_ptr, r_ptr, sr_ptr, nr_ptr, lr_ptr, pos_bits, neg_bits, nbyt
 
 
 @triton.jit
-def _triplet_grad_kernel(x_ptr, r_ptr, sx_ptr, sr_ptr, nx_ptr, nr_ptr, lx_ptr, lr_ptr, pos_bits, neg_bits,
-                         nbytes, sc_ptr, acc_ptr, dn_ptr, N, M, D, stride_x, stride_r, margin,
-                         COLUMNS: tl.constexpr, SMOOTH: tl.constexpr, SELF: tl.constexpr,
-                         HAS_LABELS: tl.constexpr, HAS_PAIRS: tl.constexpr, DIST: tl.constexpr,
-                         BA: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BDO: tl.constexpr,
-                         PREC: tl.constexpr, GPREC: tl.constexpr):
-    """Rows (COLUMNS=False): acc_i = Σ_k G_ik s_k r_k per anchor block. Columns: acc_k = Σ_i G_ik s_i x_i."""
-    CT: tl.constexpr = sx_ptr.dtype.element_ty
-    offs_o = tl.program_id(1) * BDO + tl.arange(0, BDO)
-    scale = tl.load(sc_ptr)
-    if COLUMNS:
-        offs_j = tl.program_id(0) * BB + tl.arange(0, BB)
-        s_j, n_j, lab_j = engine.load_rows(r_ptr, sr_ptr, nr_ptr, lr_ptr, offs_j, M, HAS_LABELS)
-        acc = tl.zeros((BB, BDO), CT)
-        dn = tl.zeros((BB,), CT)
-        for a0 in range(0, N, BA):
-            offs_a = a0 + tl.arange(0, BA)
-            s_a, n_a, lab_a = engine.load_rows(x_ptr, sx_ptr, nx_ptr, lx_ptr, offs_a, N, HAS_LABELS)
-            v = engine.value_tile(x_ptr, r_ptr, offs_a, offs_j, s_a, s_j, n_a, n_j, N, M, D, stride_x, stride_r,
-                                  DIST, BA, BB, BD, PREC)
-            pos, neg = engine.pair_masks(lab_a, lab_j, offs_a, offs_j, N, M, pos_bits, neg_bits, nbytes,
-                                         SELF, HAS_LABELS, HAS_PAIRS, False)
-            w = _pair_weights(x_ptr, r_ptr, sr_ptr, nr_ptr, lr_ptr, pos_bits, neg_bits, nbytes, N, M, D, stride_x,
-                              stride_r, offs_a, offs_j, s_a, n_a, lab_a, v, pos, neg, margin, SMOOTH, SELF,
-                              HAS_LABELS, HAS_PAIRS, DIST, BA, BB, BD, PREC) * scale
-            gc, gn = engine.chain(w, v, DIST)
-            xa = tl.load(x_ptr + offs_a.to(tl.int64)[:, None] * stride_x + offs_o[None, :],
-                         mask=(offs_a < N)[:, None] & (offs_o < D)[None, :], other=0.0).to(CT)
-            acc = tl.dot(tl.trans(gc * s_a[:, None]), xa, acc, input_precision=GPREC, out_dtype=CT)
-            dn += tl.sum(gn, axis=0)
-        inside = offs_j < M
-        tl.store(acc_ptr + offs_j.to(tl.int64)[:, None] * D + offs_o[None, :], acc,
-                 mask=inside[:, None] & (offs_o < D)[None, :])
-        if tl.program_id(1) == 0:
-            tl.store(dn_ptr + offs_j, dn, mask=inside)
-    else:
-        offs_a = tl.program_id(0) * BA + tl.arange(0, BA)
-        s_a, n_a, lab_a = engine.load_rows(x_ptr, sx_ptr, nx_ptr, lx_ptr, offs_a, N, HAS_LABELS)
-        acc = tl.zeros((BA, BDO), CT)
-        dn = tl.zeros((BA,), CT)
-        for j0 in range(0, M, BB):
-            offs_j = j0 + tl.arange(0, BB)
-            s_j, n_j, lab_j = engine.load_rows(r_ptr, sr_ptr, nr_ptr, lr_ptr, offs_j, M, HAS_LABELS)
-            v = engine.value_tile(x_ptr, r_ptr, offs_a, offs_j, s_a, s_j, n_a, n_j, N, M, D, stride_x, stride_r,
-                                  DIST, BA, BB, BD, PREC)
-            pos, neg = engine.pair_masks(lab_a, lab_j, offs_a, offs_j, N, M, pos_bits, neg_bits, nbytes,
-                                         SELF, HAS_LABELS, HAS_PAIRS, False)
-            w = _pair_weights(x_ptr, r_ptr, sr_ptr, nr_ptr, lr_ptr, pos_bits, neg_bits, nbytes, N, M, D, stride_x,
-                              stride_r, offs_a, offs_j, s_a, n_a, lab_a, v, pos, neg, margin, SMOOTH, SELF,
-                              HAS_LABELS, HAS_PAIRS, DIST, BA, BB, BD, PREC) * scale
-            gc, gn = engine.chain(w, v, DIST)
-            rj = tl.load(r_ptr + offs_j.to(tl.int64)[:, None] * stride_r + offs_o[None, :],
-                         mask=(offs_j < M)[:, None] & (offs_o < D)[None, :], other=0.0).to(CT)
-            acc = tl.dot(gc * s_j[None, :], rj, acc, input_precision=GPREC, out_dtype=CT)
-            dn += tl.sum(gn, axis=1)
-        inside = offs_a < N
-        tl.store(acc_ptr + offs_a.to(tl.int64)[:, None] * D + offs_o[None, :], acc,
-                 mask=inside[:, None] & (offs_o < D)[None, :])
-        if tl.program_id(1) == 0:
-            tl.store(dn_ptr + offs_a, dn, mask=inside)
+def _triplet_grad_tile(x_ptr, r_ptr, sr_ptr, nr_ptr, lr_ptr, offs_a, offs_j, s_a, s_j, n_a, n_j, lab_a, lab_j,
+                       pos_bits, neg_bits, nbytes, st_ptr, nst, sc_ptr, N, M, D, stride_x, stride_r,
+                       margin, p1, p2, p3, BWD: tl.constexpr, SELF: tl.constexpr, HAS_LABELS: tl.constexpr,
+                       HAS_PAIRS: tl.constexpr, DIST: tl.constexpr, SMOOTH: tl.constexpr, BA: tl.constexpr,
+                       BB: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    """The ``TILE_GRAD`` of the engine's gradient kernel for all triplets: recompute the (I, J) tile, weigh
+    it by streaming the anchors' other references K (:func:`_pair_weights`), scale by 1/count (``sc``),
+    chain through the distance. (p0 = margin, FLAG = smooth_loss; ``BWD`` and the statistics are unused.)"""
+    v = engine.value_tile(x_ptr, r_ptr, offs_a, offs_j, s_a, s_j, n_a, n_j, N, M, D, stride_x, stride_r,
+                          DIST, BA, BB, BD, PREC)
+    pos, neg = engine.pair_masks(lab_a, lab_j, offs_a, offs_j, N, M, pos_bits, neg_bits, nbytes,
+                                 SELF, HAS_LABELS, HAS_PAIRS, False)
+    w = _pair_weights(x_ptr, r_ptr, sr_ptr, nr_ptr, lr_ptr, pos_bits, neg_bits, nbytes, N, M, D, stride_x,
+                      stride_r, offs_a, offs_j, s_a, n_a, lab_a, v, pos, neg, margin, SMOOTH, SELF,
+                      HAS_LABELS, HAS_PAIRS, DIST, BA, BB, BD, PREC) * tl.load(sc_ptr)
+    return engine.chain(w, v, DIST)
 
 
 class AllTriplets(engine.PairLossImpl):
     def __init__(self, margin, smooth_loss):
         self.margin, self.smooth = margin, smooth_loss
 
-    def _kw(self, tiles):
-        return dict(SMOOTH=self.smooth, **tiles.launch("triplet"), **tiles._flags())
-
     def forward(self, tiles, xs):
         c = tiles._common(*xs)
         out = torch.empty(2, tiles.n, dtype=tiles.ct, device=tiles.device)
         _triplet_fwd_kernel[(triton.cdiv(tiles.n, tiles.blocks("triplet").ba),)](
             *c, out, tiles.n, tiles.m, tiles.d, c[0].stride(0), c[1].stride(0), float(self.margin),
-            **self._kw(tiles))
+            SMOOTH=self.smooth, **tiles.launch("triplet"), **tiles._flags())
         total, count = out.sum(1)
         scale = (count > 0).to(tiles.ct) / count.clamp_min(1)
         return total * scale, torch.zeros(1, 1, dtype=tiles.ct, device=tiles.device), scale.reshape(1)
@@ -183,27 +136,19 @@ class AllTriplets(engine.PairLossImpl):
     def grad_scalars(self, g, aux):
         return g.reshape(1) * aux
 
-    def _launch(self, tiles, c, sc, columns):
-        rows = tiles.m if columns else tiles.n
-        acc = torch.empty(rows, tiles.d, dtype=tiles.ct, device=tiles.device)
-        dn = torch.empty(rows, dtype=tiles.ct, device=tiles.device)
-        b = tiles.blocks("triplet")
-        grid = (triton.cdiv(rows, b.bb if columns else b.ba), triton.cdiv(tiles.d, b.bdo))
-        _triplet_grad_kernel[grid](*c, sc.to(tiles.ct).contiguous(), acc, dn, tiles.n, tiles.m, tiles.d,
-                                   c[0].stride(0), c[1].stride(0), float(self.margin), COLUMNS=columns,
-                                   BDO=b.bdo, GPREC=tiles.gprec, **self._kw(tiles))
-        return acc, dn
-
     def grad(self, tiles, xs, stats, sc, need_x, need_r):
-        c = tiles._common(*xs)
+        def side(columns):
+            return tiles.grad_side(xs, columns, None, stats, sc, (self.margin, 0.0, 0.0, 0.0), int(self.smooth),
+                                   tile_grad=_triplet_grad_tile, kind="triplet")
+
         acc = dn = acc_r = dn_r = None
         if need_x:
-            acc, dn = self._launch(tiles, c, sc, False)
+            acc, dn = side(False)
             if tiles.self_mode:  # the reference side of every pair is x too
-                acc_c, dn_c = self._launch(tiles, c, sc, True)
+                acc_c, dn_c = side(True)
                 acc, dn = acc + acc_c, dn + dn_c
         if need_r:
-            acc_r, dn_r = self._launch(tiles, c, sc, True)
+            acc_r, dn_r = side(True)
         return acc, dn, acc_r, dn_r
 
 
