@@ -16,7 +16,7 @@ TORCH_LIBRARY(dml_kernels, m) {
   m.def("pair_reduce_backward(Tensor grad_pos, Tensor grad_neg, Tensor q, Tensor? r, Tensor? labels, "
         "Tensor? ref_labels, Tensor? pos_bits, Tensor? neg_bits, int dist, int kind, float pos_scale, "
         "float pos_center, float neg_scale, float neg_center, float? eps, Tensor red_pos, Tensor red_neg, "
-        "Tensor thresholds, Tensor? col_mask=None) -> (Tensor, Tensor)");
+        "Tensor thresholds, Tensor? col_mask=None, bool need_r=True) -> (Tensor, Tensor)");
   // MultiSimilarityMiner pass 1: per row (hardest positive value, hardest negative value).
   m.def("ms_thresholds(Tensor q, Tensor? r, Tensor? labels, Tensor? ref_labels, Tensor? pos_bits, "
         "Tensor? neg_bits, int dist) -> (Tensor, Tensor)");

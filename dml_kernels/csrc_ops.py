@@ -207,8 +207,9 @@ def _register_python_side():
         return q.new_empty(n), q.new_empty(n), q.new_empty(2, n), q.new_empty(4, n, dtype=torch.long)
 
     @lib.register_fake("dml_kernels::pair_reduce_backward")
-    def _(gp, gn, q, r, *rest):
-        return q.new_empty(q.shape), q.new_empty((0, q.shape[1]) if r is None else r.shape)
+    def _(gp, gn, q, r, labels, ref_labels, pos_bits, neg_bits, dist, kind, pa, pc, na, nc, eps, red_pos, red_neg,
+          thr, col_mask=None, need_r=True):
+        return q.new_empty(q.shape), q.new_empty((0, q.shape[1]) if r is None or not need_r else r.shape)
 
     @lib.register_fake("dml_kernels::ms_thresholds")
     def _(q, r, labels, ref_labels, pos_bits, neg_bits, dist):
@@ -290,10 +291,11 @@ def _register_python_side():
         q, r, labels, ref_labels, pos_bits, neg_bits, red_pos, red_neg, thr, col_mask = ctx.saved_tensors
         gp = torch.zeros_like(red_pos) if gp is None else gp
         gn = torch.zeros_like(red_neg) if gn is None else gn
+        need_r = ctx.has_r and ctx.needs_input_grad[1]  # a detached memory bank: no reference-side pass
         dq, dr = torch.ops.dml_kernels.pair_reduce_backward(
             gp, gn, q, r if ctx.has_r else None, labels, ref_labels, pos_bits, neg_bits, *ctx.params,
-            red_pos, red_neg, thr, col_mask)
-        return (dq, dr if ctx.has_r else None) + (None,) * 12
+            red_pos, red_neg, thr, col_mask, need_r)
+        return (dq, dr if need_r else None) + (None,) * 12
 
     lib.register_autograd("dml_kernels::pair_reduce", reduce_backward, setup_context=reduce_setup)
 

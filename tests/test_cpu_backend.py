@@ -123,6 +123,20 @@ def test_multi_similarity_many_reference_chunks():
     assert torch.equal(m1.pos_bits, m0.pos_bits) and torch.equal(m1.neg_bits, m0.neg_bits)
 
 
+@pytest.mark.parametrize("shape", [(2100, 700), (600, 2500)])  # rows outer / columns outer
+def test_reference_mode_gradients_in_one_pass_over_many_tiles(shape):
+    """Both gradients of reference mode come from one pass (the larger side in parallel blocks, the smaller
+    side and the norm terms in per-thread accumulators): several blocks each way, several inner chunks."""
+    n, m = shape
+    x, y = torch.randn(n, 3, dtype=torch.float64), torch.randint(0, 6, (n,))
+    r, ry = torch.randn(m, 3, dtype=torch.float64), torch.randint(0, 6, (m,))
+    for dist in ("cosine", "squared_euclidean/raw"):
+        _compare(lambda x, r, backend: _ms(x, y, r, ry, alpha=0.5, beta=0.5, backend=backend, **dist_kw(dist)),
+                 [x, r])
+        _compare(lambda x, r, backend: F.contrastive_loss(x, y, None, r, ry, backend=backend, **dist_kw(dist)),
+                 [x, r])
+
+
 def test_multi_similarity_m_much_larger_than_n():
     x, y = make("random", n=3, d=8)
     r, ry = torch.randn(700, 8, dtype=torch.float64), torch.randint(0, 3, (700,))

@@ -36,8 +36,7 @@ __attribute__((always_inline)) inline double exp_vec(double x) { return std::exp
 
 // Backward edge weights of one row (see row_edges below); compile-time flags so the loop has no
 // invariant branches and vectorises.
-// ROW = false (dR pass of reference mode): only the "column" view, whose statistics are indexed by k.
-template <typename T, bool SELF, bool MINE, bool HINGE, int64_t DIST, bool ROW = true>
+template <typename T, bool SELF, bool MINE, bool HINGE, int64_t DIST>
 __attribute__((always_inline)) inline T edges_impl(T* __restrict st, int64_t nk, const EpilogueArgs<T>& a,
                                                    const int64_t* __restrict rlab, int64_t li, int64_t diag,
                                                    int64_t i, const T* __restrict gp, const T* __restrict gn,
@@ -45,8 +44,7 @@ __attribute__((always_inline)) inline T edges_impl(T* __restrict st, int64_t nk,
                                                    const T* __restrict hp, const T* __restrict hn) {
   constexpr bool sim = DIST == kSim;
   const T eps = a.eps, pa = a.pa, pc = a.pc, na = a.na, nc = a.nc;
-  const T gpi = ROW ? gp[i] : T(0), gni = ROW ? gn[i] : T(0), rpi = ROW ? rp[i] : T(0), rni = ROW ? rn[i] : T(0);
-  const T hpi = ROW ? hp[i] : T(0), hni = ROW ? hn[i] : T(0);
+  const T gpi = gp[i], gni = gn[i], rpi = rp[i], rni = rn[i], hpi = hp[i], hni = hn[i];
   const T ninf = -std::numeric_limits<T>::infinity();
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -67,9 +65,8 @@ __attribute__((always_inline)) inline T edges_impl(T* __restrict st, int64_t nk,
       const T rhs = sim ? (same ? th : vp) : (same ? vp : th);
       keep = keep & (lhs < rhs);
     }
-    T w = 0;
-    if (!ROW) {
-    } else if (HINGE) {
+    T w;
+    if (HINGE) {
       w = (keep & (t > 0)) ? (same ? gpi : gni) * coef : T(0);
     } else {
       const T x = keep ? t - (same ? rpi : rni) : ninf;
@@ -121,37 +118,6 @@ __attribute__((always_inline)) inline T edges_dist(T* st, int64_t nk, const Epil
       return edges_impl<T, SELF, MINE, HINGE, kSqEuclid>(st, nk, a, rlab, li, diag, li_row, cgp, cgn, crp, crn, chp,
                                                          chn);
   }
-}
-
-// Reference mode, dR pass: the tile's rows are references k (label li), its columns queries i starting at
-// `col`; the weight of (i, k) is query row i's (statistics indexed by i, shifted by col).
-template <typename T, bool MINE, bool HINGE>
-__attribute__((always_inline)) inline T col_edges_dist(T* st, int64_t nk, const EpilogueArgs<T>& a,
-                                                       const int64_t* rlab, int64_t li, const T* gp, const T* gn,
-                                                       const T* rp, const T* rn, const T* hp, const T* hn) {
-  switch (a.dist) {
-    case kSim:
-      return edges_impl<T, true, MINE, HINGE, kSim, false>(st, nk, a, rlab, li, -1, 0, gp, gn, rp, rn, hp, hn);
-    case kEuclid:
-      return edges_impl<T, true, MINE, HINGE, kEuclid, false>(st, nk, a, rlab, li, -1, 0, gp, gn, rp, rn, hp, hn);
-    default:
-      return edges_impl<T, true, MINE, HINGE, kSqEuclid, false>(st, nk, a, rlab, li, -1, 0, gp, gn, rp, rn, hp, hn);
-  }
-}
-
-template <typename T>
-__attribute__((always_inline)) inline T col_edges_dispatch(T* st, int64_t nk, const EpilogueArgs<T>& a,
-                                                           const int64_t* rlab, int64_t li, int64_t col,
-                                                           const T* gp, const T* gn, const T* rp, const T* rn,
-                                                           const T* hp, const T* hn) {
-  gp += col; gn += col; rp += col; rn += col; hp += col; hn += col;
-  const bool hinge = a.kind == kHinge;
-  if (a.mine) {
-    return hinge ? col_edges_dist<T, true, true>(st, nk, a, rlab, li, gp, gn, rp, rn, hp, hn)
-                 : col_edges_dist<T, true, false>(st, nk, a, rlab, li, gp, gn, rp, rn, hp, hn);
-  }
-  return hinge ? col_edges_dist<T, false, true>(st, nk, a, rlab, li, gp, gn, rp, rn, hp, hn)
-               : col_edges_dist<T, false, false>(st, nk, a, rlab, li, gp, gn, rp, rn, hp, hn);
 }
 
 template <typename T>
@@ -259,15 +225,8 @@ __attribute__((always_inline)) inline T edges_dispatch(T* st, int64_t nk, const 
                      const T* __restrict gn, const T* __restrict rp, const T* __restrict rn,                   \
                      const T* __restrict hp, const T* __restrict hn) {                                         \
     return edges_dispatch<T>(st, nk, a, rlab, li, diag, self, i, col, gp, gn, rp, rn, hp, hn);                 \
-  }                                                                                                            \
-                                                                                                               \
-  /* Reference mode, dR pass: st = tile row of reference k (label li) against queries [col, col + nk). */      \
-  DML_MV T col_edges(T* __restrict st, int64_t nk, const EpilogueArgs<T>& a, const int64_t* __restrict rlab,   \
-                     int64_t li, int64_t col, const T* __restrict gp, const T* __restrict gn,                  \
-                     const T* __restrict rp, const T* __restrict rn, const T* __restrict hp,                   \
-                     const T* __restrict hn) {                                                                 \
-    return col_edges_dispatch<T>(st, nk, a, rlab, li, col, gp, gn, rp, rn, hp, hn);                            \
   }
+
 
 DML_DEFINE_EPILOGUES(float)
 DML_DEFINE_EPILOGUES(double)

@@ -97,7 +97,6 @@ struct Geometry {
     }
   }
   void qtile(int64_t i0, int64_t ni, int64_t k0, int64_t nk, T* out) const { tile(q, qn, i0, ni, r, rn, k0, nk, out); }
-  void rtile(int64_t k0, int64_t nk, int64_t i0, int64_t ni, T* out) const { tile(r, rn, k0, nk, q, qn, i0, ni, out); }
 };
 
 template <typename T>
@@ -276,33 +275,82 @@ void subtract_norm_term(T* rows, const T* own, const T* rowsum, int64_t nrows, i
     for (int64_t c = 0; c < d; ++c) rows[i * d + c] -= rowsum[i] * own[i * d + c];
 }
 
-// The gradient of one side from edge weights E (dL/d⟨own_o, other_k⟩ after the distance's chain rule,
-// see edge_of). Blocks of BR owned rows (q rows; r rows when `columns`) stream tiles of the other side;
-// `edges(o0, no, k0, nk, buf, rowsum)` turns the tile of stored values in `buf` (no × nk) into E in place,
-// adds each row's Σ_k E_ok to rowsum, and says whether any entry is non-zero (else the GEMM is skipped);
-// out_block += E · other_tile. Distances then add −(Σ_k E_ok) own_o. A block writes only its own rows of
-// `out` (and whatever per-row outputs `edges` owns): deterministic, no atomics.
+// Both gradients of reference mode in one pass: each tile's E (from `edges`, the row view as in rows_grad)
+// serves dQ += E·R and dR += Eᵀ·Q, so every tile is formed and weighted once (3 GEMMs per tile instead of
+// 4 for a dQ pass and a dR pass). Blocks of the larger side run in parallel and own their rows of its gradient;
+// the smaller side's gradient, and the row / column sums of E for the norm terms, go to per-thread
+// accumulators summed in thread order at the end (O(threads·(min(N, M)·D + N + M)) memory; deterministic
+// for a given thread count). Tiles of about kTileElems entries, at least 32 rows each, so a GEMM's packed
+// operand serves many rows.
+constexpr int64_t kTileElems = 128 * 1024;
+
 template <typename T, typename Edges>
-void side_grad(const Geometry<T>& g, bool columns, Tensor& out, const Edges& edges) {
-  const int64_t own = columns ? g.m : g.n, other = columns ? g.n : g.m, d = g.d;
-  const Tensor& other_rows = columns ? g.q : g.r;
-  const T* own_rows = columns ? g.rp : g.qp;
-  at::parallel_for(0, (own + kBR - 1) / kBR, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> buf(kBR * std::min(kBC, std::max<int64_t>(other, 1))), rowsum(kBR);
+void both_grads(const Geometry<T>& g, Tensor& dq, Tensor& dr, const Edges& edges) {
+  const bool rows_outer = g.n >= g.m;
+  const int64_t outer = rows_outer ? g.n : g.m, inner = rows_outer ? g.m : g.n, d = g.d;
+  const int nthreads = at::get_num_threads();
+  const int64_t bo = std::clamp<int64_t>(outer / (4 * nthreads), 32, 256);
+  const int64_t bi = std::clamp<int64_t>(kTileElems / bo, 64, std::max<int64_t>(inner, 64));
+  std::vector<Tensor> part(nthreads);  // per thread: the inner side's gradient
+  std::vector<std::vector<T>> rsum(nthreads), csum(nthreads);
+  at::parallel_for(0, (outer + bo - 1) / bo, 1, [&](int64_t b0, int64_t b1) {
+    const int tid = at::get_thread_num();
+    if (!part[tid].defined()) {
+      part[tid] = at::zeros({inner, d}, dq.options());
+      rsum[tid].assign(g.n, T(0));
+      csum[tid].assign(g.m, T(0));
+    }
+    std::vector<T> buf(bo * std::min(bi, inner));
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t o0 = b * kBR, no = std::min(kBR, own - o0);
-      std::fill(rowsum.begin(), rowsum.end(), T(0));
-      Tensor block = out.narrow(0, o0, no);
-      for (int64_t k0 = 0; k0 < other; k0 += kBC) {
-        const int64_t nk = std::min(kBC, other - k0);
-        if (columns)
-          g.rtile(o0, no, k0, nk, buf.data());
-        else
-          g.qtile(o0, no, k0, nk, buf.data());
-        if (edges(o0, no, k0, nk, buf.data(), rowsum.data()))
-          block.addmm_(at::from_blob(buf.data(), {no, nk}, out.options()), other_rows.narrow(0, k0, nk));
+      for (int64_t c0 = 0; c0 < inner; c0 += bi) {
+        const int64_t o0 = b * bo, no = std::min(bo, outer - o0), nc = std::min(bi, inner - c0);
+        const int64_t i0 = rows_outer ? o0 : c0, ni = rows_outer ? no : nc;
+        const int64_t k0 = rows_outer ? c0 : o0, nk = rows_outer ? nc : no;
+        g.qtile(i0, ni, k0, nk, buf.data());
+        if (!edges(i0, ni, k0, nk, buf.data(), rsum[tid].data() + i0)) continue;
+        T* cs = csum[tid].data() + k0;
+        for (int64_t i = 0; i < ni; ++i)
+          for (int64_t k = 0; k < nk; ++k) cs[k] += buf[i * nk + k];
+        const Tensor e = at::from_blob(buf.data(), {ni, nk}, dq.options());
+        (rows_outer ? dq.narrow(0, i0, ni) : part[tid].narrow(0, i0, ni)).addmm_(e, g.r.narrow(0, k0, nk));
+        (rows_outer ? part[tid].narrow(0, k0, nk) : dr.narrow(0, k0, nk)).addmm_(e.t(), g.q.narrow(0, i0, ni));
       }
-      if (g.dist != kSim) subtract_norm_term(block.data_ptr<T>(), own_rows + o0 * d, rowsum.data(), no, d);
+    }
+  });
+  Tensor& inner_grad = rows_outer ? dr : dq;
+  std::vector<T> rows(g.n, T(0)), cols(g.m, T(0));
+  for (int t = 0; t < nthreads; ++t) {
+    if (!part[t].defined()) continue;
+    inner_grad.add_(part[t]);
+    for (int64_t i = 0; i < g.n; ++i) rows[i] += rsum[t][i];
+    for (int64_t k = 0; k < g.m; ++k) cols[k] += csum[t][k];
+  }
+  if (g.dist != kSim) {
+    subtract_norm_term(dq.data_ptr<T>(), g.qp, rows.data(), g.n, d);
+    subtract_norm_term(dr.data_ptr<T>(), g.rp, cols.data(), g.m, d);
+  }
+}
+
+// dQ from edge weights E (dL/d⟨q_i, r_k⟩ after the distance's chain rule, see edge_of). Blocks of BR query
+// rows stream tiles of the references; `edges(i0, ni, k0, nk, buf, rowsum)` turns the tile of stored values
+// in `buf` (ni × nk) into E in place, adds each row's Σ_k E_ik to rowsum, and says whether any entry is
+// non-zero (else the GEMM is skipped); dq_block += E · r_tile. Distances then add −(Σ_k E_ik) q_i. A block
+// writes only its own rows of dq (and whatever per-row outputs `edges` owns): deterministic, no atomics.
+template <typename T, typename Edges>
+void rows_grad(const Geometry<T>& g, Tensor& dq, const Edges& edges) {
+  at::parallel_for(0, (g.n + kBR - 1) / kBR, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> buf(kBR * tile_cols(g)), rowsum(kBR);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = b * kBR, ni = std::min(kBR, g.n - i0);
+      std::fill(rowsum.begin(), rowsum.end(), T(0));
+      Tensor block = dq.narrow(0, i0, ni);
+      for (int64_t k0 = 0; k0 < g.m; k0 += kBC) {
+        const int64_t nk = std::min(kBC, g.m - k0);
+        g.qtile(i0, ni, k0, nk, buf.data());
+        if (edges(i0, ni, k0, nk, buf.data(), rowsum.data()))
+          block.addmm_(at::from_blob(buf.data(), {ni, nk}, dq.options()), g.r.narrow(0, k0, nk));
+      }
+      if (g.dist != kSim) subtract_norm_term(block.data_ptr<T>(), g.qp + i0 * g.d, rowsum.data(), ni, g.d);
     }
   });
 }
@@ -535,7 +583,7 @@ std::tuple<Tensor, Tensor> pair_reduce_backward_cpu(
     const c10::optional<Tensor>& labels, const c10::optional<Tensor>& ref_labels,
     const c10::optional<Tensor>& pos_bits, const c10::optional<Tensor>& neg_bits, int64_t dist, int64_t kind,
     double pa, double pc, double na, double nc, c10::optional<double> eps, const Tensor& red_pos_,
-    const Tensor& red_neg_, const Tensor& thr_, const c10::optional<Tensor>& col_mask) {
+    const Tensor& red_neg_, const Tensor& thr_, const c10::optional<Tensor>& col_mask, bool need_r) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_embeddings(q_, r_);
   check_dist(dist);
@@ -551,7 +599,8 @@ std::tuple<Tensor, Tensor> pair_reduce_backward_cpu(
   Tensor rpos = red_pos_.to(q_.scalar_type()).contiguous(), rneg = red_neg_.to(q_.scalar_type()).contiguous();
   Tensor thr = thr_.to(q_.scalar_type()).contiguous();
   Tensor dq = at::zeros({n, d}, q_.options());
-  Tensor dr = self ? at::empty({0, d}, q_.options()) : at::zeros({m, d}, q_.options());
+  need_r = need_r && !self;  // a detached reference set (memory bank) gets no gradient pass
+  Tensor dr = need_r ? at::zeros({m, d}, q_.options()) : at::empty({0, d}, q_.options());
   AT_DISPATCH_FLOATING_TYPES(q_.scalar_type(), "pair_reduce_backward_cpu", [&] {
     using T = scalar_t;
     Geometry<T> g(q_, r_, dist);
@@ -560,8 +609,9 @@ std::tuple<Tensor, Tensor> pair_reduce_backward_cpu(
     RowGrad<T> rg(&p, gpos.data_ptr<T>(), gneg.data_ptr<T>(), rpos.data_ptr<T>(), rneg.data_ptr<T>(), th, th + n,
                   dist);
     const EpilogueArgs<T> ea{dist, kind, p.mine, p.eps, p.pa, p.pc, p.na, p.nc};
-    // dQ: row blocks of q against tiles of r (self mode adds row k's view of the pair (k, i)).
-    side_grad(g, false, dq, [&](int64_t i0, int64_t ni, int64_t k0, int64_t nk, T* buf, T* rowsum) {
+    // E of the tile rows [i0, i0+ni) × references [k0, k0+nk), from each row's statistics (self mode adds
+    // row k's view of the pair (k, i), so a row block owns its rows of dQ).
+    const auto row_view = [&](int64_t i0, int64_t ni, int64_t k0, int64_t nk, T* buf, T* rowsum) {
       if (mk.simple()) {  // label masks: vectorised epilogue
         for (int64_t i = 0; i < ni; ++i) {
           const int64_t gi = i0 + i;
@@ -590,30 +640,11 @@ std::tuple<Tensor, Tensor> pair_reduce_backward_cpu(
         }
       }
       return any;
-    });
-    if (self) return;
-    // dR: blocks of reference rows against tiles of q; the weight of (i, k) is row i's.
-    side_grad(g, true, dr, [&](int64_t k0, int64_t nk, int64_t i0, int64_t ni, T* buf, T* colsum) {
-      if (mk.simple()) {  // label masks: vectorised epilogue
-        for (int64_t k = 0; k < nk; ++k)
-          colsum[k] += col_edges(buf + k * ni, ni, ea, mk.lab + i0, mk.rlab[k0 + k], i0, rg.gp, rg.gn, rg.rp, rg.rn,
-                                 rg.hp, rg.hn);
-        return true;
-      }
-      bool any = false;
-      for (int64_t k = 0; k < nk; ++k) {
-        T* row = buf + k * ni;
-        for (int64_t i = 0; i < ni; ++i) {
-          const T stored = row[i], v = value_of(stored, dist);
-          bool pos, neg;
-          mk.get(i0 + i, k0 + k, pos, neg);
-          row[i] = edge_of(rg(i0 + i, v, pos, neg), stored, dist);
-          colsum[k] += row[i];
-          any = any || row[i] != 0;
-        }
-      }
-      return any;
-    });
+    };
+    if (need_r)
+      both_grads(g, dq, dr, row_view);
+    else
+      rows_grad(g, dq, row_view);
   });
   return {dq, dr};
 }
@@ -993,7 +1024,7 @@ std::tuple<Tensor, Tensor> lifted_pos_backward_cpu(const Tensor& grad_sum, const
     const LiftedPair<T> lift{a.data_ptr<T>(), hasn.data_ptr<bool>()};
     const T s = dist == kSim ? T(-1) : T(1), pm = T(pos_margin);
     T* dap = da.data_ptr<T>();
-    side_grad(g, false, dq, [&](int64_t i0, int64_t ni, int64_t k0, int64_t nk, T* buf, T* rowsum) {
+    rows_grad(g, dq, [&](int64_t i0, int64_t ni, int64_t k0, int64_t nk, T* buf, T* rowsum) {
       for (int64_t i = 0; i < ni; ++i) {
         const int64_t gi = i0 + i;
         T dai = 0;

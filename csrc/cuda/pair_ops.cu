@@ -544,7 +544,7 @@ std::tuple<Tensor, Tensor> pair_reduce_backward_cuda(
     const c10::optional<Tensor>& labels, const c10::optional<Tensor>& ref_labels,
     const c10::optional<Tensor>& pos_bits, const c10::optional<Tensor>& neg_bits, int64_t dist, int64_t kind,
     double pa, double pc, double na, double nc, c10::optional<double> eps, const Tensor& red_pos,
-    const Tensor& red_neg, const Tensor& thr, const c10::optional<Tensor>& col_mask) {
+    const Tensor& red_neg, const Tensor& thr, const c10::optional<Tensor>& col_mask, bool need_r) {
   check_inputs(q_, r_, dist);
   const c10::cuda::CUDAGuard guard(q_.device());
   Tensor q = q_.contiguous(), r = r_.has_value() ? r_->contiguous() : q;
@@ -561,7 +561,8 @@ std::tuple<Tensor, Tensor> pair_reduce_backward_cuda(
   Tensor gp = grad_pos.to(st).contiguous(), gn = grad_neg.to(st).contiguous();
   Tensor rp = red_pos.to(st).contiguous(), rnn = red_neg.to(st).contiguous(), th = thr.to(st).contiguous();
   Tensor dq = at::zeros({n, d}, q.options());
-  Tensor dr = self ? at::empty({0, d}, q.options()) : at::zeros({m, d}, q.options());
+  need_r = need_r && !self;  // a detached reference set (memory bank) gets no gradient pass
+  Tensor dr = need_r ? at::zeros({m, d}, q.options()) : at::empty({0, d}, q.options());
   if (n == 0 || m == 0) return {dq, dr};
   Tensor qn = sq_norms(q), rn = self ? qn : sq_norms(r);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -572,7 +573,7 @@ std::tuple<Tensor, Tensor> pair_reduce_backward_cuda(
     pair_reduce_backward_kernel<T, false><<<blocks_for(n), kThreads, 0, stream>>>(
         q.data_ptr<T>(), qn.data_ptr<T>(), n, r.data_ptr<T>(), rn.data_ptr<T>(), m, d, h.mk, rg, dq.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (!self) {
+    if (need_r) {
       pair_reduce_backward_kernel<T, true><<<blocks_for(m), kThreads, 0, stream>>>(
           r.data_ptr<T>(), rn.data_ptr<T>(), m, q.data_ptr<T>(), qn.data_ptr<T>(), n, d, h.mk, rg,
           dr.data_ptr<T>());
