@@ -197,7 +197,7 @@ def _common(x, proxies, labels):
 
 
 def _bwd(ctx, x, proxies, labels, r0, r1, c0, c1, gsc, has_r0):
-    """Shared backward: dX by the row-block kernel, dP by the proxy-block kernel."""
+    """Shared backward: dX by the kernel's row form (row blocks over proxy tiles), dP by its column form."""
     cfg = ctx.cfg
     B, D = x.shape
     C = proxies.shape[0]
@@ -218,38 +218,27 @@ def _bwd(ctx, x, proxies, labels, r0, r1, c0, c1, gsc, has_r0):
     c0 = dummy if c0 is None else c0
     c1 = dummy if c1 is None else c1
     gsc = dummy if gsc is None else gsc
-    gx = gp = None
-    if ctx.needs_input_grad[0]:
-        bb, bc, bk, bd, nw = _blocks("rows", cfg.compute, D, x.device)
-        n_d = triton.cdiv(D, bd)
-        n_b = triton.cdiv(B, bb)
-        n_s, tps = _splits(triton.cdiv(C, bc), n_b * n_d, B * D * acc.itemsize, x.device)
-        du = torch.empty((n_s, B, D), dtype=acc, device=x.device)
-        cnt = torch.zeros(n_s * n_d * n_b, dtype=torch.int32, device=x.device) if TUNING["count_skips"] else dummy
-        K._bwd_kernel[(n_b, n_d, n_s)](x, x.stride(0), x.stride(1), proxies, proxies.stride(0), proxies.stride(1),
-                                       labels, rx, ax, rp, bp, r0, r1, c0, c1, gsc, du, sc, cnt, B, C, D, tps,
-                                       COLUMNS=False, BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, BLOCK_D=bd, num_warps=nw,
+    grads = []
+    for side, (t, r, nrm) in enumerate(((x, rx, nx), (proxies, rp, np_))):  # 0: dX by row blocks, 1: dP by proxies
+        if not ctx.needs_input_grad[side]:
+            grads.append(None)
+            continue
+        columns = side == 1
+        bb, bc, bk, bd, nw = _blocks("cols" if columns else "rows", cfg.compute, D, x.device)
+        own, own_block, other_tiles = (C, bc, triton.cdiv(B, bb)) if columns else (B, bb, triton.cdiv(C, bc))
+        n_o, n_d = triton.cdiv(own, own_block), triton.cdiv(D, bd)
+        n_s, tps = _splits(other_tiles, n_o * n_d, own * D * acc.itemsize, x.device, "b" if columns else "c")
+        partial = torch.empty((n_s, own, D), dtype=acc, device=x.device)
+        cnt = torch.zeros(n_s * n_d * n_o, dtype=torch.int32, device=x.device) if TUNING["count_skips"] else dummy
+        K._bwd_kernel[(n_o, n_d, n_s)](x, x.stride(0), x.stride(1), proxies, proxies.stride(0), proxies.stride(1),
+                                       labels, rx, ax, rp, bp, r0, r1, c0, c1, gsc, partial, sc, cnt, B, C, D, tps,
+                                       COLUMNS=columns, BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, BLOCK_D=bd, num_warps=nw,
                                        **common)
         if TUNING["count_skips"]:
-            LAST_SKIPS["rows"] = (cnt, n_b * n_d * tps * n_s)
-        du = du[0] if n_s == 1 else du.sum(0)
-        gx = _l2norm_bwd(du, x, rx, nx, x.dtype, cfg.normalize, bd)
-    if ctx.needs_input_grad[1]:
-        bb, bc, bk, bd, nw = _blocks("cols", cfg.compute, D, x.device)
-        n_d = triton.cdiv(D, bd)
-        n_c = triton.cdiv(C, bc)
-        n_s, tps = _splits(triton.cdiv(B, bb), n_c * n_d, C * D * acc.itemsize, x.device, "b")
-        dv = torch.empty((n_s, C, D), dtype=acc, device=x.device)
-        cnt = torch.zeros(n_s * n_c * n_d, dtype=torch.int32, device=x.device) if TUNING["count_skips"] else dummy
-        K._bwd_kernel[(n_c, n_d, n_s)](x, x.stride(0), x.stride(1), proxies, proxies.stride(0), proxies.stride(1),
-                                       labels, rx, ax, rp, bp, r0, r1, c0, c1, gsc, dv, sc, cnt, B, C, D, tps,
-                                       COLUMNS=True, BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, BLOCK_D=bd, num_warps=nw,
-                                       **common)
-        if TUNING["count_skips"]:
-            LAST_SKIPS["cols"] = (cnt, n_c * n_d * tps * n_s)
-        dv = dv[0] if n_s == 1 else dv.sum(0)
-        gp = _l2norm_bwd(dv, proxies, rp, np_, proxies.dtype, cfg.normalize, bd)
-    return gx, gp
+            LAST_SKIPS["cols" if columns else "rows"] = (cnt, n_o * n_d * tps * n_s)
+        partial = partial[0] if n_s == 1 else partial.sum(0)
+        grads.append(_l2norm_bwd(partial, t, r, nrm, t.dtype, cfg.normalize, bd))
+    return tuple(grads)
 
 
 def _forward_norms(x, proxies, cfg, bd):
