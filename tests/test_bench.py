@@ -6,19 +6,32 @@ exactly as on the GPU, and the ``gpu`` preset's cell list is checked for its siz
 """
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from dml_kernels import bench, bench_cases
 
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"),
                                 reason="the CPU memory measurement needs Linux /proc/self/clear_refs")
 
 
+def _bench(*argv):
+    """``python -m dml_kernels bench ...`` in a fresh process, as a user runs it: the harness forks a process
+    per cell, which must not inherit this test process's OpenMP / BLAS thread pools (a fork of a process
+    whose pools have run can deadlock)."""
+    proc = subprocess.run([sys.executable, "-m", "dml_kernels", "bench", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
 def _run(tmp_path, *extra):
     out = tmp_path / "results"
-    argv = ["--device", "cpu", "--preset", "cpu-smoke", "--cell-time", "0.05", "--out", str(out), *extra]
-    assert bench.main(argv) == 0
+    _bench("--device", "cpu", "--preset", "cpu-smoke", "--cell-time", "0.05", "--out", str(out), *extra)
     (slug,) = os.listdir(out)
     data = json.load(open(out / slug / "cpu-smoke.json"))
     return out, slug, data["meta"], data["records"]
@@ -49,7 +62,7 @@ def test_smoke_sweep_records_and_oom(tmp_path):
     assert big_cpu["peak_extra_bytes"] < 4096 * 4096 * 4 / 4  # a quarter of one B×B fp32 matrix
     assert big_ref["status"] == "oom", big_ref
     # the report: a table per device and RESULTS.md next to the results directory
-    assert bench.main(["--report-only", "--out", str(out)]) == 0
+    _bench("--report-only", "--out", str(out))
     table = (out / slug / "table.md").read_text()
     assert "multi_similarity_loss (mining)" in table and "OOM" in table
     assert (tmp_path / "RESULTS.md").exists()
