@@ -179,11 +179,15 @@ CASES = _cases()
 def gemm_flops(case: Case, B, M, C, D):
     """Matmul FLOPs of forward + backward: the similarity tile S (2·B·R·D) and the gradient GEMMs
     (dX = G·R, plus dR = Gᵀ·X when the references / proxies get a gradient). Self mode: dX = (G + Gᵀ)·X,
-    one GEMM. Triplet-all's O(B·P·B) epilogue is not counted (so its floor is loose)."""
+    one GEMM. N-pairs: the anchors × positives block only. Triplet-all's O(B·P·B) epilogue is not counted
+    (so its floor is loose)."""
     if case.family == "proxy":
         return 6.0 * B * C * D
     if case.family == "ref":  # detached memory bank: S and dX only
         return 4.0 * B * M * D
+    if case.key == "n_pairs":  # only anchors × positives matter: K = B / SAMPLES_PER_CLASS pairs in a PK batch
+        k = max(1, B // SAMPLES_PER_CLASS)
+        return 4.0 * k * k * D
     return 4.0 * B * B * D
 
 
