@@ -1,8 +1,9 @@
-"""The pair-engine kernels compile for a real GPU target (sm_90) even on a machine without a GPU.
+"""The Triton kernels (pair engine and proxy losses) compile for a real GPU target (sm_90) without a GPU.
 
-The interpreter accepts programs the GPU compiler rejects, so CI lowers a subset of kernel variants
-(every kernel × epilogue in bf16, one fp64 variant per kernel) through Triton's whole pipeline down to a
-cubin, in a subprocess without TRITON_INTERPRET. Triton's cache keeps re-runs fast.
+The interpreter accepts programs the GPU compiler rejects, so the tests lower a subset of kernel variants
+(every kernel × epilogue in bf16, one fp64 variant per kernel form) through Triton's whole pipeline down
+to a cubin, in a subprocess without TRITON_INTERPRET; .ci/run then compiles all of them. Triton's cache
+keeps re-runs fast.
 """
 import os
 import subprocess

@@ -1,12 +1,13 @@
-"""Compile every pair-engine kernel variant for a GPU target without a GPU (a CI check).
+"""Compile every Triton kernel variant for a GPU target without a GPU (a CI check).
 
 The interpreter runs kernels as numpy code and accepts programs the GPU compiler rejects (loop-carried
 type changes, unsupported dtype combinations...). ``python -m dml_kernels.triton.aot_check [cc] [--quick]
-[--usage]`` lowers every kernel × epilogue × dtype, with the tile shapes of ``engine.GPU_BLOCKS``, through
-Triton's whole pipeline down to a cubin for ``sm_<cc>`` (default 90; ``ptxas`` ships with Triton), and exits
-non-zero listing the failures (about 4 s per variant, 112 variants). ``--quick``: every variant in bf16 plus
-one fp64 variant of each kernel (the CI subset). ``--usage``: print registers and spill stack per variant
-(``cuobjdump -res-usage``). Run it with TRITON_INTERPRET unset.
+[--usage]`` lowers every kernel × epilogue × dtype of the pair engine (with the tile shapes of
+``engine.GPU_BLOCKS``) and of the proxy losses (``proxies._GPU_CFG``) through Triton's whole pipeline down
+to a cubin for ``sm_<cc>`` (default 90; ``ptxas`` ships with Triton), and exits non-zero listing the
+failures (112 pair + 80 proxy variants, a few seconds each). ``--quick``: every variant in bf16 plus one
+fp64 variant of each kernel form. ``--usage``: print registers and spill stack per variant (``cuobjdump
+-res-usage``). Run it with TRITON_INTERPRET unset.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import sys
 import tempfile
 
 
-def _variants():
-    """(kernel, dtype, compute dtype, pointer types, constexprs, num_warps) for every launch the engine makes."""
+def _pair_variants():
+    """(kernel, dtype, compute dtype, pointer types, constexprs, num_warps) for every launch the pair engine
+    makes."""
     from . import contrastive as C
     from . import engine as E
     from . import lifted_structure as LS
@@ -72,7 +74,7 @@ def _variants():
                                                       COLUMNS=cols)
 
 
-def _signature(fn, ct, ptr, consts):
+def _pair_signature(fn, ct, ptr, consts):
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -86,6 +88,69 @@ def _signature(fn, ct, ptr, consts):
         else:
             sig[name] = "i32"
     return sig
+
+
+_DT = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}
+
+
+def _proxy_variants():
+    """(kernel, pointer types, accumulator type, constexprs, num_warps) for every proxy-loss launch."""
+    import triton.language as tl
+
+    from . import proxy_kernels as K
+    from .proxies import _GPU_CFG
+
+    for dtype in ("fp16", "bf16", "fp32", "fp64"):
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        pdt = "fp64" if dtype == "fp64" else "fp32"  # proxies: an fp32 parameter (fp64 in fp64 runs)
+        cfg = _GPU_CFG["half" if dtype in ("fp16", "bf16") else dtype]
+        cd, ac = getattr(tl, _DT[dtype]), getattr(tl, _DT[acc])
+        prec = "tf32" if dtype == "fp32" else "ieee"
+        ptr = dict(x_ptr=dtype, p_ptr=pdt, y_ptr="i64", haspos_ptr="i32", cnt_ptr="i32")
+        dev = dict(CD=cd, ACC=ac, EMU_BF16=False, PREC=prec)
+
+        def blk(name, with_d=False):
+            bb, bc, bk, bd, nw = cfg[name]
+            out = dict(BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, **({"BLOCK_D": bd} if with_d else {}))
+            return out, nw
+
+        yield K._sqnorm_kernel, ptr, acc, dict(ACC=ac, BLOCK_R=16, BLOCK_D=64), 4
+        yield K._l2norm_bwd_kernel, dict(ptr, out_ptr=pdt), acc, dict(ACC=ac, BLOCK_R=16, BLOCK_D=64), 4
+        for kind in (0, 1, 2):
+            b, nw = blk("nca_fwd")
+            yield K._nca_fwd_kernel, ptr, acc, dict(KIND=kind, EXCL=kind == 1, **dev, **b), nw
+            b, nw = blk("pa_fwd")
+            yield K._pa_fwd_kernel, ptr, acc, dict(KIND=kind, HAS_OFF=kind != 0, **dev, **b), nw
+            for loss in (0, 1):
+                for name in ("rows", "cols"):
+                    b, nw = blk(name, with_d=True)
+                    yield K._bwd_kernel, ptr, acc, dict(COLUMNS=name == "cols", LOSS=loss, KIND=kind,
+                                                        EXCL=loss == 0 and kind == 2,
+                                                        HAS_R0=loss == 0 or kind == 1, COUNT=kind == 2,
+                                                        SCALE_G=dtype == "fp16", **dev, **b), nw
+
+
+def _proxy_signature(fn, ptr, acc, consts):
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + ptr.get(name, acc)
+        elif name.startswith("s") and name[1:] in ("xb", "xd", "pc", "pd", "xr"):
+            sig[name] = "i64" if name in ("spc", "sxr") else "i32"  # both widths of stride arguments
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def variants():
+    """Every launch of both families as (dtype, kernel, signature, constexprs, compile options)."""
+    for fn, dtype, ct, ptr, consts, warps in _pair_variants():
+        yield dtype, fn, _pair_signature(fn, ct, ptr, consts), consts, {"num_warps": warps}
+    for fn, ptr, acc, consts, warps in _proxy_variants():
+        options = {"num_warps": warps, "num_stages": 2}  # as proxies.py launches them
+        yield ptr["x_ptr"], fn, _proxy_signature(fn, ptr, acc, consts), consts, options
 
 
 def _usage(cubin: bytes) -> str:
@@ -110,8 +175,8 @@ def main(cc: int = 90, quick: bool = False, usage: bool = False) -> int:
 
     target = GPUTarget("cuda", cc, 32)
     failures, count, fp64_seen = [], 0, set()
-    for fn, dtype, ct, ptr, consts, warps in _variants():
-        if quick:  # every variant in bf16; in fp64 (other dot / accumulator types) the first of each kernel
+    for dtype, fn, sig, consts, options in variants():
+        if quick:  # every variant in bf16; in fp64 (other dot / accumulator types) the first of each kernel form
             key = (fn.fn.__name__, consts.get("COLUMNS"))
             if dtype == "fp64" and key not in fp64_seen:
                 fp64_seen.add(key)
@@ -120,10 +185,9 @@ def main(cc: int = 90, quick: bool = False, usage: bool = False) -> int:
         count += 1
         label = f"{fn.fn.__name__}[{dtype}] " + ",".join(
             f"{k}={getattr(v, '__name__', v)}" for k, v in consts.items()
-            if k in ("FWD", "TILE_GRAD", "BWD", "COLUMNS"))
+            if k in ("FWD", "TILE_GRAD", "BWD", "COLUMNS", "LOSS", "KIND"))
         try:
-            kernel = triton.compile(ASTSource(fn, _signature(fn, ct, ptr, consts), constexprs=consts),
-                                    target=target, options={"num_warps": warps})
+            kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target, options=options)
         except Exception as e:  # noqa: BLE001 - report every failing variant
             failures.append(f"{label}: {type(e).__name__}: {str(e)[-800:]}")
             continue

@@ -76,7 +76,7 @@ class _Cfg:
 
 
 # GPU tile configurations (block_b, block_c, block_k, block_d, num_warps), chosen so that ptxas reports no
-# (or a few bytes of) register spills on sm_90 (checked with the AOT compile, see proxy_aot_check.py); not
+# (or a few bytes of) register spills on sm_90 (checked with the AOT compile, see aot_check.py); not
 # yet timed on hardware. "cols" is the proxy-block gradient kernel (block_b = its batch tile).
 _GPU_CFG = {
     "half": {"nca_fwd": (64, 128, 64, 0, 8), "pa_fwd": (64, 64, 64, 0, 8), "rows": (64, 64, 64, 128, 8),
