@@ -1,4 +1,6 @@
-"""Device-side pair sets: a bit-packed N×M mask (1 bit per pair) for positives and for negatives.
+"""Device-side pair sets: a bit-packed N×M mask (1 bit per pair) for positives and for negatives, PML's
+index tuples, and the N-pairs selection (which samples are anchors and positives, and the block of the
+tile space that holds them).
 
 A :class:`PackedPairMask` is what ``dk.functional.multi_similarity_mask`` returns, and what losses
 accept as ``indices_tuple`` besides PML's index tuples. Row ``i`` holds ``ceil(M / 8)`` bytes; pair
