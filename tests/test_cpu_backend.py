@@ -137,6 +137,19 @@ def test_reference_mode_gradients_in_one_pass_over_many_tiles(shape):
                  [x, r])
 
 
+def test_zero_and_tiny_rows_normalise_like_the_reference():
+    """The extension's own row normalisation (one-pass backward) matches F.normalize's clamp at eps = 1e-12:
+    a zero row and a row below eps get g / eps, no projection; ordinary rows the projected gradient."""
+    x, y = make("random", n=9, d=4)
+    x[1] = 0.0
+    x[4] *= 1e-14
+    p = torch.randn(5, 4, dtype=torch.float64)
+    p[2] = 0.0
+    _compare(lambda x, backend: _ms(x, y, alpha=0.5, beta=0.5, backend=backend), [x])
+    _compare(lambda x, p, backend: F.proxy_anchor_loss(x, y % 5, p, backend=backend), [x, p])
+    _compare(lambda x, p, backend: F.proxy_nca_loss(x, y % 5, p, backend=backend), [x, p])
+
+
 def test_multi_similarity_m_much_larger_than_n():
     x, y = make("random", n=3, d=8)
     r, ry = torch.randn(700, 8, dtype=torch.float64), torch.randint(0, 3, (700,))
