@@ -228,23 +228,25 @@ def _cpu_time(fn, budget_s, t_est):
     return m.median * 1e3, len(m.times), min(m.times) * 1e3
 
 
-def _manual_bwd(fwd, grad, reps, cuda):
-    """Median ms of the backward alone: untimed forward, then timed autograd.grad."""
+def _manual_bwd(runs, reps, cuda):
+    """Median ms of the backward alone: per rep, an untimed forward on the next input set (rotating), then
+    a timed autograd.grad of its leaves."""
     times = []
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda") if cuda else None
-    for _ in range(reps):
-        out = fwd()
+    for i in range(reps):
+        fn, leaves = runs[i % len(runs)]
+        out = fn()
         if cuda:
             flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            grad(out)
+            torch.autograd.grad(out, leaves, allow_unused=True)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
-            grad(out)
+            torch.autograd.grad(out, leaves, allow_unused=True)
             times.append((time.perf_counter() - t0) * 1e3)
         del out
     times.sort()
@@ -357,16 +359,7 @@ def _time_gpu(runs, fwd_bwd_of, budget_s, t_est):
                         quantiles=[0.5, 0.2, 0.8])
         res[name], res[name + "_q20"], res[name + "_q80"] = q
     reps = int(max(5, min(100, per_mode / max(t_est, 1e-4))))
-    it = itertools.cycle(runs)
-    cur = {}
-
-    def bwd_fwd():
-        cur["r"] = next(it)
-        return cur["r"][0]()
-
-    res["bwd_ms"] = _manual_bwd(bwd_fwd, lambda out: torch.autograd.grad(out, cur["r"][1], allow_unused=True),
-                                reps, True)
-    res["bwd_reps"] = reps
+    res["bwd_ms"], res["bwd_reps"] = _manual_bwd(runs, reps, True), reps
     return res
 
 
@@ -382,16 +375,7 @@ def _time_cpu(runs, fwd_bwd_of, budget_s, t_est):
         res["fwd_ms"], res["fwd_reps"], _ = _cpu_time(fwd, per_mode, t_est * 0.5)
         res["fwd_bwd_ms"], res["fwd_bwd_reps"], res["fwd_bwd_ms_min"] = _cpu_time(fb, per_mode, t_est)
         reps = int(max(5, min(200, per_mode / max(t_est, 1e-5))))
-        it = itertools.cycle(runs)
-        cur = {}
-
-        def bwd_fwd():
-            cur["r"] = next(it)
-            return cur["r"][0]()
-
-        res["bwd_ms"] = _manual_bwd(bwd_fwd, lambda out: torch.autograd.grad(out, cur["r"][1], allow_unused=True),
-                                    reps, False)
-        res["bwd_reps"] = reps
+        res["bwd_ms"], res["bwd_reps"] = _manual_bwd(runs, reps, False), reps
         return res
     reps = int(max(3, min(100, budget_s / t_est)))
     tf, tb, tt_ = [], [], []

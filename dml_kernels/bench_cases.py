@@ -108,13 +108,22 @@ def _pml_proxy(cls_name, **kw):
     return build
 
 
+_KW = dict(check_inputs=False)  # no host syncs for value checks: what a training loop would run
+
+
+def _plain_pair(key, op, pml_cls, variant="plain", pml_desc=None, note=""):
+    """A pair case with default arguments on both sides: ``functional.<op>(x, labels)`` against
+    ``pml.losses.<pml_cls>()(x, labels)``."""
+    return Case(key, op, variant, "pair",
+                lambda t, b: getattr(_F(), op)(t["x"], t["labels"], backend=b, **_KW),
+                lambda t: _no_extra(lambda: getattr(_pml()[0], pml_cls)()(t["x"], t["labels"])),
+                pml_desc or f"{pml_cls}()", note=note)
+
+
 def _cases():
-    kw = dict(check_inputs=False)  # no host syncs for value checks: what a training loop would run
+    kw = _KW
     cs = [
-        Case("ms", "multi_similarity_loss", "plain", "pair",
-             lambda t, b: _F().multi_similarity_loss(t["x"], t["labels"], backend=b, **kw),
-             lambda t: _no_extra(lambda: _pml()[0].MultiSimilarityLoss()(t["x"], t["labels"])),
-             "MultiSimilarityLoss()"),
+        _plain_pair("ms", "multi_similarity_loss", "MultiSimilarityLoss"),
         Case("ms_mining", "multi_similarity_loss", "mining", "pair",
              lambda t, b: _F().multi_similarity_loss(t["x"], t["labels"], epsilon=0.1, backend=b, **kw),
              lambda t: _no_extra(lambda: _pml()[0].MultiSimilarityLoss()(
@@ -129,32 +138,19 @@ def _cases():
                  t["ref"], t["ref_labels"])),
              "MultiSimilarityMiner(0.1) + MultiSimilarityLoss() with ref_emb",
              note="B queries against a detached memory bank of M references (cross-batch memory)"),
-        Case("lifted", "lifted_structure_loss", "plain", "pair",
-             lambda t, b: _F().lifted_structure_loss(t["x"], t["labels"], backend=b, **kw),
-             lambda t: _no_extra(lambda: _pml()[0].LiftedStructureLoss()(t["x"], t["labels"])),
-             "LiftedStructureLoss()", note="PML builds a (#pos pairs × #neg pairs) matrix: O(B³) memory"),
-        Case("generalized_lifted", "generalized_lifted_structure_loss", "plain", "pair",
-             lambda t, b: _F().generalized_lifted_structure_loss(t["x"], t["labels"], backend=b, **kw),
-             lambda t: _no_extra(lambda: _pml()[0].GeneralizedLiftedStructureLoss()(t["x"], t["labels"])),
-             "GeneralizedLiftedStructureLoss()"),
-        Case("contrastive", "contrastive_loss", "plain", "pair",
-             lambda t, b: _F().contrastive_loss(t["x"], t["labels"], backend=b, **kw),
-             lambda t: _no_extra(lambda: _pml()[0].ContrastiveLoss()(t["x"], t["labels"])),
-             "ContrastiveLoss()"),
-        Case("triplet_all", "triplet_margin_loss", "all", "pair",
-             lambda t, b: _F().triplet_margin_loss(t["x"], t["labels"], backend=b, **kw),
-             lambda t: _no_extra(lambda: _pml()[0].TripletMarginLoss()(t["x"], t["labels"])),
-             "TripletMarginLoss() (all triplets)",
-             note="every valid triplet: O(B·P·B) epilogue work; the reference is O(B³) in time"),
+        _plain_pair("lifted", "lifted_structure_loss", "LiftedStructureLoss",
+                    note="PML builds a (#pos pairs × #neg pairs) matrix: O(B³) memory"),
+        _plain_pair("generalized_lifted", "generalized_lifted_structure_loss", "GeneralizedLiftedStructureLoss"),
+        _plain_pair("contrastive", "contrastive_loss", "ContrastiveLoss"),
+        _plain_pair("triplet_all", "triplet_margin_loss", "TripletMarginLoss", variant="all",
+                    pml_desc="TripletMarginLoss() (all triplets)",
+                    note="every valid triplet: O(B·P·B) epilogue work; the reference is O(B³) in time"),
         Case("triplet_batch_hard", "triplet_margin_loss", "batch_hard", "pair",
              lambda t, b: _F().triplet_margin_loss(t["x"], t["labels"], mining="batch_hard", backend=b, **kw),
              lambda t: _no_extra(lambda: _pml()[0].TripletMarginLoss()(
                  t["x"], t["labels"], _pml()[1].BatchHardMiner()(t["x"], t["labels"]))),
              "BatchHardMiner() + TripletMarginLoss()"),
-        Case("n_pairs", "n_pairs_loss", "plain", "pair",
-             lambda t, b: _F().n_pairs_loss(t["x"], t["labels"], backend=b, **kw),
-             lambda t: _no_extra(lambda: _pml()[0].NPairsLoss()(t["x"], t["labels"])),
-             "NPairsLoss()"),
+        _plain_pair("n_pairs", "n_pairs_loss", "NPairsLoss"),
         Case("pairwise_similarity", "pairwise_similarity", "cosine", "pair",
              lambda t, b: _F().pairwise_similarity(t["x"], backend=b, **kw).sum(),
              lambda t: _no_extra(lambda: _pml()[2].CosineSimilarity()(t["x"]).sum()),

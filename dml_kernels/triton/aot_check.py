@@ -106,7 +106,7 @@ def _proxy_variants():
         cfg = _GPU_CFG["half" if dtype in ("fp16", "bf16") else dtype]
         cd, ac = getattr(tl, _DT[dtype]), getattr(tl, _DT[acc])
         prec = "tf32" if dtype == "fp32" else "ieee"
-        ptr = dict(x_ptr=dtype, p_ptr=pdt, y_ptr="i64", haspos_ptr="i32", cnt_ptr="i32")
+        ptr = dict(x_ptr=dtype, p_ptr=pdt, y_ptr="i64", npos_ptr="i32", cnt_ptr="i32")
         dev = dict(CD=cd, ACC=ac, EMU_BF16=False, PREC=prec)
 
         def blk(name, with_d=False):

@@ -514,6 +514,13 @@ def embedding_grads(x, s, acc, dn, needs):
     return dx, ds, (dn if needs[2] else None)
 
 
+def refuse_double_backward():
+    """Call at the top of a recomputing backward: with create_graph=True it would silently return a
+    gradient that is not differentiable, so say so instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("double backward through a fused triton pair op is not supported")
+
+
 class FusedPairLoss(torch.autograd.Function):
     """loss = impl(x, ref): forward via ``impl.forward`` (kernels → scalar + O(N) stats), backward via the
     engine's gradient kernels with ``impl``'s backward epilogue and device scalars (no host sync)."""
@@ -528,8 +535,7 @@ class FusedPairLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if torch.is_grad_enabled():  # create_graph=True: the recomputing backward is not differentiable
-            raise RuntimeError("double backward through a fused triton pair op is not supported")
+        refuse_double_backward()
         x, s, n, r, sr, nr, stats, aux = ctx.saved_tensors
         impl, tiles = ctx.impl, ctx.tiles
         needs = ctx.needs_input_grad

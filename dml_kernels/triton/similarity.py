@@ -48,8 +48,7 @@ class PairwiseSimilarity(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if torch.is_grad_enabled():  # create_graph=True: the recomputing backward is not differentiable
-            raise RuntimeError("double backward through a fused triton pair op is not supported")
+        engine.refuse_double_backward()
         x, s, n, r, sr, nr = ctx.saved_tensors
         tiles = ctx.tiles
         needs = ctx.needs_input_grad
