@@ -17,8 +17,9 @@ import sys
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CPU_SOURCES = ["csrc/registration.cpp", "csrc/cpu/pair_ops.cpp"]
-CUDA_SOURCES = ["csrc/cuda/pair_ops.cu"]
+# Every .cpp under csrc/cpu and every .cu under csrc/cuda is compiled (the loader globs the same way).
+CPU_SOURCES = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=HERE))
+CUDA_SOURCES = sorted(glob.glob("csrc/cuda/*.cu", root_dir=HERE))
 STRICT = os.environ.get("FORCE_CUDA") == "1" or os.environ.get("DML_KERNELS_REQUIRE_BUILD") == "1"
 
 
@@ -108,7 +109,7 @@ setup(
     package_data={"dml_kernels._csrc": ["*.h", "*.cpp", "cpu/*.h", "cpu/*.cpp", "cuda/*.cu", "cuda/*.cuh"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     # triton: the GPU backend, and the interpreter the CPU tests run its kernels under; ninja: JIT build of
     # the extension when it was not built at install time.
     install_requires=["torch>=2.4", "numpy", "ninja", "triton; platform_system == 'Linux'"],

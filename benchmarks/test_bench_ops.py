@@ -14,8 +14,8 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from dml_kernels import _backends  # noqa: E402
-from dml_kernels import bench_cases as bc  # noqa: E402
+from dml_kernels import _registry  # noqa: E402
+from dml_kernels.bench import cases as bc  # noqa: E402
 
 B, D, C = 256, 64, 1024
 CASES = ("ms", "ms_mining", "lifted", "generalized_lifted", "contrastive", "triplet_batch_hard", "n_pairs",
@@ -30,8 +30,8 @@ def _why_not(case, provider):
         except ImportError:
             return "pytorch-metric-learning is not installed"
         return None
-    why = _backends.unavailable_reason(provider, "cpu")
-    if why is None and provider not in _backends.implemented(case.op):
+    why = _registry.unavailable_reason(provider, "cpu")
+    if why is None and provider not in _registry.implemented(case.op):
         why = f"{case.op} has no {provider!r} implementation yet"
     return why
 

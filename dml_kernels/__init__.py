@@ -3,14 +3,19 @@
     import dml_kernels as dk
     loss_fn = dk.losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5, epsilon=0.1)
     loss = loss_fn(embeddings, labels)
+
+Public families: ``losses``, ``miners``, ``distances``, ``functional``. Backends live in
+``dml_kernels/backends/<name>/`` and are loaded by the registry (``_registry.py``) on first use; the
+reference backend is loaded here, as it is always available.
 """
-from . import _reference_ops  # noqa: F401  (registers the always-available reference backend)
-from . import functional, losses, miners
-from ._backends import BACKENDS, BackendUnavailable, Unsupported
-from ._distance import Distance
+from . import _registry, distances, functional, losses, miners
 from ._pairs import PackedPairMask
+from ._registry import BACKENDS, BackendUnavailable, Unsupported
+from .distances import Distance
+
+_registry._load("reference")
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "losses", "miners", "BACKENDS", "BackendUnavailable", "Unsupported", "Distance",
-           "PackedPairMask", "__version__"]
+__all__ = ["functional", "losses", "miners", "distances", "BACKENDS", "BackendUnavailable", "Unsupported",
+           "Distance", "PackedPairMask", "__version__"]

@@ -4,13 +4,13 @@ import sys
 
 def ops_table() -> str:
     """Markdown table of which backends register which op (loads every backend that can load here)."""
-    from . import _backends
+    from . import _registry
     from ._ops import OPS
 
-    lines = ["| op | " + " | ".join(_backends.BACKENDS) + " |", "|---|" + "---|" * len(_backends.BACKENDS)]
+    lines = ["| op | " + " | ".join(_registry.BACKENDS) + " |", "|---|" + "---|" * len(_registry.BACKENDS)]
     for op in OPS:
-        have = _backends.implemented(op)
-        lines.append(f"| `{op}` | " + " | ".join("✓" if b in have else "—" for b in _backends.BACKENDS) + " |")
+        have = _registry.implemented(op)
+        lines.append(f"| `{op}` | " + " | ".join("✓" if b in have else "—" for b in _registry.BACKENDS) + " |")
     return "\n".join(lines)
 
 

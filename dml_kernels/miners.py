@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _backends
+from . import _registry
 from . import functional as F
-from ._distance import parse_distance
+from .distances import parse_distance
 from ._validation import check_embeddings, check_labels, check_ref
 
 
@@ -75,7 +75,7 @@ class TripletMarginMiner(_Miner):
         labels = check_labels(labels, embeddings.shape[0], embeddings.device)
         ref, ref_labels, _ = check_ref(embeddings, labels, ref_emb, ref_labels, check_values=self.check_inputs)
         dist = parse_distance(self.distance, self.normalize_embeddings, default=self._default_distance)
-        return _backends.call("triplet_margin_mining", self.backend, embeddings.device.type, embeddings, labels, ref,
+        return _registry.call("triplet_margin_mining", self.backend, embeddings.device.type, embeddings, labels, ref,
                               ref_labels, margin=float(self.margin), type_of_triplets=self.type_of_triplets,
                               distance=dist)
 

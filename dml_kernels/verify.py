@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from . import _backends
+from . import _registry
 from . import functional as F
 
 SLACK = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -91,13 +91,13 @@ def _max_rel_err(got, want):
 
 
 def _backends_to_check(device_type, requested):
-    names = [b for b in _backends.BACKENDS if b != "reference"] if requested is None else requested
+    names = [b for b in _registry.BACKENDS if b != "reference"] if requested is None else requested
     out = []
     for b in names:
         if b == "triton" and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             why = "skipped on CPU: the Triton interpreter is for tests (set TRITON_INTERPRET=1 to include it)"
         else:
-            why = _backends.unavailable_reason(b, device_type)
+            why = _registry.unavailable_reason(b, device_type)
         out.append((b, why))
     return out
 
@@ -111,7 +111,7 @@ def run(device: str, sizes, dtypes, backends=None, out=sys.stdout) -> int:
             rows.append((backend, "-", "-", "-", "unavailable", why))
             continue
         for name, op, call, uses_proxies, uses_ref in _cases():
-            if (op, backend) not in _backends._IMPLS:
+            if (op, backend) not in _registry._IMPLS:
                 rows.append((backend, name, "-", "-", "not implemented", ""))
                 continue
             for n, d in sizes:
@@ -150,7 +150,7 @@ def run(device: str, sizes, dtypes, backends=None, out=sys.stdout) -> int:
                         if not err <= bound:
                             status, failures = "MISMATCH", failures + 1
                             detail = f"err {err:.1e} > {bound:.1e}"
-                    except _backends.Unsupported as e:
+                    except _registry.Unsupported as e:
                         status, detail = "unsupported", str(e)[:60]
                     except Exception as e:  # noqa: BLE001 - a crash is a failure, reported in the table
                         status, failures = "ERROR", failures + 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dml_kernels as dk
-from dml_kernels import _backends, _pairs
+from dml_kernels import _registry, _pairs
 from patterns import make
 
 F = dk.functional
@@ -120,10 +120,10 @@ def test_packed_mask_as_indices_tuple_equals_pml_tuple():
 
 
 def test_auto_falls_back_once_with_a_warning(monkeypatch):
-    monkeypatch.setattr(_backends, "_WARNED", set())
-    monkeypatch.setattr(_backends, "auto_candidates", lambda device_type: ("triton", "reference"))
-    _backends._load("triton")  # so its registrations happen now, before the one below is removed
-    monkeypatch.delitem(_backends._IMPLS, ("multi_similarity_loss", "triton"), raising=False)
+    monkeypatch.setattr(_registry, "_WARNED", set())
+    monkeypatch.setattr(_registry, "auto_candidates", lambda device_type: ("triton", "reference"))
+    _registry._load("triton")  # so its registrations happen now, before the one below is removed
+    monkeypatch.delitem(_registry._IMPLS, ("multi_similarity_loss", "triton"), raising=False)
     x, y = make("random", n=6, d=4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -139,8 +139,8 @@ def test_unsupported_combination_falls_back_under_auto(monkeypatch):
         calls.append(1)
         raise dk.Unsupported("no pair tuples here")
 
-    monkeypatch.setitem(_backends._IMPLS, ("multi_similarity_loss", "cpu"), picky)
-    monkeypatch.setattr(_backends, "unavailable_reason", lambda b, d: None if b in ("cpu", "reference") else "x")
+    monkeypatch.setitem(_registry._IMPLS, ("multi_similarity_loss", "cpu"), picky)
+    monkeypatch.setattr(_registry, "unavailable_reason", lambda b, d: None if b in ("cpu", "reference") else "x")
     x, y = make("random", n=6, d=4)
     expected = F.multi_similarity_loss(x, y, backend="reference")
     with warnings.catch_warnings():
@@ -162,7 +162,7 @@ def test_every_loss_has_a_functional_form():
 def test_reference_registers_every_op():
     from dml_kernels._ops import OPS
     for op in OPS:
-        assert "reference" in _backends.implemented(op), op
+        assert "reference" in _registry.implemented(op), op
 
 
 def test_self_mode_when_ref_is_the_embeddings_object():

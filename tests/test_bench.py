@@ -1,4 +1,4 @@
-"""The benchmark harness itself (dml_kernels/bench.py): records, statuses, isolation modes, time budget, report.
+"""The benchmark harness itself (dml_kernels/bench/): records, statuses, isolation modes, time budget, report.
 
 Runs the ``cpu-smoke`` preset (tiny sizes, seconds) into a temporary directory. The GPU sweep cannot run
 here, but its process layout can: ``--isolation worker`` runs the cells in one worker subprocess per op,
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dml_kernels import bench, bench_cases
+from dml_kernels.bench import cases as bench_cases, sweep as bench
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"),

@@ -6,8 +6,8 @@ import sys
 
 import torch
 
-from dml_kernels import _backends, verify
-from dml_kernels.reference import multi_similarity_loss as reference_ms
+from dml_kernels import _registry, verify
+from dml_kernels.backends.reference import multi_similarity_loss as reference_ms
 
 
 def test_verify_command_runs_and_passes():
@@ -22,16 +22,16 @@ def test_verify_catches_a_wrong_backend(monkeypatch):
     def off_by_a_bit(*args, **kwargs):
         return reference_ms(*args, **kwargs) * (1 + 1e-6)
 
-    monkeypatch.setitem(_backends._IMPLS, ("multi_similarity_loss", "cpu"), off_by_a_bit)
-    monkeypatch.setattr(_backends, "unavailable_reason", lambda b, d: None)
+    monkeypatch.setitem(_registry._IMPLS, ("multi_similarity_loss", "cpu"), off_by_a_bit)
+    monkeypatch.setattr(_registry, "unavailable_reason", lambda b, d: None)
     out = io.StringIO()
     code = verify.run("cpu", [(9, 4)], [torch.float64], ["cpu"], out=out)
     assert code == 1 and "MISMATCH" in out.getvalue()
 
 
 def test_verify_accepts_a_correct_backend(monkeypatch):
-    monkeypatch.setattr(_backends, "unavailable_reason", lambda b, d: None)
-    monkeypatch.setattr(_backends, "_IMPLS", {k: v for k, v in _backends._IMPLS.items() if k[1] != "cpu"} |
+    monkeypatch.setattr(_registry, "unavailable_reason", lambda b, d: None)
+    monkeypatch.setattr(_registry, "_IMPLS", {k: v for k, v in _registry._IMPLS.items() if k[1] != "cpu"} |
                         {("multi_similarity_loss", "cpu"): reference_ms})
     out = io.StringIO()
     assert verify.run("cpu", [(9, 4)], [torch.float64, torch.float32], ["cpu"], out=out) == 0, out.getvalue()

@@ -1,4 +1,4 @@
-"""The C++ CPU backend (csrc/, dml_kernels/csrc_ops.py) against the float64 reference.
+"""The C++ CPU backend (csrc/, dml_kernels/backends/cpp/) against the float64 reference.
 
 Values and gradients in fp64 (1e-10) and fp32 (no worse than the reference's own fp32 error, plus a small
 slack), gradcheck in fp64, torch.library.opcheck on the raw ops, odd shapes, label patterns, reference
@@ -14,12 +14,13 @@ import torch
 
 import dml_kernels as dk
 import dml_kernels._ops  # noqa: F401
-from dml_kernels import _backends, _pairs, csrc_ops
+from dml_kernels import _pairs, _registry
+from dml_kernels.backends.cpp import loader
 from dml_kernels._pairs import PackedPairMask
 from patterns import DISTANCE_CASES, DISTANCES, PATTERNS, dist_kw, make
 
 F = dk.functional
-_WHY = csrc_ops.unavailable_reason("cpu")
+_WHY = loader.unavailable_reason("cpu")
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"C++ CPU extension unavailable: {_WHY}")
 
 CPU_OPS = {"pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_mask", "batch_hard_mining",
@@ -55,9 +56,9 @@ def _ms(x, y, r=None, ry=None, **kw):
 
 
 def test_registered_ops_and_how_loaded():
-    assert {op for op in CPU_OPS | set(dk._ops.OPS) if "cpu" in _backends.implemented(op)} == CPU_OPS
-    assert csrc_ops.how_loaded()
-    assert _backends.unavailable_reason("cpu", "cpu") is None
+    assert {op for op in CPU_OPS | set(dk._ops.OPS) if "cpu" in _registry.implemented(op)} == CPU_OPS
+    assert loader.how_loaded()
+    assert _registry.unavailable_reason("cpu", "cpu") is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -175,7 +176,7 @@ def test_multi_similarity_packed_pairs(distance, normalize, ref):
         _compare(fn, [x])
     # an explicit index tuple is not handled by the kernels: Unsupported, and auto falls back
     tup = mask.to_indices()
-    with pytest.raises(_backends.Unsupported):
+    with pytest.raises(_registry.Unsupported):
         F.contrastive_loss(x, y, tup, backend="cpu")
 
 
@@ -254,7 +255,7 @@ def test_lifted_structure_odd_shapes_and_tuples(n):
     _compare(lambda x, backend: F.lifted_structure_loss(x, y, backend=backend), [x])
     if n >= 7:
         tup = (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([0, 4]), torch.tensor([5, 6]))
-        with pytest.raises(_backends.Unsupported, match="explicit pairs"):
+        with pytest.raises(_registry.Unsupported, match="explicit pairs"):
             F.lifted_structure_loss(x, None, tup, backend="cpu")
 
 
@@ -288,7 +289,7 @@ def test_triplet_batch_hard(pattern, distance, swap, smooth):
                                                   **dist_kw(distance), margin=0.2, backend=backend)
     _compare(fn, [x])
     if swap or smooth:  # all-triplets mode takes neither
-        with pytest.raises(_backends.Unsupported, match="swap / smooth_loss"):
+        with pytest.raises(_registry.Unsupported, match="swap / smooth_loss"):
             F.triplet_margin_loss(x, y, swap=swap, smooth_loss=smooth, backend="cpu")
 
 
@@ -514,13 +515,13 @@ def test_torch_compile_traces_the_ops():
 def test_backend_functions_compile_fullgraph():
     """The cpu backend's functions (what the registry calls) trace into one graph: fake kernels, registered
     autograd, device-side pair counts (no host sync)."""
-    from dml_kernels._distance import Distance
+    from dml_kernels.distances import Distance
 
     x, y = make("random", n=16, d=8)
     for name, kw in (("multi_similarity_loss", dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1)),
                      ("triplet_margin_loss", dict(margin=0.1)),
                      ("contrastive_loss", dict(pos_margin=0.0, neg_margin=1.0))):
-        impl = getattr(csrc_ops, name)
+        impl = _registry.get_impl(name, "cpu", "cpu")
         fn = torch.compile(lambda x: impl(x, y, None, None, distance=Distance("euclidean", True), **kw),
                            fullgraph=True, backend="aot_eager")
         xr = x.clone().requires_grad_()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dml_kernels as dk
-from dml_kernels import csrc_ops
+from dml_kernels.backends.cpp import loader
 from patterns import DISTANCE_CASES, DISTANCES, PATTERNS, dist_kw, make
 
 F = dk.functional
@@ -19,7 +19,7 @@ F = dk.functional
 def _why():
     if not torch.cuda.is_available():
         return "needs a CUDA GPU"
-    return csrc_ops.unavailable_reason("cuda")
+    return loader.unavailable_reason("cuda")
 
 
 _WHY = _why()

@@ -113,7 +113,7 @@ def test_triplet_ref_set(swap):
 
 def test_triplet_chunking_matches_unchunked():
     """The anchor-chunked all-triplets loop gives the same value for any chunk size."""
-    from dml_kernels.reference.pair_losses import triplet_margin_loss
+    from dml_kernels.backends.reference.pair_losses import triplet_margin_loss
     x, y = make("random", n=11)
     d = dk.Distance("euclidean", True)
     values = [triplet_margin_loss(x, y, None, None, margin=0.3, distance=d, anchor_chunk=c) for c in (1, 3, 11)]

@@ -1,4 +1,4 @@
-"""The Triton pair engine (``dml_kernels/triton``) against the float64 reference backend.
+"""The Triton pair engine (``dml_kernels/backends/triton``) against the float64 reference backend.
 
 Without a GPU every kernel runs under ``TRITON_INTERPRET=1`` on CPU tensors (conftest sets it), so the
 shapes stay small; odd sizes make every tile partial and N = 19 / M = 37 / D = 33, 70 cover several row,
@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dml_kernels as dk
-from dml_kernels import _backends, _pairs
+from dml_kernels import _registry, _pairs
 from dml_kernels._pairs import PackedPairMask
 from patterns import PATTERNS, make
 
@@ -410,19 +410,19 @@ def test_registered_ops_and_unsupported_forms():
     for op in ("pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_mask", "batch_hard_mining",
                "multi_similarity_loss", "generalized_lifted_structure_loss", "lifted_structure_loss",
                "contrastive_loss", "n_pairs_loss", "triplet_margin_loss"):
-        assert "triton" in _backends.implemented(op), op
+        assert "triton" in _registry.implemented(op), op
     x, y = make("random", n=7, d=5, device=DEVICE)
     tup = (torch.tensor([0, 1], device=DEVICE), torch.tensor([1, 0], device=DEVICE),
            torch.tensor([0, 2], device=DEVICE), torch.tensor([2, 0], device=DEVICE))
-    with pytest.raises(_backends.Unsupported):
+    with pytest.raises(_registry.Unsupported):
         F.contrastive_loss(x, y, tup, backend="triton")
-    with pytest.raises(_backends.Unsupported):
+    with pytest.raises(_registry.Unsupported):
         F.triplet_margin_loss(x, y, swap=True, backend="triton")
 
 
 def test_unsupported_form_falls_back_under_auto(monkeypatch):
-    monkeypatch.setattr(_backends, "auto_candidates", lambda device_type: ("triton", "reference"))
-    monkeypatch.setattr(_backends, "_WARNED", set())
+    monkeypatch.setattr(_registry, "auto_candidates", lambda device_type: ("triton", "reference"))
+    monkeypatch.setattr(_registry, "_WARNED", set())
     x, y = make("random", n=7, d=5, device=DEVICE)
     tup = (torch.tensor([0, 1], device=DEVICE), torch.tensor([1, 0], device=DEVICE),
            torch.tensor([0, 2], device=DEVICE), torch.tensor([2, 0], device=DEVICE))

@@ -26,7 +26,7 @@ def _has_nvidia_backend():
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "dml_kernels.triton.aot_check", "90", "--quick"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "dml_kernels.backends.triton.aot_check", "90", "--quick"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "compiled" in proc.stdout

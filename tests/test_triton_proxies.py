@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dml_kernels as dk
 from conftest import DEVICE, HAS_CUDA, requires_cuda
 
-TP = pytest.importorskip("dml_kernels.triton.proxies")
+TP = pytest.importorskip("dml_kernels.backends.triton.class_losses")
 F = dk.functional
 
 FP64 = dict(rtol=1e-11, atol=1e-12)
@@ -318,8 +318,8 @@ def test_out_of_range_labels_without_validation(loss):
         # = the reference with the bad rows weighted 0 (the mean still divides by B)
         y_safe = torch.where(good, y, 0)
         xx, pp = x.clone().requires_grad_(), p.clone().requires_grad_()
-        from dml_kernels.reference.proxy_losses import proxy_nca_loss as ref_nca
-        from dml_kernels._distance import parse_distance
+        from dml_kernels.backends.reference.class_losses import proxy_nca_loss as ref_nca
+        from dml_kernels.distances import parse_distance
         want = ref_nca(xx, y_safe, pp, softmax_scale=1.0, distance=parse_distance(None, default="squared_euclidean"),
                        weights=good.double())
         wgx, wgp = torch.autograd.grad(want, (xx, pp))

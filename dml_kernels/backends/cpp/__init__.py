@@ -1,0 +1,13 @@
+"""C++/CUDA extension backends ("cpu" and "cuda"): importing this package registers their ops.
+
+Map (the same in every backend package; the engines themselves are C++, in ``csrc/``):
+
+* ``loader.py``       — finds the ahead-of-time build or JIT-compiles ``csrc/``; :func:`unavailable_reason`.
+* ``library.py``      — fake kernels and autograd of the compiled ops (``torch.library``).
+* ``common.py``       — kernel dtype, distance codes, normalisation, pair packing, registration helpers.
+* ``similarity.py``   — the similarity matrix and the miners.
+* ``pair_losses.py``  — the pair family.
+* ``class_losses.py`` — the class-weight family.
+"""
+from . import class_losses, pair_losses, similarity  # noqa: F401  (register the ops)
+from .loader import unavailable_reason  # noqa: F401  (the registry's availability hook)

@@ -1,0 +1,125 @@
+"""Fake kernels (``torch.library.register_fake``) and autograd (``register_autograd``) of the compiled ops,
+so ``torch.compile`` and ``torch.library.opcheck`` work. Registered once, after the library loaded."""
+from __future__ import annotations
+
+import torch
+
+_PY_REGISTERED = False
+
+
+def register_python_side():
+    """register_fake and register_autograd for every op (once, after the library is loaded)."""
+    global _PY_REGISTERED
+    if _PY_REGISTERED:
+        return
+    _PY_REGISTERED = True
+    lib = torch.library
+
+    def nrows(q, r):
+        return q.shape[0] if r is None else r.shape[0]
+
+    @lib.register_fake("dml_kernels::pair_values")
+    def _(q, r, dist):
+        return q.new_empty(q.shape[0], nrows(q, r))
+
+    @lib.register_fake("dml_kernels::pair_values_backward")
+    def _(grad, values, q, r, dist):
+        return q.new_empty(q.shape), q.new_empty((0, q.shape[1]) if r is None else r.shape)
+
+    @lib.register_fake("dml_kernels::pair_reduce")
+    def _(q, r, labels, ref_labels, pos_bits, neg_bits, dist, kind, pa, pc, na, nc, eps, col_mask=None):
+        n = q.shape[0]
+        return q.new_empty(n), q.new_empty(n), q.new_empty(2, n), q.new_empty(4, n, dtype=torch.long)
+
+    @lib.register_fake("dml_kernels::pair_reduce_backward")
+    def _(gp, gn, q, r, labels, ref_labels, pos_bits, neg_bits, dist, kind, pa, pc, na, nc, eps, red_pos, red_neg,
+          thr, col_mask=None, need_r=True):
+        return q.new_empty(q.shape), q.new_empty((0, q.shape[1]) if r is None or not need_r else r.shape)
+
+    @lib.register_fake("dml_kernels::ms_thresholds")
+    def _(q, r, labels, ref_labels, pos_bits, neg_bits, dist):
+        return q.new_empty(q.shape[0]), q.new_empty(q.shape[0])
+
+    @lib.register_fake("dml_kernels::ms_mask")
+    def _(q, r, labels, ref_labels, dist, eps):
+        shape = (q.shape[0], (nrows(q, r) + 7) // 8)
+        return q.new_empty(shape, dtype=torch.uint8), q.new_empty(shape, dtype=torch.uint8)
+
+    @lib.register_fake("dml_kernels::batch_hard")
+    def _(q, r, labels, ref_labels, dist):
+        return q.new_empty(q.shape[0], dtype=torch.long), q.new_empty(q.shape[0], dtype=torch.long)
+
+    @lib.register_fake("dml_kernels::triplet_all")
+    def _(q, r, labels, ref_labels, dist, margin):
+        return q.new_empty(q.shape[0]), q.new_empty(q.shape[0], dtype=torch.long)
+
+    @lib.register_fake("dml_kernels::triplet_all_backward")
+    def _(grad, q, r, labels, ref_labels, dist, margin):
+        return q.new_empty(q.shape), q.new_empty((0, q.shape[1]) if r is None else r.shape)
+
+    def triplet_setup(ctx, inputs, output):
+        q, r, labels, ref_labels, dist, margin = inputs
+        ctx.params = (dist, margin)
+        ctx.has_r = r is not None
+        ctx.save_for_backward(q, r, labels, ref_labels)
+
+    def triplet_backward(ctx, g_total, _g_count):
+        q, r, labels, ref_labels = ctx.saved_tensors
+        dq, dr = torch.ops.dml_kernels.triplet_all_backward(g_total, q, r if ctx.has_r else None, labels,
+                                                            ref_labels if ctx.has_r else None, *ctx.params)
+        return dq, (dr if ctx.has_r else None), None, None, None, None
+
+    lib.register_autograd("dml_kernels::triplet_all", triplet_backward, setup_context=triplet_setup)
+
+    @lib.register_fake("dml_kernels::lifted_pos")
+    def _(q, labels, a, has_neg, dist, pos_margin):
+        return q.new_empty(q.shape[0]), q.new_empty(q.shape[0], dtype=torch.long)
+
+    @lib.register_fake("dml_kernels::lifted_pos_backward")
+    def _(grad, q, labels, a, has_neg, dist, pos_margin):
+        return q.new_empty(q.shape), q.new_empty(q.shape[0])
+
+    def lifted_setup(ctx, inputs, output):
+        q, labels, a, has_neg, dist, pos_margin = inputs
+        ctx.params = (dist, pos_margin)
+        ctx.save_for_backward(q, labels, a, has_neg)
+
+    def lifted_backward(ctx, g_sum, _g_count):
+        q, labels, a, has_neg = ctx.saved_tensors
+        dq, da = torch.ops.dml_kernels.lifted_pos_backward(g_sum, q, labels, a, has_neg, *ctx.params)
+        return dq, None, da.to(a.dtype), None, None, None
+
+    lib.register_autograd("dml_kernels::lifted_pos", lifted_backward, setup_context=lifted_setup)
+
+    def values_setup(ctx, inputs, output):
+        q, r, dist = inputs
+        ctx.dist = dist
+        ctx.has_r = r is not None
+        ctx.save_for_backward(q, r, output)
+
+    def values_backward(ctx, grad):
+        q, r, out = ctx.saved_tensors
+        dq, dr = torch.ops.dml_kernels.pair_values_backward(grad, out, q, r if ctx.has_r else None, ctx.dist)
+        return dq, (dr if ctx.has_r else None), None
+
+    lib.register_autograd("dml_kernels::pair_values", values_backward, setup_context=values_setup)
+
+    def reduce_setup(ctx, inputs, output):
+        q, r, labels, ref_labels, pos_bits, neg_bits = inputs[:6]
+        ctx.params = inputs[6:13]
+        col_mask = inputs[13] if len(inputs) > 13 else None
+        ctx.has_r = r is not None
+        red_pos, red_neg, thr, _ = output
+        ctx.save_for_backward(q, r, labels, ref_labels, pos_bits, neg_bits, red_pos, red_neg, thr, col_mask)
+
+    def reduce_backward(ctx, gp, gn, _gthr, _gcnt):
+        q, r, labels, ref_labels, pos_bits, neg_bits, red_pos, red_neg, thr, col_mask = ctx.saved_tensors
+        gp = torch.zeros_like(red_pos) if gp is None else gp
+        gn = torch.zeros_like(red_neg) if gn is None else gn
+        need_r = ctx.has_r and ctx.needs_input_grad[1]  # a detached memory bank: no reference-side pass
+        dq, dr = torch.ops.dml_kernels.pair_reduce_backward(
+            gp, gn, q, r if ctx.has_r else None, labels, ref_labels, pos_bits, neg_bits, *ctx.params,
+            red_pos, red_neg, thr, col_mask, need_r)
+        return (dq, dr if need_r else None) + (None,) * 12
+
+    lib.register_autograd("dml_kernels::pair_reduce", reduce_backward, setup_context=reduce_setup)

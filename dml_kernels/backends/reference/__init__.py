@@ -1,0 +1,33 @@
+"""Plain-PyTorch, float64-capable implementations of every op: the oracle for all backends.
+
+Every function here takes the *canonical* arguments listed in ``dml_kernels/_ops.py`` (inputs already
+validated; ``ref=None`` means self mode) and is registered as the ``"reference"`` backend.
+"""
+from .mining import (
+    batch_hard_mining,
+    multi_similarity_mask,
+    multi_similarity_thresholds,
+    triplet_margin_mining,
+)
+from .pair_losses import (
+    contrastive_loss,
+    generalized_lifted_structure_loss,
+    lifted_structure_loss,
+    multi_similarity_loss,
+    n_pairs_loss,
+    triplet_margin_loss,
+)
+from .class_losses import proxy_anchor_loss, proxy_nca_loss
+from .similarity import pairwise_similarity
+
+__all__ = [
+    "pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_mask", "batch_hard_mining",
+    "triplet_margin_mining", "multi_similarity_loss", "lifted_structure_loss",
+    "generalized_lifted_structure_loss", "n_pairs_loss", "contrastive_loss", "triplet_margin_loss",
+    "proxy_nca_loss", "proxy_anchor_loss",
+]
+
+from ..._registry import register  # noqa: E402
+
+for _name in __all__:  # the reference backend: every function here is the op of the same name
+    register(_name, "reference")(globals()[_name])

@@ -1,0 +1,18 @@
+"""Triton backend: importing this package registers its ops with the registry (``dml_kernels._registry``).
+
+Map (the same in every backend package):
+
+* ``pair_engine.py``  — the tiled N×M engine: query-row blocks × reference tiles, masks, online LSE,
+  one gradient kernel (row form for queries, column form for a reference set) a loss plugs its tile
+  gradient into.
+* ``class_engine.py`` — the N×C engine of the class-weight losses: row LSEs over class (proxy) tiles,
+  column LSEs per class block, the gradient kernel for both sides.
+* ``similarity.py``   — the materialised similarity matrix and batch-hard mining.
+* ``pair_losses.py``  — registers the pair family; each loss's epilogue is its own file
+  (``multi_similarity.py``, ``lifted_structure.py``, ``contrastive.py``, ``n_pairs.py``, ``triplet.py``).
+* ``class_losses.py`` — the class-weight family (ProxyNCA, Proxy Anchor): autograd Functions + launches.
+* ``aot_check.py``    — compiles every kernel variant for a GPU architecture without a GPU.
+"""
+import triton  # noqa: F401  (a clear ImportError if triton is missing)
+
+from . import class_losses, pair_losses, similarity  # noqa: F401,E402

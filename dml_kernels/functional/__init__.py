@@ -1,0 +1,28 @@
+"""Functional API: ``dk.functional.<snake_case_name>(embeddings, labels, ..., backend=...)``.
+
+Each function validates its inputs (``_validation.py``), turns PML-style arguments into the canonical form
+every backend takes (``_ops.py``), and dispatches through the registry (``_registry.py``). One module per
+family, the same names as in ``dk.losses`` and in each backend package:
+
+* ``similarity.py``   — ``pairwise_similarity`` and the device-side mining results;
+* ``pair_losses.py``  — the pair family (multi-similarity, lifted structure, contrastive, N-pairs, triplet);
+* ``class_losses.py`` — the class-weight family (ProxyNCA, ProxyNCA++, Proxy Anchor).
+"""
+from .._pairs import PackedPairMask
+from .class_losses import proxy_anchor_loss, proxy_nca_loss, proxy_nca_plus_plus_loss
+from .pair_losses import (
+    contrastive_loss,
+    generalized_lifted_structure_loss,
+    lifted_structure_loss,
+    multi_similarity_loss,
+    n_pairs_loss,
+    triplet_margin_loss,
+)
+from .similarity import batch_hard_mining, multi_similarity_mask, multi_similarity_thresholds, pairwise_similarity
+
+__all__ = [
+    "pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_mask", "batch_hard_mining",
+    "multi_similarity_loss", "lifted_structure_loss", "generalized_lifted_structure_loss", "n_pairs_loss",
+    "contrastive_loss", "triplet_margin_loss", "proxy_nca_loss", "proxy_nca_plus_plus_loss",
+    "proxy_anchor_loss", "PackedPairMask",
+]

@@ -1,0 +1,19 @@
+"""``dk.losses``: PML's loss classes under PML's names, constructor arguments and defaults.
+
+Switching from PML is one import line: ``from dml_kernels import losses``. Every class also takes the
+keyword-only ``backend=`` ("auto" | "reference" | "triton" | "cuda" | "cpu") and ``check_inputs=``.
+One module per family (``pair_losses.py``, ``class_losses.py``), mirrored in ``dk.functional`` and in
+each backend package.
+"""
+from .class_losses import ProxyAnchorLoss, ProxyNCALoss, ProxyNCAPlusPlusLoss
+from .pair_losses import (
+    ContrastiveLoss,
+    GeneralizedLiftedStructureLoss,
+    LiftedStructureLoss,
+    MultiSimilarityLoss,
+    NPairsLoss,
+    TripletMarginLoss,
+)
+
+__all__ = ["MultiSimilarityLoss", "LiftedStructureLoss", "GeneralizedLiftedStructureLoss", "NPairsLoss",
+           "ContrastiveLoss", "TripletMarginLoss", "ProxyNCALoss", "ProxyNCAPlusPlusLoss", "ProxyAnchorLoss"]
