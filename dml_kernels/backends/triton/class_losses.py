@@ -38,6 +38,7 @@ import triton.language as tl
 from ..._registry import Unsupported, register
 from ...distances import Distance
 from . import class_engine as K
+from .pair_engine import refuse_double_backward
 
 _EPS = 1e-12  # F.normalize's eps
 _KIND = {"cosine": 0, "dot": 0, "squared_euclidean": 1, "euclidean": 2}
@@ -287,8 +288,8 @@ class _ProxyNCA(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        refuse_double_backward()
         x, proxies, labels, lse, w = ctx.saved_tensors
         coef = w * (grad.to(w.dtype) / x.shape[0])  # per-row dL/d(loss_i), on the device
         gx, gp = _bwd(ctx, x, proxies, labels, lse, coef, None, None, None, has_r0=True)
@@ -344,8 +345,8 @@ class _ProxyAnchor(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        refuse_double_backward()
         x, proxies, labels, off, lsep, lsen, npos = ctx.saved_tensors
         g = grad.to(lsep.dtype)
         gp = torch.where(npos > 0, g / npos.clamp_min(1).to(g.dtype), 0)

@@ -518,7 +518,8 @@ def refuse_double_backward():
     """Call at the top of a recomputing backward: with create_graph=True it would silently return a
     gradient that is not differentiable, so say so instead."""
     if torch.is_grad_enabled():
-        raise RuntimeError("double backward through a fused triton pair op is not supported")
+        raise RuntimeError("double backward (create_graph=True) through a fused triton op is not supported; use "
+                           "backend='reference' for second-order gradients")
 
 
 class FusedPairLoss(torch.autograd.Function):
