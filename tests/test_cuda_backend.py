@@ -4,7 +4,8 @@ skips without a CUDA device or without the compiled CUDA kernels (the reason is 
 What runs on a GPU: pairwise_similarity and every pair_reduce-based loss (multi-similarity with and without
 fused mining, packed pairs, generalized lifted structure, contrastive, ProxyNCA, ProxyAnchor), fp64 tight,
 fp32 by the "no worse than the reference in the same dtype" rule, fp16/bf16 inputs (accumulated in fp32),
-gradcheck in fp64, opcheck, no host sync under CUDA-graph capture, and agreement with the CPU kernels.
+gradcheck in fp64, opcheck, no host sync under CUDA-graph capture, agreement with the CPU kernels, and both
+roles of the one backward kernel (query rows, reference rows) at tile edges.
 """
 import pytest
 import torch
@@ -69,6 +70,32 @@ def test_multi_similarity_fp64_ref(distance, epsilon, shape):
         return F.multi_similarity_loss(x, y.to(x.device), None, r, ry.to(x.device), **dist_kw(distance),
                                        epsilon=epsilon, backend=backend)
     _compare(fn, [x, r])
+
+
+@pytest.mark.parametrize("distance", DISTANCE_CASES)
+@pytest.mark.parametrize("shape", [(31, 33), (32, 64), (65, 1), (1, 65), (33, 97)])
+def test_backward_both_roles_at_tile_edges(distance, shape):
+    """pair_reduce_backward_kernel<T, TRANSPOSED> is one kernel for both roles: query rows against reference
+    columns (dq) and, sides swapped, reference rows against query columns (dr). Both at tile edges (32 rows a
+    tile), for the LSE kinds (multi-similarity, plain and mined; generalized lifted) and the hinge kind
+    (contrastive); a detached reference set (no dr launch) gives the same dq."""
+    n, m = shape
+    x, r = torch.randn(n, 37, dtype=torch.float64), torch.randn(m, 37, dtype=torch.float64)
+    y, ry = torch.randint(0, 3, (n,)), torch.randint(0, 3, (m,))
+    kw = dist_kw(distance)
+    losses = [
+        lambda x, r, backend: F.multi_similarity_loss(x, y.to(x.device), None, r, ry.to(x.device), **kw,
+                                                      backend=backend),
+        lambda x, r, backend: F.multi_similarity_loss(x, y.to(x.device), None, r, ry.to(x.device), epsilon=0.1,
+                                                      **kw, backend=backend),
+        lambda x, r, backend: F.generalized_lifted_structure_loss(x, y.to(x.device), None, r, ry.to(x.device),
+                                                                  **kw, backend=backend),
+        lambda x, r, backend: F.contrastive_loss(x, y.to(x.device), None, r, ry.to(x.device), pos_margin=0.1,
+                                                 neg_margin=0.9, **kw, backend=backend),
+    ]
+    for fn in losses:
+        _compare(fn, [x, r])
+        _compare(lambda x, backend: fn(x, r.to(x.device), backend), [x])
 
 
 def test_multi_similarity_packed_pairs():
