@@ -1,0 +1,277 @@
+"""dk.distributed on real torch.distributed process groups: gloo processes on the CPU (free port, a short
+process-group timeout so a failure never hangs the run). Every rank's loss and gradients are compared with
+one process computing the same quantities on the concatenated global batch (float64)."""
+import datetime
+import os
+import socket
+import time
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dml_kernels as dk
+from dml_kernels.distributed import DistributedLossWrapper, DistributedMinerWrapper
+
+TOL = dict(rtol=1e-9, atol=1e-12)
+D_IN, D = 6, 5
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world, fn, *args, timeout_s=20):
+    port = _free_port()
+    mp.spawn(_entry, args=(world, port, timeout_s, fn, args), nprocs=world, join=True)
+
+
+def _entry(rank, world, port, timeout_s, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _batches(world, uneven):
+    """Per-rank (inputs, labels); class ids shared across ranks so positives cross ranks."""
+    g = torch.Generator().manual_seed(1)
+    sizes = [5 + (3 * r if uneven else 0) for r in range(world)]
+    inputs = [torch.randn(n, D_IN, generator=g, dtype=torch.float64) for n in sizes]
+    labels = [torch.randint(0, 4, (n,), generator=g) for n in sizes]
+    return inputs, labels
+
+
+LOSSES = {
+    "contrastive": lambda backend: dk.losses.ContrastiveLoss(backend=backend),
+    "multi_similarity": lambda backend: dk.losses.MultiSimilarityLoss(backend=backend),
+    "triplet": lambda backend: dk.losses.TripletMarginLoss(margin=0.2, backend=backend),
+}
+
+
+CASES = [("contrastive", "reference"), ("multi_similarity", "cpu"), ("triplet", "reference")]
+CONFIGS = [(2, False), (3, True)]  # (world size, uneven local batch sizes)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Linear(D_IN, D).double()
+
+
+# ------------------------------------------------------------------------------------- worker bodies
+
+
+def _values_and_grads(rank, world, out_dir, uneven, loss_name, backend, efficient):
+    inputs, labels = _batches(world, uneven)
+    x = inputs[rank].clone().requires_grad_()
+    wrapper = DistributedLossWrapper(LOSSES[loss_name](backend), efficient=efficient)
+    loss = wrapper(x, labels[rank])
+    (g,) = torch.autograd.grad(loss, x)
+    torch.save(dict(loss=loss.detach(), grad=g), os.path.join(out_dir, f"{rank}.pt"))
+
+
+def _ddp_training(rank, world, out_dir, uneven, efficient):
+    inputs, labels = _batches(world, uneven)
+    model = torch.nn.parallel.DistributedDataParallel(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    wrapper = DistributedLossWrapper(dk.losses.ContrastiveLoss(backend="reference"), efficient=efficient)
+    for _ in range(3):
+        opt.zero_grad()
+        wrapper(model(inputs[rank]), labels[rank]).backward()
+        opt.step()
+    if rank == 0:
+        torch.save({k: v.detach() for k, v in model.module.state_dict().items()}, os.path.join(out_dir, "0.pt"))
+
+
+def _against_pml(rank, world, out_dir):
+    from pytorch_metric_learning import losses as pl
+    from pytorch_metric_learning import miners as pm
+    from pytorch_metric_learning.utils import distributed as pd
+
+    inputs, labels = _batches(world, uneven=False)  # PML's all_gather needs equal local sizes
+    res = {}
+    for efficient in (False, True):
+        for name, ours, theirs in (("contrastive", dk.losses.ContrastiveLoss(), pl.ContrastiveLoss()),
+                                   ("ms", dk.losses.MultiSimilarityLoss(), pl.MultiSimilarityLoss())):
+            vals = []
+            for wrap, loss in ((DistributedLossWrapper, ours), (pd.DistributedLossWrapper, theirs)):
+                x = inputs[rank].clone().requires_grad_()
+                v = wrap(loss, efficient=efficient)(x, labels[rank])
+                vals.append((v.detach(), torch.autograd.grad(v, x)[0]))
+            res[(name, efficient)] = vals
+        mined = []
+        for wrap, miner in ((DistributedMinerWrapper, dk.miners.MultiSimilarityMiner(0.1)),
+                            (pd.DistributedMinerWrapper, pm.MultiSimilarityMiner(0.1))):
+            t = wrap(miner, efficient=efficient)(inputs[rank], labels[rank])
+            mined.append({tuple(int(v) for v in p) for p in zip(t[0], t[1])} |
+                         {("neg",) + tuple(int(v) for v in p) for p in zip(t[2], t[3])})
+        res[("miner", efficient)] = mined
+    torch.save(res, os.path.join(out_dir, f"{rank}.pt"))
+
+
+def _all_checks(rank, world, out_dir, uneven):
+    """Everything one configuration checks, in one set of processes (a spawn costs seconds)."""
+    for loss_name, backend in CASES:
+        for efficient in (False, True):
+            sub = os.path.join(out_dir, f"{loss_name}-{backend}-{efficient}")
+            os.makedirs(sub, exist_ok=True)
+            _values_and_grads(rank, world, sub, uneven, loss_name, backend, efficient)
+    for efficient in (False, True):
+        sub = os.path.join(out_dir, f"ddp-{efficient}")
+        os.makedirs(sub, exist_ok=True)
+        _ddp_training(rank, world, sub, uneven, efficient)
+    if not uneven:
+        sub = os.path.join(out_dir, "pml")
+        os.makedirs(sub, exist_ok=True)
+        _against_pml(rank, world, sub)
+
+
+def _raising_rank(rank, world):
+    if rank == 1:
+        raise ValueError("rank 1 fails before the collective")
+    DistributedLossWrapper(dk.losses.ContrastiveLoss())(torch.randn(4, D, dtype=torch.float64), torch.arange(4) % 2)
+
+
+# ------------------------------------------------------------------------------------- single-process oracles
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    """{(world, uneven): folder of the results of _all_checks}, each configuration spawned once."""
+    out = {}
+    for world, uneven in CONFIGS:
+        d = tmp_path_factory.mktemp(f"w{world}")
+        _spawn(world, _all_checks, str(d), uneven)
+        out[(world, uneven)] = d
+    return out
+
+
+def _global(world, uneven):
+    inputs, labels = _batches(world, uneven)
+    sizes = [len(t) for t in labels]
+    starts = [sum(sizes[:r]) for r in range(world)]
+    return inputs, labels, sizes, starts
+
+
+def _pairs_but_self(labels, ref_labels, offset, count):
+    same = labels[:, None] == ref_labels[None, :]
+    keep = torch.ones_like(same)
+    rows = torch.arange(min(len(labels), count))
+    keep[rows, offset + rows] = False
+    a1, p = torch.where(same & keep)
+    a2, n = torch.where(~same)
+    return a1, p, a2, n
+
+
+@pytest.mark.parametrize("world,uneven", CONFIGS)
+@pytest.mark.parametrize("loss_name,backend", CASES)
+def test_global_batch_value_and_gradient(world, uneven, loss_name, backend, ran):
+    """Default mode: every rank's value is world × the loss of the concatenated batch, and its gradient is
+    PML's (world × the global loss's gradient with respect to its own rows)."""
+    tmp_path = ran[(world, uneven)] / f"{loss_name}-{backend}-False"
+    inputs, labels, sizes, starts = _global(world, uneven)
+    x = torch.cat(inputs).requires_grad_()
+    want = LOSSES[loss_name]("reference")(x, torch.cat(labels))
+    (gw,) = torch.autograd.grad(want, x)
+    for r in range(world):
+        got = torch.load(tmp_path / f"{r}.pt")
+        torch.testing.assert_close(got["loss"], world * want.detach(), **TOL)
+        torch.testing.assert_close(got["grad"], world * gw[starts[r]: starts[r] + sizes[r]], **TOL)
+
+
+@pytest.mark.parametrize("world,uneven", CONFIGS)
+@pytest.mark.parametrize("loss_name,backend", CASES)
+def test_efficient_value_and_gradient(world, uneven, loss_name, backend, ran):
+    """efficient=True: local queries × gathered references; the gradient of every rank's loss reaches the
+    rows of every rank (PML drops the part through other ranks' copies)."""
+    tmp_path = ran[(world, uneven)] / f"{loss_name}-{backend}-True"
+    inputs, labels, sizes, starts = _global(world, uneven)
+    x = torch.cat(inputs).requires_grad_()
+    y = torch.cat(labels)
+    loss_fn = LOSSES[loss_name]("reference")
+    per_rank = [loss_fn(x[s: s + n], y[s: s + n], _pairs_but_self(y[s: s + n], y, s, n), x, y)
+                for s, n in zip(starts, sizes)]
+    (g_total,) = torch.autograd.grad(sum(per_rank), x)
+    for r in range(world):
+        got = torch.load(tmp_path / f"{r}.pt")
+        torch.testing.assert_close(got["loss"], world * per_rank[r].detach(), **TOL)
+        torch.testing.assert_close(got["grad"], g_total[starts[r]: starts[r] + sizes[r]], **TOL)
+
+
+@pytest.mark.parametrize("world,uneven", CONFIGS)
+@pytest.mark.parametrize("efficient", [False, True])
+def test_ddp_training_equals_single_process(world, uneven, efficient, ran):
+    """Three DDP + SGD steps with the wrapper give the parameters of single-process training on the
+    global batch (efficient: of the mean of the ranks' losses)."""
+    tmp_path = ran[(world, uneven)] / f"ddp-{efficient}"
+    inputs, labels, sizes, starts = _global(world, uneven)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss_fn = dk.losses.ContrastiveLoss(backend="reference")
+    x_in, y = torch.cat(inputs), torch.cat(labels)
+    for _ in range(3):
+        opt.zero_grad()
+        emb = model(x_in)
+        if efficient:
+            loss = sum(loss_fn(emb[s: s + n], y[s: s + n], _pairs_but_self(y[s: s + n], y, s, n), emb, y)
+                       for s, n in zip(starts, sizes)) / world
+        else:
+            loss = loss_fn(emb, y)
+        loss.backward()
+        opt.step()
+    got = torch.load(tmp_path / "0.pt")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(got[k], v, **TOL)
+
+
+def test_against_pml_wrappers(ran):
+    """PML's wrappers around PML's classes and ours around ours: equal values and gradients (default mode;
+    efficient mode: equal values, PML's gradients lack the other ranks' part), and the same mined pairs."""
+    world = 2
+    tmp_path = ran[(world, False)] / "pml"
+    for r in range(world):
+        res = torch.load(tmp_path / f"{r}.pt")
+        for name in ("contrastive", "ms"):
+            (ours, og), (theirs, tg) = res[(name, False)]
+            torch.testing.assert_close(ours, theirs, **TOL)
+            torch.testing.assert_close(og, tg, **TOL)
+            (ours, _), (theirs, _) = res[(name, True)]
+            torch.testing.assert_close(ours, theirs, **TOL)
+        for efficient in (False, True):
+            ours, theirs = res[("miner", efficient)]
+            assert ours == theirs and ours
+
+
+def test_a_failing_rank_does_not_hang():
+    """Rank 1 raises before the collective: the job fails promptly with either rank's error (rank 0 sees its
+    peer's connection close), well before the process-group timeout would end it."""
+    start = time.monotonic()
+    with pytest.raises(Exception, match="rank 1 fails|Connection reset|Connection closed"):
+        _spawn(2, _raising_rank, timeout_s=120)
+    assert time.monotonic() - start < 60
+
+
+def test_without_process_group_warns_and_computes_locally():
+    x, y = torch.randn(6, D, dtype=torch.float64), torch.arange(6) % 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        v = DistributedLossWrapper(dk.losses.ContrastiveLoss())(x, y)
+    assert any("not initialised" in str(w.message) for w in caught)
+    torch.testing.assert_close(v, dk.losses.ContrastiveLoss()(x, y))
+    with pytest.raises(ValueError, match="process group"):
+        DistributedMinerWrapper(dk.miners.MultiSimilarityMiner())(x, y)
+
+
+def test_the_workers_ran(ran):
+    """The harness itself: every configuration's workers wrote their files (so the tests above cannot pass
+    without the processes having run)."""
+    for (world, uneven), d in ran.items():
+        sub = d / "contrastive-reference-False"
+        assert sorted(os.listdir(sub)) == [f"{r}.pt" for r in range(world)]
