@@ -26,14 +26,18 @@ n_pairs_loss                         (x, labels, *, distance, pairs)
 triplet_margin_loss                  (x, labels, ref, ref_labels, *, margin, swap, smooth_loss, mining, distance, triplets)
 proxy_nca_loss                       (x, labels, proxies, *, softmax_scale, exclude_positive, distance, weights)
 proxy_anchor_loss                    (x, labels, proxies, *, margin, alpha, distance, weights)
+proxy_nca_row_stats                  (x, labels, proxies, *, softmax_scale, distance) -> (target, has_target, rest, has_rest) (N,)
+proxy_anchor_class_terms             (x, labels, proxies, *, margin, alpha, distance) -> (pos_term, has_pos, neg_term) (C,)
 
 ``pairs``: None (all label pairs), a PackedPairMask (matrix-based losses: MS, generalized lifted), or a
 PML 4-tuple (a1, p, a2, n) with duplicates that count (pair-based: lifted, contrastive); ``(a, p)`` for
 N-pairs. ``labels`` may be None when ``pairs`` is given. ``pair_rule``: apply PML's "≤1 positive and ≤1
 negative pair → 0" on the pairs used, counted on the device. ``triplets``: None or (a, p, n).
 ``weights``: None or PML's per-sample miner weights (N,). ``epsilon``: None or the MS mining margin.
+``proxy_nca_row_stats`` / ``proxy_anchor_class_terms``: a class shard's statistics for the class-sharded
+losses of ``dk.distributed`` (labels outside [0, C) belong to other shards: no target / a negative here).
 """
 OPS = ("pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_mask", "batch_hard_mining",
        "triplet_margin_mining", "multi_similarity_loss", "generalized_lifted_structure_loss",
        "lifted_structure_loss", "contrastive_loss", "n_pairs_loss", "triplet_margin_loss", "proxy_nca_loss",
-       "proxy_anchor_loss")
+       "proxy_anchor_loss", "proxy_nca_row_stats", "proxy_anchor_class_terms")

@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dml_kernels as dk
-from dml_kernels.distributed import DistributedLossWrapper, DistributedMinerWrapper
+from dml_kernels.distributed import (DistributedLossWrapper, DistributedMinerWrapper, gather_full_weight, shard_range,
+                                     shard_rows, sharded_proxy_anchor_loss, sharded_proxy_nca_loss)
 
 TOL = dict(rtol=1e-9, atol=1e-12)
 D_IN, D = 6, 5
@@ -127,10 +128,49 @@ def _all_checks(rank, world, out_dir, uneven):
         sub = os.path.join(out_dir, f"ddp-{efficient}")
         os.makedirs(sub, exist_ok=True)
         _ddp_training(rank, world, sub, uneven, efficient)
+    sub = os.path.join(out_dir, "sharded")
+    os.makedirs(sub, exist_ok=True)
+    _sharded(rank, world, sub, uneven)
     if not uneven:
         sub = os.path.join(out_dir, "pml")
         os.makedirs(sub, exist_ok=True)
         _against_pml(rank, world, sub)
+
+
+SHARDED = {
+    "nca": lambda x, y, p, C, backend: sharded_proxy_nca_loss(x, y, p, num_classes=C, softmax_scale=3.0,
+                                                               backend=backend),
+    "nca_exclude": lambda x, y, p, C, backend: sharded_proxy_nca_loss(x, y, p, num_classes=C, exclude_positive=True,
+                                                                      backend=backend),
+    "anchor": lambda x, y, p, C, backend: sharded_proxy_anchor_loss(x, y, p, num_classes=C, alpha=8.0,
+                                                                    backend=backend),
+}
+UNSHARDED = {
+    "nca": lambda x, y, p: dk.functional.proxy_nca_loss(x, y, p, softmax_scale=3.0, backend="reference"),
+    "nca_exclude": lambda x, y, p: dk.functional.proxy_nca_loss(x, y, p, exclude_positive=True, backend="reference"),
+    "anchor": lambda x, y, p: dk.functional.proxy_anchor_loss(x, y, p, alpha=8.0, backend="reference"),
+}
+SHARD_CASES = [(7, "reference"), (7, "cpu"), (2, "cpu")]  # C not divisible by W; C < W = 3 (an empty shard)
+
+
+def _full_weight(num_classes):
+    return torch.randn(num_classes, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+def _sharded(rank, world, out_dir, uneven):
+    _, labels = _batches(world, uneven)
+    x = torch.randn(len(labels[rank]), D, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + rank))
+    res = {}
+    for num_classes, backend in SHARD_CASES:
+        full = _full_weight(num_classes)
+        shard = shard_rows(full).requires_grad_()
+        assert torch.equal(gather_full_weight(shard), full)
+        for name, fn in SHARDED.items():
+            xx = x.clone().requires_grad_()
+            loss = fn(xx, labels[rank] % num_classes, shard, num_classes, backend)
+            gx, gp = torch.autograd.grad(loss, (xx, shard))
+            res[(num_classes, backend, name)] = (loss.detach(), gx, gp)
+    torch.save(res, os.path.join(out_dir, f"{rank}.pt"))
 
 
 def _raising_rank(rank, world):
@@ -247,6 +287,27 @@ def test_against_pml_wrappers(ran):
         for efficient in (False, True):
             ours, theirs = res[("miner", efficient)]
             assert ours == theirs and ours
+
+
+@pytest.mark.parametrize("world,uneven", CONFIGS)
+@pytest.mark.parametrize("num_classes,backend", SHARD_CASES)
+@pytest.mark.parametrize("name", sorted(SHARDED))
+def test_sharded_class_weights_equal_the_unsharded_loss(world, uneven, num_classes, backend, name, ran):
+    """Weights sharded over the ranks: every rank's value is the unsharded loss of the global batch, and its
+    gradients are that loss's gradients for its weight rows and its local embeddings."""
+    _, labels, sizes, starts = _global(world, uneven)
+    xs = [torch.randn(n, D, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + r))
+          for r, n in enumerate(sizes)]
+    x = torch.cat(xs).requires_grad_()
+    full = _full_weight(num_classes).requires_grad_()
+    want = UNSHARDED[name](x, torch.cat(labels) % num_classes, full)
+    gx, gp = torch.autograd.grad(want, (x, full))
+    for r in range(world):
+        loss, got_x, got_p = torch.load(ran[(world, uneven)] / "sharded" / f"{r}.pt")[(num_classes, backend, name)]
+        lo, hi = shard_range(num_classes, rank=r, world_size=world)
+        torch.testing.assert_close(loss, want.detach(), **TOL)
+        torch.testing.assert_close(got_x, gx[starts[r]: starts[r] + sizes[r]], **TOL)
+        torch.testing.assert_close(got_p, gp[lo:hi], **TOL)
 
 
 def test_a_failing_rank_does_not_hang():

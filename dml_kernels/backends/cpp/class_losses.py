@@ -41,3 +41,43 @@ def proxy_anchor_loss(x, labels, proxies, *, margin, alpha, distance, weights=No
     num_with_pos = (cnt[0] > 0).sum()
     pos_loss = torch.where(num_with_pos > 0, lp.sum() / num_with_pos.clamp_min(1), _zero(lp))
     return _out(pos_loss + ln.sum() / num_classes, x)
+
+
+# ----------------------------------------------------------------- statistics of one class shard (distributed)
+
+
+@_both
+def proxy_nca_row_stats(x, labels, proxies, *, softmax_scale, distance):
+    """ProxyNCA's per-row statistics over this shard's classes: one pair_reduce (target = the "positive"
+    LSE, rest = the "negative" LSE); labels outside [0, C) match no column."""
+    _need(x, "pair_reduce")
+    if proxies.shape[0] == 0:  # an empty shard (C < world size): nothing here, still graph-attached
+        z = (x * 0).sum(1) + (proxies * 0).sum()
+        none = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        return z, none, z, none
+    q, r, code = _prep(x, proxies.to(x.dtype), distance)
+    classes = torch.arange(proxies.shape[0], device=x.device)
+    s = softmax_scale * _sg(distance)
+    target, rest, _, cnt = torch.ops.dml_kernels.pair_reduce(
+        q, r, labels, classes, None, None, code, _LSE, s, 0.0, s, 0.0, None)
+    return _row(target, x), cnt[0] > 0, _row(rest, x), cnt[1] > 0
+
+
+@_both
+def proxy_anchor_class_terms(x, labels, proxies, *, margin, alpha, distance):
+    """Proxy Anchor's per-class terms over this shard (the transposed pair_reduce of proxy_anchor_loss)."""
+    _need(x, "pair_reduce")
+    if proxies.shape[0] == 0:
+        z = (proxies * 0).sum(1) + (x * 0).sum()
+        return z, torch.zeros(0, dtype=torch.bool, device=x.device), z
+    q, r, code = _prep(proxies.to(x.dtype), x, distance)
+    classes = torch.arange(proxies.shape[0], device=x.device)
+    sg = _sg(distance)
+    lp, ln, _, cnt = torch.ops.dml_kernels.pair_reduce(
+        q, r, classes, labels, None, None, code, _LSE1, -sg * alpha, margin, sg * alpha, -margin, None)
+    return _row(lp, x), cnt[0] > 0, _row(ln, x)
+
+
+def _row(v, x):
+    """A per-row statistic in the dtype losses come back in (see _out)."""
+    return v if x.dtype in (torch.float16, torch.bfloat16) else v.to(x.dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ...distances import Distance
-from .similarity import masked_log1p_sum_exp, pairwise_similarity
+from .similarity import masked_log1p_sum_exp, masked_logsumexp, pairwise_similarity
 
 
 def proxy_logits(x, proxies, *, scale, distance: Distance):
@@ -48,3 +48,27 @@ def proxy_anchor_loss(x, labels, proxies, *, margin, alpha, distance: Distance, 
     num_with_pos = pos.any(0).sum()
     pos_loss = torch.where(num_with_pos > 0, pos_term.sum() / num_with_pos.clamp_min(1), 0)
     return pos_loss + neg_term.sum() / num_classes
+
+
+# ----------------------------------------------------------------- statistics of one class shard (distributed)
+
+
+def proxy_nca_row_stats(x, labels, proxies, *, softmax_scale, distance: Distance):
+    """Per row, over the C classes of ``proxies`` (a shard: labels outside [0, C) have no target here):
+    (target logit or 0, has_target, LSE over the non-target classes or 0, has_rest); logits as ProxyNCA's."""
+    logits = proxy_logits(x, proxies, scale=softmax_scale, distance=distance)
+    is_target = torch.arange(proxies.shape[0], device=x.device).unsqueeze(0) == labels.unsqueeze(1)
+    has_target = is_target.any(1)
+    target = torch.where(is_target, logits, 0).sum(1)
+    rest_mask = ~is_target
+    return target, has_target, masked_logsumexp(logits, rest_mask), rest_mask.any(1)
+
+
+def proxy_anchor_class_terms(x, labels, proxies, *, margin, alpha, distance: Distance):
+    """Per class of ``proxies`` (a shard: labels outside [0, C) are negatives of every class here):
+    (positive term, has_positive, negative term) of Proxy Anchor, before the 1/|C⁺| and 1/C divisors."""
+    mat = pairwise_similarity(x, proxies.to(x.dtype), distance=distance)
+    pos = torch.arange(proxies.shape[0], device=x.device).unsqueeze(0) == labels.unsqueeze(1)
+    pos_term = masked_log1p_sum_exp(alpha * distance.margin(mat, margin), pos, dim=0)
+    neg_term = masked_log1p_sum_exp(alpha * distance.margin(-margin, mat), ~pos, dim=0)
+    return pos_term, pos.any(0), neg_term

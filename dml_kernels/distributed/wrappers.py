@@ -1,91 +1,12 @@
-"""``dk.distributed``: losses and miners over the global batch of a ``torch.distributed`` job.
-
-``DistributedLossWrapper(loss, efficient=False)`` and ``DistributedMinerWrapper(miner, efficient=False)``
-have PML 2.9's arguments and values: the loss is computed on the gathered global batch (or, with
-``efficient=True``, the local queries against the gathered references) and multiplied by the world
-size, so that DDP's gradient averaging gives each rank the gradient of one global loss.
-
-Built on ``torch.distributed`` collectives only (NCCL on GPUs, gloo on CPUs — nothing backend-specific
-here). Differences from PML, deliberate (README, each tested in ``tests/test_distributed.py``):
-
-* The gathered batch is in **rank order** on every rank (PML puts the local rows first, so every rank
-  sees a different order: PML #639). A user ``indices_tuple`` keeps PML's meaning — it indexes PML's
-  local-first gathered order — and is translated.
-* The all-gather **carries autograd**: the gradient of every gathered copy is summed over the ranks
-  (one all-reduce) and divided by the world size, then returned to the copy's owner. In the default
-  mode this gives exactly PML's gradients; with ``efficient=True`` it also returns the gradient each
-  rank's loss has with respect to *other* ranks' rows (PML drops it), so DDP-averaged gradients equal
-  the gradient of the mean of the ranks' losses — single-process training of that loss.
-* Local batch sizes may differ between ranks (PML's all_gather needs equal shapes): the sizes are
-  exchanged first (one small all-gather and a host read of W integers), rows are padded to the largest.
-"""
+"""PML's DistributedLossWrapper and DistributedMinerWrapper (see the package docstring for the differences)."""
 from __future__ import annotations
 
 import warnings
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistributedLossWrapper", "DistributedMinerWrapper", "all_gather", "is_distributed"]
-
-
-def is_distributed(group=None) -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _world(group):
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
-def _local_sizes(n: int, device, group) -> list[int]:
-    """Every rank's local row count (one all-gather of one integer per rank, read on the host)."""
-    world, _ = _world(group)
-    mine = torch.tensor([n], dtype=torch.long, device=device)
-    sizes = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(sizes, mine, group=group)
-    return [int(s) for s in torch.cat(sizes).tolist()]
-
-
-def _gather_rows(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
-    """All ranks' ``x`` concatenated in rank order (no autograd); rows padded to the largest size."""
-    world, _ = _world(group)
-    width = max(sizes)
-    padded = x.new_zeros((width,) + tuple(x.shape[1:]))
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
-
-
-class _AllGather(torch.autograd.Function):
-    """Gather with autograd: backward sums the gathered tensor's gradient over ranks (all-reduce), divides
-    by the world size and returns this rank's rows."""
-
-    @staticmethod
-    def forward(ctx, x, sizes, group):
-        ctx.sizes, ctx.group = sizes, group
-        return _gather_rows(x, sizes, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError("double backward (create_graph=True) through dml_kernels' distributed all_gather "
-                               "is not supported")
-        world, rank = _world(ctx.group)
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        start = sum(ctx.sizes[:rank])
-        return grad[start: start + ctx.sizes[rank]] / world, None, None
-
-
-def all_gather(x: torch.Tensor, group=None, *, sizes: list[int] | None = None):
-    """(every rank's ``x`` in rank order, the ranks' row counts). Differentiable when ``x`` requires grad."""
-    if sizes is None:
-        sizes = _local_sizes(x.shape[0], x.device, group)
-    if x.requires_grad:
-        return _AllGather.apply(x, sizes, group), sizes
-    return _gather_rows(x, sizes, group), sizes
+from .collectives import _world, all_gather, is_distributed
 
 
 def _pml_order(sizes: list[int], rank: int, device) -> torch.Tensor:

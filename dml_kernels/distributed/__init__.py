@@ -1,0 +1,37 @@
+"""``dk.distributed``: losses over the global batch of a ``torch.distributed`` job, and class weights
+sharded across its ranks.
+
+``DistributedLossWrapper(loss, efficient=False)`` and ``DistributedMinerWrapper(miner, efficient=False)``
+have PML 2.9's arguments and values: the loss is computed on the gathered global batch (or, with
+``efficient=True``, the local queries against the gathered references) and multiplied by the world
+size, so that DDP's gradient averaging gives each rank the gradient of one global loss.
+
+Built on ``torch.distributed`` collectives only (NCCL on GPUs, gloo on CPUs — nothing backend-specific
+here). Differences from PML, deliberate (README, each tested in ``tests/test_distributed.py``):
+
+* The gathered batch is in **rank order** on every rank (PML puts the local rows first, so every rank
+  sees a different order: PML #639). A user ``indices_tuple`` keeps PML's meaning — it indexes PML's
+  local-first gathered order — and is translated.
+* The all-gather **carries autograd**: the gradient of every gathered copy is summed over the ranks
+  (one all-reduce) and divided by the world size, then returned to the copy's owner. In the default
+  mode this gives exactly PML's gradients; with ``efficient=True`` it also returns the gradient each
+  rank's loss has with respect to *other* ranks' rows (PML drops it), so DDP-averaged gradients equal
+  the gradient of the mean of the ranks' losses — single-process training of that loss.
+* Local batch sizes may differ between ranks (PML's all_gather needs equal shapes): the sizes are
+  exchanged first (one small all-gather and a host read of W integers), rows are padded to the largest.
+
+Class-sharded weights (``sharded.py``): ``sharded_proxy_nca_loss`` / ``sharded_proxy_anchor_loss`` (and
+``process_group=`` on the class-weight losses) — rank r holds rows [r·⌈C/W⌉, (r+1)·⌈C/W⌉) of the weights;
+the embeddings are gathered, each rank computes its shard's per-row (ProxyNCA) or per-class (Proxy Anchor)
+statistics with the fused kernels, and O(B_global) values are merged across ranks: the result is exactly
+the unsharded loss of the global batch. ``shard_rows`` / ``gather_full_weight`` move between a PML-shaped
+full weight and the shards.
+
+Modules: ``collectives.py`` (all-gather and all-reduce with autograd), ``wrappers.py``, ``sharded.py``.
+"""
+from .collectives import all_gather, all_reduce_sum, is_distributed
+from .sharded import gather_full_weight, shard_range, shard_rows, sharded_proxy_anchor_loss, sharded_proxy_nca_loss
+from .wrappers import DistributedLossWrapper, DistributedMinerWrapper
+
+__all__ = ["DistributedLossWrapper", "DistributedMinerWrapper", "all_gather", "all_reduce_sum", "is_distributed",
+           "shard_range", "shard_rows", "gather_full_weight", "sharded_proxy_nca_loss", "sharded_proxy_anchor_loss"]
