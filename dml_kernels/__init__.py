@@ -8,7 +8,7 @@ Public families: ``losses``, ``miners``, ``distances``, ``functional``, ``distri
 ``dml_kernels/backends/<name>/`` and are loaded by the registry (``_registry.py``) on first use; the
 reference backend is loaded here, as it is always available.
 """
-from . import _registry, distances, distributed, functional, losses, miners
+from . import _registry, distances, distributed, functional, losses, miners, reducers, regularizers
 from ._pairs import PackedPairMask
 from ._registry import BACKENDS, BackendUnavailable, Unsupported
 from .distances import Distance
@@ -17,5 +17,5 @@ _registry._load("reference")
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "losses", "miners", "distances", "distributed", "BACKENDS", "BackendUnavailable",
-           "Unsupported", "Distance", "PackedPairMask", "__version__"]
+__all__ = ["functional", "losses", "miners", "distances", "distributed", "reducers", "regularizers", "BACKENDS",
+           "BackendUnavailable", "Unsupported", "Distance", "PackedPairMask", "__version__"]

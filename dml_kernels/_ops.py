@@ -28,12 +28,15 @@ proxy_nca_loss                       (x, labels, proxies, *, softmax_scale, excl
 proxy_anchor_loss                    (x, labels, proxies, *, margin, alpha, distance, weights)
 proxy_nca_row_stats                  (x, labels, proxies, *, softmax_scale, distance) -> (target, has_target, rest, has_rest) (N,)
 proxy_anchor_class_terms             (x, labels, proxies, *, margin, alpha, distance) -> (pos_term, has_pos, neg_term) (C,)
+<loss>_elements                      (the arguments of the loss op <loss>) -> PML's loss dict (reference only, for now)
 
 ``pairs``: None (all label pairs), a PackedPairMask (matrix-based losses: MS, generalized lifted), or a
 PML 4-tuple (a1, p, a2, n) with duplicates that count (pair-based: lifted, contrastive); ``(a, p)`` for
 N-pairs. ``labels`` may be None when ``pairs`` is given. ``pair_rule``: apply PML's "≤1 positive and ≤1
 negative pair → 0" on the pairs used, counted on the device. ``triplets``: None or (a, p, n).
 ``weights``: None or PML's per-sample miner weights (N,). ``epsilon``: None or the MS mining margin.
+``<loss>_elements`` (one per ``*_loss`` op above): the loss's unreduced elements as PML's loss dict
+``{name: {"losses", "indices", "reduction_type", ["divisor"]}}``, for a non-default ``reducer=``.
 ``proxy_nca_row_stats`` / ``proxy_anchor_class_terms``: a class shard's statistics for the class-sharded
 losses of ``dk.distributed`` (labels outside [0, C) belong to other shards: no target / a negative here).
 """
@@ -41,3 +44,6 @@ OPS = ("pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_m
        "triplet_margin_mining", "multi_similarity_loss", "generalized_lifted_structure_loss",
        "lifted_structure_loss", "contrastive_loss", "n_pairs_loss", "triplet_margin_loss", "proxy_nca_loss",
        "proxy_anchor_loss", "proxy_nca_row_stats", "proxy_anchor_class_terms")
+OPS += ("multi_similarity_loss_elements", "generalized_lifted_structure_loss_elements",
+        "lifted_structure_loss_elements", "contrastive_loss_elements", "n_pairs_loss_elements",
+        "triplet_margin_loss_elements", "proxy_nca_loss_elements", "proxy_anchor_loss_elements")

@@ -1,7 +1,9 @@
-"""What every functional form shares: input preparation, PML index tuples → canonical pairs, dispatch."""
+"""What every functional form shares: input preparation, PML index tuples → canonical pairs, dispatch, and
+PML's reduction (``reducer=``, regularizer entries)."""
 from __future__ import annotations
 
 from .. import _registry
+from .. import reducers as _reducers
 from .._pairs import PackedPairMask, dense_from_indices, indices_to_pairs
 from .._validation import check_embeddings, check_indices_tuple, check_labels, check_ref
 
@@ -60,3 +62,57 @@ def _call(op, backend, x, *args, **kwargs):
     if backend != "auto" and not isinstance(backend, str):
         raise TypeError("backend must be a string")
     return _registry.call(op, backend, x.device.type, x, *args, **kwargs)
+
+
+# op: (PML's sub-loss names, PML's default reducer) — the fused op computes exactly that default reduction.
+LOSS_REDUCTION = {
+    "multi_similarity_loss": (("loss",), "MeanReducer"),
+    "generalized_lifted_structure_loss": (("loss",), "MeanReducer"),
+    "lifted_structure_loss": (("loss",), "MeanReducer"),
+    "n_pairs_loss": (("loss",), "MeanReducer"),
+    "contrastive_loss": (("pos_loss", "neg_loss"), "AvgNonZeroReducer"),
+    "triplet_margin_loss": (("loss",), "AvgNonZeroReducer"),
+    "proxy_nca_loss": (("loss",), "MeanReducer"),
+    "proxy_anchor_loss": (("pos_loss", "neg_loss"), "DivisorReducer"),
+}
+
+
+def default_reducer(op):
+    """A new instance of ``op``'s PML default reducer."""
+    return getattr(_reducers, LOSS_REDUCTION[op][1])()
+
+
+def _loss(op, backend, x, labels, *args, reducer=None, extra=None, few=False, **kwargs):
+    """Run loss ``op`` under PML's reduction.
+
+    ``reducer``: None (the loss's default) or a reducer (ours or PML's), used as PML's ``set_reducer`` would.
+    ``extra``: {name: 0-dim tensor} already-reduced entries added to the loss dict (the regularizer terms of
+    the loss modules). ``few``: the functional layer already knows PML returns its zero losses.
+
+    When the reducer reduces the loss's own entries as its default does and passes the extra entries through,
+    the fused op runs and the extra terms are added. Otherwise the reference backend's ``<op>_elements`` builds
+    PML's loss dict and the reducer reduces it (a DoNothingReducer returns it); a fused backend named
+    explicitly raises ``Unsupported`` there, ``backend="auto"`` falls back with the registry's warning.
+    """
+    names, default_kind = LOSS_REDUCTION[op]
+    extra = extra or {}
+    if reducer is not None or extra:
+        reducer = _reducers.for_loss(reducer, list(names) + list(extra), lambda: default_reducer(op))
+    if _reducers.reduces_like_default(reducer, names, list(extra), default_kind):
+        loss = _zero(x) if few else _call(op, backend, x, labels, *args, **kwargs)
+        for value in extra.values():
+            loss = loss + value.to(loss.dtype).reshape(())
+        return loss
+    if few:
+        loss_dict = {name: {"losses": 0, "indices": None, "reduction_type": "already_reduced"} for name in names}
+    else:
+        try:
+            loss_dict = _call(f"{op}_elements", backend, x, labels, *args, **kwargs)
+        except _registry.Unsupported as e:
+            raise _registry.Unsupported(
+                f"{op} with reducer={_reducers.describe(reducer)}: a reduction other than the loss's default "
+                f"({default_kind}) is computed on the reference backend for now, and backend={backend!r} "
+                "cannot run it; use backend='reference' or 'auto'") from e
+    for name, value in extra.items():
+        loss_dict[name] = {"losses": value, "indices": None, "reduction_type": "already_reduced"}
+    return reducer(loss_dict, x, labels)

@@ -1,4 +1,7 @@
-"""The class-weight family: losses of embeddings against learnable per-class weights (proxies)."""
+"""The class-weight family: losses of embeddings against learnable per-class weights (proxies).
+
+Every loss takes ``reducer=`` as in ``pair_losses.py`` (PML's default: MeanReducer for ProxyNCA over the rows,
+DivisorReducer for Proxy Anchor's per-proxy pos_loss / neg_loss)."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +9,7 @@ import torch
 from .._pairs import PackedPairMask
 from .._validation import check_indices_tuple, check_proxies, check_proxy_labels
 from ..distances import parse_distance
-from ._common import _call, _prepare
+from ._common import _loss, _prepare
 
 
 def _miner_weights(indices_tuple, n, device, check_inputs, *, anchors_only):
@@ -34,7 +37,7 @@ def _prepare_proxy(embeddings, labels, proxies, ref_emb, ref_labels, check_input
 
 def proxy_nca_loss(embeddings, labels, proxies, indices_tuple=None, ref_emb=None, ref_labels=None, *,
                    softmax_scale=1, exclude_positive=False, distance=None, normalize_embeddings=True,
-                   backend="auto", check_inputs=True):
+                   backend="auto", check_inputs=True, reducer=None, _extra=None):
     """PML's ProxyNCALoss = cross-entropy over logits −σ‖x̂ − p̂_c‖² (the positive proxy in the denominator,
     unless ``exclude_positive=True``: the original "No Fuss" form)."""
     labels = _prepare_proxy(embeddings, labels, proxies, ref_emb, ref_labels, check_inputs, "ProxyNCALoss")
@@ -42,8 +45,9 @@ def proxy_nca_loss(embeddings, labels, proxies, indices_tuple=None, ref_emb=None
         raise ValueError("exclude_positive=True needs at least 2 classes")
     dist = parse_distance(distance, normalize_embeddings, default="squared_euclidean")
     weights = _miner_weights(indices_tuple, embeddings.shape[0], embeddings.device, check_inputs, anchors_only=True)
-    return _call("proxy_nca_loss", backend, embeddings, labels, proxies, softmax_scale=float(softmax_scale),
-                 exclude_positive=bool(exclude_positive), distance=dist, weights=weights)
+    return _loss("proxy_nca_loss", backend, embeddings, labels, proxies, softmax_scale=float(softmax_scale),
+                 exclude_positive=bool(exclude_positive), distance=dist, weights=weights, reducer=reducer,
+                 extra=_extra)
 
 
 def proxy_nca_plus_plus_loss(embeddings, labels, proxies, indices_tuple=None, ref_emb=None, ref_labels=None, *,
@@ -57,10 +61,10 @@ def proxy_nca_plus_plus_loss(embeddings, labels, proxies, indices_tuple=None, re
 
 def proxy_anchor_loss(embeddings, labels, proxies, indices_tuple=None, ref_emb=None, ref_labels=None, *,
                       margin=0.1, alpha=32, distance=None, normalize_embeddings=True, backend="auto",
-                      check_inputs=True):
+                      check_inputs=True, reducer=None, _extra=None):
     """PML's ProxyAnchorLoss; |C⁺| (proxies with a positive in the batch) is counted on the device."""
     labels = _prepare_proxy(embeddings, labels, proxies, ref_emb, ref_labels, check_inputs, "ProxyAnchorLoss")
     dist = parse_distance(distance, normalize_embeddings, default="cosine")
     weights = _miner_weights(indices_tuple, embeddings.shape[0], embeddings.device, check_inputs, anchors_only=False)
-    return _call("proxy_anchor_loss", backend, embeddings, labels, proxies, margin=float(margin),
-                 alpha=float(alpha), distance=dist, weights=weights)
+    return _loss("proxy_anchor_loss", backend, embeddings, labels, proxies, margin=float(margin),
+                 alpha=float(alpha), distance=dist, weights=weights, reducer=reducer, extra=_extra)

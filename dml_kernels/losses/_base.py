@@ -1,27 +1,88 @@
-"""The base of every ``dk.losses`` class: PML's common constructor arguments plus ``backend=`` and
-``check_inputs=``; PML features outside this package's scope raise a clear error."""
+"""The base of every ``dk.losses`` class: PML's common constructor arguments (``reducer``,
+``embedding_regularizer``, ``embedding_reg_weight``; ``weight_regularizer``, ``weight_reg_weight`` on the
+proxy losses) plus ``backend=`` and ``check_inputs=``.
+
+``self.reducer`` is set as PML's ``set_reducer`` sets it: the loss's default reducer (or a deep copy of the one
+given) for a loss with one sub-loss, a ``MultipleReducers`` with one per sub-loss name (regularizer entries
+included) otherwise, a given MultipleReducers / DoNothingReducer as it is. With the default reduction the
+fused op runs (regularizer terms are added to it); any other reducer reduces the loss's PML loss dict, built
+on the reference backend for now (``dml_kernels/functional/_common.py``).
+"""
 from __future__ import annotations
 
 from torch import nn
 
-_PML_ONLY = ("reducer", "embedding_regularizer", "embedding_reg_weight", "weight_regularizer", "weight_reg_weight",
-             "collect_stats")
+from .. import reducers as _reducers
+from ..functional._common import LOSS_REDUCTION, default_reducer
+
+
+def _check_regularizer(regularizer, what):
+    if regularizer is not None and not callable(regularizer):
+        raise TypeError(f"{what} must be a regularizer (a module called with a 2-D tensor), e.g. "
+                        f"dml_kernels.regularizers.LpRegularizer() or a PML regularizer; got "
+                        f"{type(regularizer).__name__}")
 
 
 class _MetricLoss(nn.Module):
     _default_distance = "cosine"
+    _op = None  # the loss op (a key of LOSS_REDUCTION): its sub-loss names and default reducer
+    _has_weight_regularizer = False  # PML's WeightRegularizerMixin (the proxy losses)
 
-    def __init__(self, distance=None, normalize_embeddings=True, backend="auto", check_inputs=True, **unsupported):
+    def __init__(self, distance=None, normalize_embeddings=True, backend="auto", check_inputs=True, *,
+                 reducer=None, embedding_regularizer=None, embedding_reg_weight=1, collect_stats=None,
+                 **unsupported):
         super().__init__()
+        weight_regularizer = unsupported.pop("weight_regularizer", None) if self._has_weight_regularizer else None
+        weight_reg_weight = unsupported.pop("weight_reg_weight", 1) if self._has_weight_regularizer else 1
         for key in unsupported:
-            if key in _PML_ONLY:
-                raise NotImplementedError(f"{type(self).__name__}({key}=...) is a PML feature dml_kernels does not "
-                                          "implement; use the PML class for it")
             raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {key!r}")
+        if collect_stats:
+            raise NotImplementedError(f"{type(self).__name__}(collect_stats=True): PML's recorded statistics are "
+                                      "not implemented yet; use the PML class for them")
+        _check_regularizer(embedding_regularizer, "embedding_regularizer")
+        _check_regularizer(weight_regularizer, "weight_regularizer")
         self.distance = distance
         self.normalize_embeddings = normalize_embeddings
         self.backend = backend
         self.check_inputs = check_inputs
+        self.weight_regularizer = weight_regularizer
+        self.weight_reg_weight = weight_reg_weight
+        self.embedding_regularizer = embedding_regularizer
+        self.embedding_reg_weight = embedding_reg_weight
+        self.set_reducer(reducer)
+
+    # ---- PML's reducer / regularizer machinery ----
+
+    def _sub_loss_names(self):
+        return list(LOSS_REDUCTION[self._op][0])
+
+    def sub_loss_names(self):
+        """PML's order: the loss's own entries, then "weight_reg_loss", then "embedding_reg_loss"."""
+        names = self._sub_loss_names()
+        if self.weight_regularizer is not None:
+            names.append("weight_reg_loss")
+        if self.embedding_regularizer is not None:
+            names.append("embedding_reg_loss")
+        return names
+
+    def get_default_reducer(self):
+        return default_reducer(self._op)
+
+    def set_reducer(self, reducer):
+        self.reducer = _reducers.for_loss(reducer, self.sub_loss_names(), self.get_default_reducer,
+                                          copy_reducer=True)
+        # The reducer made here from no argument is the default: the fused op computes it, no inspection needed.
+        self._made_reducer = (self.reducer if reducer is None else None,)  # a tuple: not a registered child
+
+    def _reduction(self, embeddings, weights=None):
+        """(reducer for the functional call — None for the default one made here —, regularizer entries)."""
+        extra = {}
+        if self.weight_regularizer is not None and weights is not None:
+            extra["weight_reg_loss"] = self.weight_regularizer(weights) * self.weight_reg_weight
+        if self.embedding_regularizer is not None:
+            extra["embedding_reg_loss"] = self.embedding_regularizer(embeddings) * self.embedding_reg_weight
+        reducer = None if (self.reducer is self._made_reducer[0] and not extra) else self.reducer
+        return dict(reducer=reducer, _extra=extra or None)
 
     def _common(self):
         return dict(distance=self.distance, normalize_embeddings=self.normalize_embeddings, backend=self.backend,

@@ -10,7 +10,10 @@ from ._base import _MetricLoss
 
 
 class _ProxyLoss(_MetricLoss):
-    """A loss that owns its proxies: ``self.proxies`` is an ``nn.Parameter`` (num_classes × embedding_size)."""
+    """A loss that owns its proxies: ``self.proxies`` is an ``nn.Parameter`` (num_classes × embedding_size).
+    ``weight_regularizer=`` (PML's WeightRegularizerMixin) is applied to the proxies (C × D)."""
+
+    _has_weight_regularizer = True
 
     def __init__(self, num_classes, embedding_size, **kwargs):
         super().__init__(**kwargs)
@@ -30,6 +33,7 @@ class _ProxyLoss(_MetricLoss):
 
 class ProxyNCALoss(_ProxyLoss):
     _default_distance = "squared_euclidean"
+    _op = "proxy_nca_loss"
 
     def __init__(self, num_classes, embedding_size, softmax_scale=1, *, exclude_positive=False, **kwargs):
         super().__init__(num_classes, embedding_size, **kwargs)
@@ -41,7 +45,7 @@ class ProxyNCALoss(_ProxyLoss):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         return F.proxy_nca_loss(embeddings, labels, self.proxies, indices_tuple, ref_emb, ref_labels,
                                 softmax_scale=self.softmax_scale, exclude_positive=self.exclude_positive,
-                                **self._common())
+                                **self._common(), **self._reduction(embeddings, self.proxies))
 
 
 class ProxyNCAPlusPlusLoss(ProxyNCALoss):
@@ -55,6 +59,8 @@ class ProxyNCAPlusPlusLoss(ProxyNCALoss):
 
 
 class ProxyAnchorLoss(_ProxyLoss):
+    _op = "proxy_anchor_loss"
+
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32, **kwargs):
         super().__init__(num_classes, embedding_size, **kwargs)
         self.margin, self.alpha = margin, alpha
@@ -64,4 +70,5 @@ class ProxyAnchorLoss(_ProxyLoss):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         return F.proxy_anchor_loss(embeddings, labels, self.proxies, indices_tuple, ref_emb, ref_labels,
-                                   margin=self.margin, alpha=self.alpha, **self._common())
+                                   margin=self.margin, alpha=self.alpha, **self._common(),
+                                   **self._reduction(embeddings, self.proxies))

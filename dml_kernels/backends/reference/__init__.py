@@ -18,6 +18,8 @@ from .pair_losses import (
     triplet_margin_loss,
 )
 from .class_losses import proxy_anchor_class_terms, proxy_anchor_loss, proxy_nca_loss, proxy_nca_row_stats
+from .elements import __all__ as _ELEMENT_OPS
+from .elements import *  # noqa: F401,F403 - the <loss>_elements ops (loss dicts for non-default reducers)
 from .similarity import pairwise_similarity
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "generalized_lifted_structure_loss", "n_pairs_loss", "contrastive_loss", "triplet_margin_loss",
     "proxy_nca_loss", "proxy_anchor_loss", "proxy_nca_row_stats", "proxy_anchor_class_terms",
 ]
+__all__ += _ELEMENT_OPS
 
 from ..._registry import register  # noqa: E402
 
