@@ -113,6 +113,9 @@ setup(
     # triton: the GPU backend, and the interpreter the CPU tests run its kernels under; ninja: JIT build of
     # the extension when it was not built at install time.
     install_requires=["torch>=2.4", "numpy", "ninja", "triton; platform_system == 'Linux'"],
-    # PML is only a test/benchmark dependency: the oracle we compare against (scikit-learn comes with it).
-    extras_require={"test": ["pytest", "pytest-benchmark", "pytorch-metric-learning==2.9.0"]},
+    # PML is only a test/benchmark dependency: the oracle we compare against (scikit-learn and tqdm come with
+    # it). matplotlib: the plots of `python -m dml_kernels train`, whose PNG the tests check; "train" is what
+    # that command needs (digits from scikit-learn, the progress bar, the plots).
+    extras_require={"test": ["pytest", "pytest-benchmark", "pytorch-metric-learning==2.9.0", "matplotlib"],
+                    "train": ["scikit-learn", "tqdm", "matplotlib"]},
 )

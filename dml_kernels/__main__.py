@@ -1,4 +1,4 @@
-"""``python -m dml_kernels verify | bench``."""
+"""``python -m dml_kernels verify | bench | ops | train``."""
 import sys
 
 
@@ -16,10 +16,11 @@ def ops_table() -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: python -m dml_kernels {verify,bench} [options]\n"
+    usage = ("usage: python -m dml_kernels {verify,bench,ops,train} [options]\n"
              "  verify  check every available backend against the float64 reference (and PML) and print a table\n"
              "  bench   run the benchmark harness (see --help)\n"
-             "  ops     print the op × backend table (which backends implement which op) as Markdown")
+             "  ops     print the op × backend table (which backends implement which op) as Markdown\n"
+             "  train   train an embedding net on scikit-learn's digits 0-4, evaluate on unseen 5-9 (see --help)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0
@@ -30,6 +31,9 @@ def main(argv=None) -> int:
     if command == "bench":
         from .bench import main as bench_main
         return bench_main(rest)
+    if command == "train":
+        from .train import main as train_main
+        return train_main(rest)
     if command == "ops":
         print(ops_table())
         return 0

@@ -28,6 +28,7 @@ proxy_nca_loss                       (x, labels, proxies, *, softmax_scale, excl
 proxy_anchor_loss                    (x, labels, proxies, *, margin, alpha, distance, weights)
 proxy_nca_row_stats                  (x, labels, proxies, *, softmax_scale, distance) -> (target, has_target, rest, has_rest) (N,)
 proxy_anchor_class_terms             (x, labels, proxies, *, margin, alpha, distance) -> (pos_term, has_pos, neg_term) (C,)
+knn                                  (x, ref, *, k, distance, exclude_self) -> (values N×k, indices N×k int64)
 <loss>_elements                      (the arguments of the loss op <loss>) -> PML's loss dict (reference only, for now)
 
 ``pairs``: None (all label pairs), a PackedPairMask (matrix-based losses: MS, generalized lifted), or a
@@ -39,11 +40,16 @@ negative pair → 0" on the pairs used, counted on the device. ``triplets``: Non
 ``{name: {"losses", "indices", "reduction_type", ["divisor"]}}``, for a non-default ``reducer=``.
 ``proxy_nca_row_stats`` / ``proxy_anchor_class_terms``: a class shard's statistics for the class-sharded
 losses of ``dk.distributed`` (labels outside [0, C) belong to other shards: no target / a negative here).
+``knn``: the k nearest references of every query (no gradient), best first — largest similarity or smallest
+distance — equal values ordered by the smaller reference index (the tie rule every backend keeps exactly);
+``values`` are the similarities / distances in x's dtype. ``ref=None``: the references are the queries and
+(i, i) is excluded; with ``ref``, ``exclude_self=True`` excludes (i, i) for i < min(N, M) (PML's
+``ref_includes_query``: the queries are the first N references). Needs k <= M (k <= M - 1 when excluding).
 """
 OPS = ("pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_mask", "batch_hard_mining",
        "triplet_margin_mining", "multi_similarity_loss", "generalized_lifted_structure_loss",
        "lifted_structure_loss", "contrastive_loss", "n_pairs_loss", "triplet_margin_loss", "proxy_nca_loss",
-       "proxy_anchor_loss", "proxy_nca_row_stats", "proxy_anchor_class_terms")
+       "proxy_anchor_loss", "proxy_nca_row_stats", "proxy_anchor_class_terms", "knn")
 OPS += ("multi_similarity_loss_elements", "generalized_lifted_structure_loss_elements",
         "lifted_structure_loss_elements", "contrastive_loss_elements", "n_pairs_loss_elements",
         "triplet_margin_loss_elements", "proxy_nca_loss_elements", "proxy_anchor_loss_elements")

@@ -8,6 +8,7 @@ Map (the same in every backend package; the engines themselves are C++, in ``csr
 * ``similarity.py``   — the similarity matrix and the miners.
 * ``pair_losses.py``  — the pair family.
 * ``class_losses.py`` — the class-weight family.
+* ``evaluation.py``   — k-nearest neighbours in O(block × chunk) memory (torch.mm + top-k merge, no C++).
 """
-from . import class_losses, pair_losses, similarity  # noqa: F401  (register the ops)
+from . import class_losses, evaluation, pair_losses, similarity  # noqa: F401  (register the ops)
 from .loader import unavailable_reason  # noqa: F401  (the registry's availability hook)

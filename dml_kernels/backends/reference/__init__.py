@@ -20,13 +20,14 @@ from .pair_losses import (
 from .class_losses import proxy_anchor_class_terms, proxy_anchor_loss, proxy_nca_loss, proxy_nca_row_stats
 from .elements import __all__ as _ELEMENT_OPS
 from .elements import *  # noqa: F401,F403 - the <loss>_elements ops (loss dicts for non-default reducers)
+from .evaluation import knn
 from .similarity import pairwise_similarity
 
 __all__ = [
     "pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_mask", "batch_hard_mining",
     "triplet_margin_mining", "multi_similarity_loss", "lifted_structure_loss",
     "generalized_lifted_structure_loss", "n_pairs_loss", "contrastive_loss", "triplet_margin_loss",
-    "proxy_nca_loss", "proxy_anchor_loss", "proxy_nca_row_stats", "proxy_anchor_class_terms",
+    "proxy_nca_loss", "proxy_anchor_loss", "proxy_nca_row_stats", "proxy_anchor_class_terms", "knn",
 ]
 __all__ += _ELEMENT_OPS
 

@@ -15,4 +15,4 @@ Map (the same in every backend package):
 """
 import triton  # noqa: F401  (a clear ImportError if triton is missing)
 
-from . import class_losses, pair_losses, similarity  # noqa: F401,E402
+from . import class_losses, knn, pair_losses, similarity  # noqa: F401,E402
