@@ -162,10 +162,10 @@ def test_packed_mask_shape_checked():
         ms(X, Y, mask)
 
 
-def test_unknown_and_pml_only_kwargs():
+def test_unknown_and_bad_kwargs():
     with pytest.raises(TypeError, match="unexpected keyword argument 'alhpa'"):
         dk.losses.MultiSimilarityLoss(alhpa=2)
-    with pytest.raises(NotImplementedError, match="reducer"):
+    with pytest.raises(TypeError, match="must be a reducer"):  # reducer= is supported; a non-reducer is not
         dk.losses.MultiSimilarityLoss(reducer=object())
 
 
