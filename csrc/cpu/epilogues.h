@@ -1,235 +1,321 @@
-// Vectorised CPU epilogues for label masks (the common case), one query row × one reference chunk.
-//
-// Written as branch-free loops (selects, `omp simd` reductions) and compiled in several ISA versions
-// (target_clones: AVX-512, AVX2+FMA, baseline; the loader picks one at run time), so the same build runs
-// everywhere and uses the vector units it finds. Packed-bit masks take the generic scalar path in
-// pair_ops.cpp. Conventions as in dml_kernels.h; `diag` = index within the chunk of the row's own
-// column in self mode (−1 if none).
+// Per-tile epilogues of the CPU ops: what each op does with a tile of stored pair values while it is hot
+// (the tiles themselves come from the engine, pair_engine.h). Loss- and miner-specific: the mining rule
+// and the row-block threshold pass, pair_reduce's accumulators and gradient weights, the all-triplets
+// row sort, the lifted-structure pair term. Generic masks (packed bits, column masks) take the scalar
+// loops here; label masks take the vectorised epilogues of epilogues_simd.h.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
+#include <vector>
 
 #include "../dml_kernels.h"
+#include "epilogues_simd.h"
 #include "fast_exp.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
-#define DML_MV __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DML_MV
-#endif
+#include "pair_engine.h"
 
 namespace dml {
 namespace cpu {
 
-// Row statistics used by the epilogues (per row i; arrays are indexed by query row).
+// ------------------------------------------------------------------------------------ mining rule
+
+// Per-row mining thresholds. Similarity: hp = min over P (empty +inf), hn = max over N (empty −inf);
+// distance: hp = max over P (−inf), hn = min over N (+inf).
 template <typename T>
-struct EpilogueArgs {
-  int64_t dist, kind;
-  bool mine;
-  T eps, pa, pc, na, nc;
+struct Thresholds {
+  bool sim;
+  explicit Thresholds(int64_t dist) : sim(dist == kSim) {}
+  T init_pos() const { return sim ? std::numeric_limits<T>::infinity() : -std::numeric_limits<T>::infinity(); }
+  T init_neg() const { return -init_pos(); }
+  void pos(T& hp, T v) const { hp = sim ? std::min(hp, v) : std::max(hp, v); }
+  void neg(T& hn, T v) const { hn = sim ? std::max(hn, v) : std::min(hn, v); }
+  // PML's strict comparisons.
+  bool keep_pos(T v, T hn, T eps) const { return sim ? (v - eps < hn) : (v + eps > hn); }
+  bool keep_neg(T v, T hp, T eps) const { return sim ? (v + eps > hp) : (v - eps < hp); }
 };
 
-__attribute__((always_inline)) inline float exp_vec(float x) { return exp_nonpos(x); }
-__attribute__((always_inline)) inline double exp_vec(double x) { return std::exp(x); }
-
-// Backward edge weights of one row (see row_edges below); compile-time flags so the loop has no
-// invariant branches and vectorises.
-template <typename T, bool SELF, bool MINE, bool HINGE, int64_t DIST>
-__attribute__((always_inline)) inline T edges_impl(T* __restrict st, int64_t nk, const EpilogueArgs<T>& a,
-                                                   const int64_t* __restrict rlab, int64_t li, int64_t diag,
-                                                   int64_t i, const T* __restrict gp, const T* __restrict gn,
-                                                   const T* __restrict rp, const T* __restrict rn,
-                                                   const T* __restrict hp, const T* __restrict hn) {
-  constexpr bool sim = DIST == kSim;
-  const T eps = a.eps, pa = a.pa, pc = a.pc, na = a.na, nc = a.nc;
-  const T gpi = gp[i], gni = gn[i], rpi = rp[i], rni = rn[i], hpi = hp[i], hni = hn[i];
-  const T ninf = -std::numeric_limits<T>::infinity();
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < nk; ++k) {
-    const T s = st[k];
-    const T v = (DIST == kSqEuclid && !(s > 0)) ? T(0) : s;
-    const bool same = rlab[k] == li;
-    const bool pair = !same | (k != diag);
-    const T coef = same ? pa : na, cen = same ? pc : nc;
-    const T t = coef * (v - cen);
-    // PML's strict mining rule as one comparison lhs < rhs: similarity keeps a positive iff
-    // v − ε < hardest negative, a negative iff hardest positive < v + ε; distance the mirror.
-    const T vm = v - eps, vp = v + eps;
-    bool keep = pair;
-    if (MINE) {
-      const T th = same ? hni : hpi;
-      const T lhs = sim ? (same ? vm : th) : (same ? th : vm);
-      const T rhs = sim ? (same ? th : vp) : (same ? vp : th);
-      keep = keep & (lhs < rhs);
-    }
-    T w;
-    if (HINGE) {
-      w = (keep & (t > 0)) ? (same ? gpi : gni) * coef : T(0);
-    } else {
-      const T x = keep ? t - (same ? rpi : rni) : ninf;
-      w = (same ? gpi : gni) * coef * exp_vec(x);
-    }
-    if (SELF) {  // row k's view of the pair (k, i): same value, same label relation
-      bool keep2 = pair;
-      if (MINE) {
-        const T th = same ? hn[k] : hp[k];
-        const T lhs = sim ? (same ? vm : th) : (same ? th : vm);
-        const T rhs = sim ? (same ? th : vp) : (same ? vp : th);
-        keep2 = keep2 & (lhs < rhs);
-      }
-      const T g2 = same ? gp[k] : gn[k];
-      if (HINGE) {
-        w += (keep2 & (t > 0)) ? g2 * coef : T(0);
-      } else {
-        const T x2 = keep2 ? t - (same ? rp[k] : rn[k]) : ninf;
-        w += g2 * coef * exp_vec(x2);
-      }
-    }
-    T e;
-    if (DIST == kSim) e = w;
-    else if (DIST == kSqEuclid) e = s >= 0 ? T(-2) * w : T(0);
-    else e = s > 0 ? -w / (s > 0 ? s : T(1)) : T(0);
-    st[k] = e;
-    sum += e;
+// Row-block thresholds over all references; `buf` holds a BR × BC tile. When the whole row fits one
+// tile (`cached`), the tile is left in `buf` for the caller's next pass.
+template <typename T>
+void block_thresholds(const Geometry<T>& g, const Masks& mk, int64_t i0, int64_t ni, T* buf, T* hp, T* hn) {
+  Thresholds<T> th(g.dist);
+  for (int64_t i = 0; i < ni; ++i) {
+    hp[i] = th.init_pos();
+    hn[i] = th.init_neg();
   }
-  return sum;
+  for_row_tiles(g, i0, ni, buf, [&](int64_t k0, int64_t nk) {
+    if (mk.simple()) {  // label masks: vectorised epilogue
+      for (int64_t i = 0; i < ni; ++i)
+        row_thresholds(buf + i * nk, nk, g.dist, mk.rlab + k0, mk.lab[i0 + i], diag_in(mk, i0 + i, k0, nk), hp + i,
+                       hn + i);
+      return;
+    }
+    for (int64_t i = 0; i < ni; ++i) {
+      const T* row = buf + i * nk;
+      T p = hp[i], q = hn[i];
+      for (int64_t k = 0; k < nk; ++k) {
+        bool pos, neg;
+        mk.get(i0 + i, k0 + k, pos, neg);
+        const T v = value_of(row[k], g.dist);
+        if (pos) th.pos(p, v);
+        if (neg) th.neg(q, v);
+      }
+      hp[i] = p;
+      hn[i] = q;
+    }
+  });
 }
 
-template <typename T, bool SELF, bool MINE, bool HINGE>
-__attribute__((always_inline)) inline T edges_dist(T* st, int64_t nk, const EpilogueArgs<T>& a, const int64_t* rlab,
-                                                   int64_t li, int64_t diag, int64_t i, int64_t col, const T* gp,
-                                                   const T* gn, const T* rp, const T* rn, const T* hp,
-                                                   const T* hn) {
-  // Column-indexed statistics (self mode) are passed shifted to the chunk, so hp[k] is reference k's.
-  const T* cgp = gp + col; const T* cgn = gn + col; const T* crp = rp + col; const T* crn = rn + col;
-  const T* chp = hp + col; const T* chn = hn + col;
-  (void)cgp;
-  const int64_t li_row = i - col;  // the row's own statistics through the shifted pointers
-  switch (a.dist) {
-    case kSim:
-      return edges_impl<T, SELF, MINE, HINGE, kSim>(st, nk, a, rlab, li, diag, li_row, cgp, cgn, crp, crn, chp, chn);
-    case kEuclid:
-      return edges_impl<T, SELF, MINE, HINGE, kEuclid>(st, nk, a, rlab, li, diag, li_row, cgp, cgn, crp, crn, chp,
-                                                       chn);
-    default:
-      return edges_impl<T, SELF, MINE, HINGE, kSqEuclid>(st, nk, a, rlab, li, diag, li_row, cgp, cgn, crp, crn, chp,
-                                                         chn);
-  }
-}
+// ------------------------------------------------------------------------------------ pair_reduce
 
 template <typename T>
-__attribute__((always_inline)) inline T edges_dispatch(T* st, int64_t nk, const EpilogueArgs<T>& a,
-                                                       const int64_t* rlab, int64_t li, int64_t diag, bool self,
-                                                       int64_t i, int64_t col, const T* gp, const T* gn, const T* rp,
-                                                       const T* rn, const T* hp, const T* hn) {
-  const bool hinge = a.kind == kHinge;
-#define DML_EDGES_CASE(S, M, H) \
-  if (self == S && a.mine == M && hinge == H) return edges_dist<T, S, M, H>(st, nk, a, rlab, li, diag, i, col, gp, gn, rp, rn, hp, hn);
-  DML_EDGES_CASE(true, true, false)
-  DML_EDGES_CASE(true, false, false)
-  DML_EDGES_CASE(false, true, false)
-  DML_EDGES_CASE(false, false, false)
-  DML_EDGES_CASE(true, true, true)
-  DML_EDGES_CASE(true, false, true)
-  DML_EDGES_CASE(false, true, true)
-  DML_EDGES_CASE(false, false, true)
-#undef DML_EDGES_CASE
-  return T(0);
+struct ReduceParams {
+  int64_t kind;
+  T pa, pc, na, nc, eps;
+  bool mine;
+  ReduceParams(int64_t kind_, double pa_, double pc_, double na_, double nc_, c10::optional<double> eps_)
+      : kind(kind_), pa(pa_), pc(pc_), na(na_), nc(nc_), eps(eps_.has_value() ? *eps_ : 0.0),
+        mine(eps_.has_value()) {}
+  EpilogueArgs<T> args(int64_t dist) const { return {dist, kind, mine, eps, pa, pc, na, nc}; }
+};
+
+// Online accumulator of one row's reduction: LSE (m, s) or hinge sum.
+template <typename T>
+struct Acc {
+  T m, s;
+  int64_t pairs = 0, nonzero = 0;
+  explicit Acc(int64_t kind) {
+    if (kind == kLse1) { m = 0; s = 1; }
+    else if (kind == kLse) { m = -std::numeric_limits<T>::infinity(); s = 0; }
+    else { m = 0; s = 0; }
+  }
+  // Merge a chunk of terms (−inf = not a pair) of length len.
+  void add(int64_t kind, T* terms, int64_t len, int64_t npairs) {
+    pairs += npairs;
+    if (npairs == 0) return;
+    if (kind == kHinge) {
+      T sum = 0;
+      int64_t nz = 0;
+      for (int64_t k = 0; k < len; ++k) {
+        const T t = terms[k];
+        if (t > 0) { sum += t; ++nz; }
+      }
+      s += sum;
+      nonzero += nz;
+      return;
+    }
+    nonzero += npairs;
+    T cm = -std::numeric_limits<T>::infinity();
+    for (int64_t k = 0; k < len; ++k) cm = std::max(cm, terms[k]);
+    const T nm = std::max(m, cm);
+    if (s != 0) s *= fast_exp(m - nm);
+    s += sum_exp(terms, len, nm);
+    m = nm;
+  }
+  // Merge a chunk of LSE terms whose maximum cm is known.
+  void add_lse(const T* terms, int64_t len, int64_t npairs, T cm) {
+    pairs += npairs;
+    nonzero += npairs;
+    if (npairs == 0) return;
+    const T nm = std::max(m, cm);
+    if (s != 0) s *= fast_exp(m - nm);
+    s += row_sum_exp(terms, len, nm);
+    m = nm;
+  }
+  T result(int64_t kind) const {
+    if (kind == kHinge) return s;
+    if (s == 0) return 0;  // empty set (kind 0): PML's masked LSE gives 0
+    return m + std::log(s);
+  }
+};
+
+template <typename T>
+void block_reduce(const Geometry<T>& g, const Masks& mk, const ReduceParams<T>& p, int64_t i0, int64_t ni,
+                  T* buf, T* tp, T* tn, T* hp, T* hn, T* red_pos, T* red_neg, int64_t* cnt, int64_t n) {
+  Thresholds<T> th(g.dist);
+  const bool cached = p.mine && g.m <= kBC;
+  if (p.mine) block_thresholds(g, mk, i0, ni, buf, hp + i0, hn + i0);
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const T floor = p.kind == kHinge ? T(0) : ninf;  // "not a pair" term
+  std::vector<Acc<T>> accp(ni, Acc<T>(p.kind)), accn(ni, Acc<T>(p.kind));
+  for_row_tiles(
+      g, i0, ni, buf,
+      [&](int64_t k0, int64_t nk) {
+        if (mk.simple() && p.kind != kHinge) {  // label masks: vectorised epilogue
+          const EpilogueArgs<T> ea = p.args(g.dist);
+          for (int64_t i = 0; i < ni; ++i) {
+            const int64_t gi = i0 + i;
+            T maxp, maxn;
+            int64_t np, nn;
+            row_terms(buf + i * nk, nk, ea, mk.rlab + k0, mk.lab[gi], diag_in(mk, gi, k0, nk),
+                      p.mine ? hp[gi] : T(0), p.mine ? hn[gi] : T(0), tp, tn, &maxp, &maxn, &np, &nn);
+            accp[i].add_lse(tp, nk, np, maxp);
+            accn[i].add_lse(tn, nk, nn, maxn);
+          }
+          return;
+        }
+        for (int64_t i = 0; i < ni; ++i) {
+          const int64_t gi = i0 + i;
+          const T* row = buf + i * nk;
+          const T rhp = p.mine ? hp[gi] : T(0), rhn = p.mine ? hn[gi] : T(0);
+          int64_t np = 0, nn = 0;
+          for (int64_t k = 0; k < nk; ++k) {
+            bool pos, neg;
+            mk.get(gi, k0 + k, pos, neg);
+            const T v = value_of(row[k], g.dist);
+            if (p.mine) {
+              pos = pos && th.keep_pos(v, rhn, p.eps);
+              neg = neg && th.keep_neg(v, rhp, p.eps);
+            }
+            np += pos;
+            nn += neg;
+            T a = p.pa * (v - p.pc), b = p.na * (v - p.nc);
+            if (p.kind == kHinge) { a = a > 0 ? a : T(0); b = b > 0 ? b : T(0); }
+            tp[k] = pos ? a : floor;
+            tn[k] = neg ? b : floor;
+          }
+          accp[i].add(p.kind, tp, nk, np);
+          accn[i].add(p.kind, tn, nk, nn);
+        }
+      },
+      cached);
+  for (int64_t i = 0; i < ni; ++i) {
+    const int64_t gi = i0 + i;
+    red_pos[gi] = accp[i].result(p.kind);
+    red_neg[gi] = accn[i].result(p.kind);
+    cnt[gi] = accp[i].pairs;
+    cnt[n + gi] = accn[i].pairs;
+    cnt[2 * n + gi] = accp[i].nonzero;
+    cnt[3 * n + gi] = accn[i].nonzero;
+  }
 }
 
-#define DML_DEFINE_EPILOGUES(T)                                                                                 \
-  /* Pass 1 (mining): update the row's hardest positive / negative values over this chunk. */                 \
-  DML_MV void row_thresholds(const T* __restrict st, int64_t nk, int64_t dist, const int64_t* __restrict rlab,  \
-                             int64_t li, int64_t diag, T* hp_io, T* hn_io) {                                   \
-    const T inf = std::numeric_limits<T>::infinity();                                                          \
-    T hp = *hp_io, hn = *hn_io;                                                                                \
-    if (dist == kSim) {                                                                                        \
-      _Pragma("omp simd reduction(min : hp) reduction(max : hn)") for (int64_t k = 0; k < nk; ++k) {           \
-        const T v = st[k];                                                                                     \
-        const bool same = rlab[k] == li;                                                                       \
-        const T vp = (same && k != diag) ? v : inf;                                                            \
-        const T vn = same ? -inf : v;                                                                          \
-        hp = vp < hp ? vp : hp;                                                                                \
-        hn = vn > hn ? vn : hn;                                                                                \
-      }                                                                                                        \
-    } else {                                                                                                   \
-      _Pragma("omp simd reduction(max : hp) reduction(min : hn)") for (int64_t k = 0; k < nk; ++k) {           \
-        const T s = st[k];                                                                                     \
-        const T v = (dist == kSqEuclid && !(s > 0)) ? T(0) : s;                                                \
-        const bool same = rlab[k] == li;                                                                       \
-        const T vp = (same && k != diag) ? v : -inf;                                                           \
-        const T vn = same ? inf : v;                                                                           \
-        hp = vp > hp ? vp : hp;                                                                                \
-        hn = vn < hn ? vn : hn;                                                                                \
-      }                                                                                                        \
-    }                                                                                                          \
-    *hp_io = hp;                                                                                               \
-    *hn_io = hn;                                                                                               \
-  }                                                                                                            \
-                                                                                                               \
-  /* Pass 2: terms a·(v − c) of the row's (kept) positive and negative pairs into tp / tn (non-pairs: −inf, */ \
-  /* or 0 for hinge sums, already clamped at 0), their maxima and counts. */                                    \
-  DML_MV void row_terms(const T* __restrict st, int64_t nk, const EpilogueArgs<T>& a,                          \
-                        const int64_t* __restrict rlab, int64_t li, int64_t diag, T hp, T hn, T* __restrict tp, \
-                        T* __restrict tn, T* max_p, T* max_n, int64_t* np_out, int64_t* nn_out) {               \
-    const T inf = std::numeric_limits<T>::infinity();                                                          \
-    const bool hinge = a.kind == kHinge, sim = a.dist == kSim, sq = a.dist == kSqEuclid, mine = a.mine;        \
-    const T floor = hinge ? T(0) : -inf, eps = a.eps;                                                          \
-    const T pa = a.pa, pc = a.pc, na = a.na, nc = a.nc;                                                        \
-    int64_t np = 0, nn = 0;                                                                                    \
-    T mp = -inf, mn = -inf;                                                                                    \
-    _Pragma("omp simd reduction(+ : np, nn) reduction(max : mp, mn)") for (int64_t k = 0; k < nk; ++k) {       \
-      const T s = st[k];                                                                                       \
-      const T v = (sq && !(s > 0)) ? T(0) : s;                                                                 \
-      const bool same = rlab[k] == li;                                                                         \
-      bool pos = same && k != diag, neg = !same;                                                               \
-      if (mine) {                                                                                              \
-        pos = pos && (sim ? (v - eps < hn) : (v + eps > hn));                                                  \
-        neg = neg && (sim ? (v + eps > hp) : (v - eps < hp));                                                  \
-      }                                                                                                        \
-      T x = pa * (v - pc), y = na * (v - nc);                                                                  \
-      if (hinge) {                                                                                             \
-        x = x > 0 ? x : T(0);                                                                                  \
-        y = y > 0 ? y : T(0);                                                                                  \
-      }                                                                                                        \
-      x = pos ? x : floor;                                                                                     \
-      y = neg ? y : floor;                                                                                     \
-      tp[k] = x;                                                                                               \
-      tn[k] = y;                                                                                               \
-      mp = x > mp ? x : mp;                                                                                    \
-      mn = y > mn ? y : mn;                                                                                    \
-      np += pos;                                                                                               \
-      nn += neg;                                                                                               \
-    }                                                                                                          \
-    *max_p = mp;                                                                                               \
-    *max_n = mn;                                                                                               \
-    *np_out = np;                                                                                              \
-    *nn_out = nn;                                                                                              \
-  }                                                                                                            \
-                                                                                                               \
-  /* Σ_k exp(t[k] − m), t[k] ≤ m or −inf. */                                                                   \
-  DML_MV T row_sum_exp(const T* __restrict t, int64_t nk, T m) {                                               \
-    T s = 0;                                                                                                   \
-    _Pragma("omp simd reduction(+ : s)") for (int64_t k = 0; k < nk; ++k) s += exp_vec(t[k] - m);              \
-    return s;                                                                                                  \
-  }                                                                                                            \
-                                                                                                               \
-  /* Backward: st[k] (stored values) ← edge weights E_ik of row i (plus, in self mode, row k's view of the */  \
-  /* pair (k, i)); returns Σ_k E_ik. Row-indexed statistics: gp, gn (upstream grads), rp, rn (reductions), */  \
-  /* hp, hn (thresholds); `col` = offset of the chunk's first reference in those arrays (self mode). */       \
-  DML_MV T row_edges(T* __restrict st, int64_t nk, const EpilogueArgs<T>& a, const int64_t* __restrict rlab,   \
-                     int64_t li, int64_t diag, bool self, int64_t i, int64_t col, const T* __restrict gp,       \
-                     const T* __restrict gn, const T* __restrict rp, const T* __restrict rn,                   \
-                     const T* __restrict hp, const T* __restrict hn) {                                         \
-    return edges_dispatch<T>(st, nk, a, rlab, li, diag, self, i, col, gp, gn, rp, rn, hp, hn);                 \
+// dL/dv for the pair (i, k) seen from row i: gradient of row i's pos / neg reductions.
+template <typename T>
+struct RowGrad {
+  const ReduceParams<T>* p;
+  const T *gp, *gn, *rp, *rn, *hp, *hn;
+  Thresholds<T> th;
+  RowGrad(const ReduceParams<T>* p_, const T* gp_, const T* gn_, const T* rp_, const T* rn_, const T* hp_,
+          const T* hn_, int64_t dist)
+      : p(p_), gp(gp_), gn(gn_), rp(rp_), rn(rn_), hp(hp_), hn(hn_), th(dist) {}
+
+  inline T operator()(int64_t i, T v, bool pos, bool neg) const {
+    if (p->mine) {
+      pos = pos && th.keep_pos(v, hn[i], p->eps);
+      neg = neg && th.keep_neg(v, hp[i], p->eps);
+    }
+    T w = 0;
+    if (pos) w += term(gp[i], p->pa, p->pc, rp[i], v);
+    if (neg) w += term(gn[i], p->na, p->nc, rn[i], v);
+    return w;
   }
+  inline T term(T gr, T a, T c, T red, T v) const {
+    if (gr == 0) return 0;
+    const T t = a * (v - c);
+    if (p->kind == kHinge) return t > 0 ? gr * a : T(0);
+    return gr * a * std::exp(t - red);
+  }
+};
 
+// ------------------------------------------------------------------------------------ all triplets
 
-DML_DEFINE_EPILOGUES(float)
-DML_DEFINE_EPILOGUES(double)
+// Per anchor a, with u_p = margin-shifted positive values and z_n the negative values on one scale
+// (distance: u = D_ap + m, z = D_an; similarity: u = m − S_ap, z = −S_an), violation(p, n) = u_p − z_n.
+// Σ_{p,n} relu(u_p − z_n) = Σ_p (c_p u_p − Σ_{z_n < u_p} z_n), c_p = #{n : z_n < u_p}: one sort of the
+// row's negatives. Backward: ∂/∂u_p = c_p, ∂/∂z_n = −#{p : u_p > z_n}.
+template <typename T>
+struct TripletRow {
+  std::vector<T> u, z, zs, us, prefix;
+  std::vector<int64_t> pk, nk;  // reference indices of positives / negatives
+  // The whole row `row` (m stored values) of anchor gi: a row's negatives are sorted together.
+  void collect(const T* row, int64_t m, int64_t dist, const Masks& mk, int64_t gi, T margin) {
+    u.clear(); z.clear(); pk.clear(); nk.clear();
+    const T s = distance_sign<T>(dist);
+    const int64_t li = mk.lab[gi], diag = mk.self ? gi : -1;
+    for (int64_t k = 0; k < m; ++k) {
+      const T v = value_of(row[k], dist);
+      if (mk.rlab[k] == li) {
+        if (k == diag) continue;
+        u.push_back(s * v + margin);
+        pk.push_back(k);
+      } else {
+        z.push_back(s * v);
+        nk.push_back(k);
+      }
+    }
+  }
+  // (Σ relu, number of violating triplets) of the collected row.
+  std::pair<T, int64_t> forward() {
+    zs = z;
+    std::sort(zs.begin(), zs.end());
+    prefix.assign(zs.size() + 1, T(0));
+    for (size_t t = 0; t < zs.size(); ++t) prefix[t + 1] = prefix[t] + zs[t];
+    T total = 0;
+    int64_t count = 0;
+    for (const T up : u) {
+      const int64_t c = std::lower_bound(zs.begin(), zs.end(), up) - zs.begin();  // #{z < u_p}
+      total += c * up - prefix[c];
+      count += c;
+    }
+    return {total, count};
+  }
+  // dL/d(stored value) of every reference into w (m entries, 0 outside the row's triplets) for the
+  // upstream gradient ga of the row's total; after forward() (the sorted negatives).
+  void backward(T ga, int64_t dist, T* w, int64_t m) {
+    const T s = distance_sign<T>(dist);
+    us = u;
+    std::sort(us.begin(), us.end());
+    std::fill(w, w + m, T(0));
+    for (size_t t = 0; t < u.size(); ++t) {
+      const int64_t c = std::lower_bound(zs.begin(), zs.end(), u[t]) - zs.begin();
+      w[pk[t]] = ga * T(c) * s;
+    }
+    const int64_t np = static_cast<int64_t>(us.size());
+    for (size_t t = 0; t < z.size(); ++t) {
+      const int64_t le = std::upper_bound(us.begin(), us.end(), z[t]) - us.begin();  // #{u ≤ z}
+      w[nk[t]] = -ga * T(np - le) * s;
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------------ lifted structure
+
+// h_ik = pair(a_i, a_k) + s·(v_ik − pos_margin), s = +1 for a distance, −1 for a similarity;
+// pair = logaddexp(a_i, a_k) over the rows that have negatives (0 if neither has).
+template <typename T>
+struct LiftedPair {
+  const T* a;
+  const bool* has;
+  const int64_t* lab;
+  int64_t dist;
+  T s, pm;
+  LiftedPair(const T* a_, const bool* has_, const int64_t* lab_, int64_t dist_, double pos_margin)
+      : a(a_), has(has_), lab(lab_), dist(dist_), s(distance_sign<T>(dist_)), pm(T(pos_margin)) {}
+
+  // (i, k) is a positive pair of the self-mode label masks.
+  bool positive(int64_t i, int64_t k) const { return lab[k] == lab[i] && k != i; }
+  T pair(int64_t i, int64_t k, T* wi, T* wk) const {
+    if (has[i] && has[k]) {
+      const T mx = std::max(a[i], a[k]);
+      const T lse = mx + std::log(std::exp(a[i] - mx) + std::exp(a[k] - mx));
+      *wi = std::exp(a[i] - lse);
+      *wk = std::exp(a[k] - lse);
+      return lse;
+    }
+    *wi = has[i] ? T(1) : T(0);
+    *wk = has[k] ? T(1) : T(0);
+    return has[i] ? a[i] : (has[k] ? a[k] : T(0));
+  }
+  // relu(h_ik) of a positive pair with stored value `stored`; wi, wk: ∂pair/∂a_i, ∂pair/∂a_k.
+  T hinge(int64_t i, int64_t k, T stored, T* wi, T* wk) const {
+    const T h = pair(i, k, wi, wk) + s * (value_of(stored, dist) - pm);
+    return h > 0 ? h : T(0);
+  }
+};
 
 }  // namespace cpu
 }  // namespace dml
