@@ -170,6 +170,16 @@ def _sharded(rank, world, out_dir, uneven):
             loss = fn(xx, labels[rank] % num_classes, shard, num_classes, backend)
             gx, gp = torch.autograd.grad(loss, (xx, shard))
             res[(num_classes, backend, name)] = (loss.detach(), gx, gp)
+    # the modules: process_group= shards their proxies; a shard loaded from the full weight gives the same loss
+    for cls, kw, name in ((dk.losses.ProxyNCALoss, dict(softmax_scale=3.0), "nca"),
+                          (dk.losses.ProxyAnchorLoss, dict(alpha=8.0), "anchor")):
+        module = cls(7, D, process_group=dist.group.WORLD, backend="cpu", **kw).double()
+        assert module.proxies.shape == (shard_range(7)[1] - shard_range(7)[0], D)
+        module.load_state_dict({"proxies": shard_rows(_full_weight(7))})
+        xx = x.clone().requires_grad_()
+        loss = module(xx, labels[rank] % 7)
+        gx, gp = torch.autograd.grad(loss, (xx, module.proxies))
+        res[("module", name)] = (loss.detach(), gx, gp)
     torch.save(res, os.path.join(out_dir, f"{rank}.pt"))
 
 
@@ -308,6 +318,16 @@ def test_sharded_class_weights_equal_the_unsharded_loss(world, uneven, num_class
         torch.testing.assert_close(loss, want.detach(), **TOL)
         torch.testing.assert_close(got_x, gx[starts[r]: starts[r] + sizes[r]], **TOL)
         torch.testing.assert_close(got_p, gp[lo:hi], **TOL)
+
+
+@pytest.mark.parametrize("world,uneven", CONFIGS)
+@pytest.mark.parametrize("name", ["nca", "anchor"])
+def test_process_group_on_the_loss_modules(world, uneven, name, ran):
+    """ProxyNCALoss / ProxyAnchorLoss(process_group=...) hold a shard and compute what the functions do."""
+    for r in range(world):
+        res = torch.load(ran[(world, uneven)] / "sharded" / f"{r}.pt")
+        for got, want in zip(res[("module", name)], res[(7, "cpu", name)]):
+            torch.testing.assert_close(got, want, **TOL)
 
 
 def test_a_failing_rank_does_not_hang():

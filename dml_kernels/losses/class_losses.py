@@ -11,17 +11,51 @@ from ._base import _MetricLoss
 
 class _ProxyLoss(_MetricLoss):
     """A loss that owns its proxies: ``self.proxies`` is an ``nn.Parameter`` (num_classes × embedding_size).
-    ``weight_regularizer=`` (PML's WeightRegularizerMixin) is applied to the proxies (C × D)."""
+    ``weight_regularizer=`` (PML's WeightRegularizerMixin) is applied to the proxies (C × D).
+
+    ``process_group=`` (keyword-only; a ``torch.distributed`` group, e.g. ``torch.distributed.group.WORLD``)
+    shards the proxies over the group's ranks: ``self.proxies`` holds this rank's rows
+    (``dk.distributed.shard_range``), the embeddings and labels passed are the local batch, and the loss is the
+    unsharded loss of the global batch (``dk.distributed.sharded``). ``dk.distributed.gather_full_weight``
+    rebuilds the full C × D weight; ``shard_rows`` cuts a full (PML) weight for ``load_state_dict``.
+
+    Dtype: the proxies are never cast in place for fp16 / bf16 embeddings (PML #293, #309); for float64
+    embeddings they become float64 on the first such call, as PML's do (a float64 run is an accuracy check).
+    """
 
     _has_weight_regularizer = True
 
-    def __init__(self, num_classes, embedding_size, **kwargs):
+    def __init__(self, num_classes, embedding_size, *, process_group=None, **kwargs):
         super().__init__(**kwargs)
         if int(num_classes) < 1 or int(embedding_size) < 1:
             raise ValueError(f"num_classes and embedding_size must be positive, got {num_classes}, {embedding_size}")
         self.num_classes, self.embedding_size = int(num_classes), int(embedding_size)
-        self.proxies = nn.Parameter(torch.empty(self.num_classes, self.embedding_size))
+        self.process_group = process_group
+        rows = self.num_classes
+        if process_group is not None:
+            from ..distributed import shard_range
+
+            start, stop = shard_range(self.num_classes, process_group)
+            rows = stop - start
+        self.proxies = nn.Parameter(torch.empty(rows, self.embedding_size))
         self.reset_parameters()
+
+    def _proxies_for(self, embeddings):
+        """The proxies, made float64 (in place, once) when the embeddings are float64 — PML's cast_types in
+        float64 only."""
+        if embeddings.dtype == torch.float64 and self.proxies.dtype != torch.float64:
+            self.proxies.data = self.proxies.data.double()
+        return self.proxies
+
+    def _sharded(self, fn, embeddings, labels, indices_tuple, ref_emb, ref_labels, **kw):
+        if indices_tuple is not None or ref_emb is not None or ref_labels is not None:
+            raise ValueError(f"{type(self).__name__}(process_group=...) takes no indices_tuple / ref_emb / ref_labels")
+        red = self._reduction(embeddings, self.proxies)
+        if red["reducer"] is not None or red["_extra"]:
+            raise ValueError(f"{type(self).__name__}(process_group=...) supports the default reducer only, without "
+                             "regularizers")
+        return fn(embeddings, labels, self._proxies_for(embeddings), num_classes=self.num_classes,
+                  process_group=self.process_group, **self._common(), **kw)
 
     def get_logits(self, embeddings):
         """PML's ``get_logits``: the distance / similarity matrix of embeddings against the proxies."""
@@ -43,7 +77,12 @@ class ProxyNCALoss(_ProxyLoss):
         nn.init.normal_(self.proxies)  # PML's default weight_init_func for ProxyNCALoss
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        return F.proxy_nca_loss(embeddings, labels, self.proxies, indices_tuple, ref_emb, ref_labels,
+        if self.process_group is not None:
+            from ..distributed import sharded_proxy_nca_loss
+
+            return self._sharded(sharded_proxy_nca_loss, embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                                 softmax_scale=self.softmax_scale, exclude_positive=self.exclude_positive)
+        return F.proxy_nca_loss(embeddings, labels, self._proxies_for(embeddings), indices_tuple, ref_emb, ref_labels,
                                 softmax_scale=self.softmax_scale, exclude_positive=self.exclude_positive,
                                 **self._common(), **self._reduction(embeddings, self.proxies))
 
@@ -66,9 +105,17 @@ class ProxyAnchorLoss(_ProxyLoss):
         self.margin, self.alpha = margin, alpha
 
     def reset_parameters(self):
-        nn.init.kaiming_normal_(self.proxies, mode="fan_out")  # PML's init
+        # PML's init, kaiming_normal_(mode="fan_out") of the C × D weight: std sqrt(2 / C) — from the full C,
+        # also when this rank holds a shard of it.
+        with torch.no_grad():
+            self.proxies.normal_(0.0, (2.0 / self.num_classes) ** 0.5)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        return F.proxy_anchor_loss(embeddings, labels, self.proxies, indices_tuple, ref_emb, ref_labels,
+        if self.process_group is not None:
+            from ..distributed import sharded_proxy_anchor_loss
+
+            return self._sharded(sharded_proxy_anchor_loss, embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                                 margin=self.margin, alpha=self.alpha)
+        return F.proxy_anchor_loss(embeddings, labels, self._proxies_for(embeddings), indices_tuple, ref_emb, ref_labels,
                                    margin=self.margin, alpha=self.alpha, **self._common(),
                                    **self._reduction(embeddings, self.proxies))
