@@ -4,11 +4,11 @@
     loss_fn = dk.losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5, epsilon=0.1)
     loss = loss_fn(embeddings, labels)
 
-Public families: ``losses``, ``miners``, ``distances``, ``functional``, ``distributed``. Backends live in
-``dml_kernels/backends/<name>/`` and are loaded by the registry (``_registry.py``) on first use; the
-reference backend is loaded here, as it is always available.
+Public families: ``losses``, ``miners``, ``distances``, ``reducers``, ``regularizers``, ``functional``,
+``distributed``, ``evaluation``. Backends live in ``dml_kernels/backends/<name>/`` and are loaded by the
+registry (``_registry.py``) on first use; the reference backend is loaded here, as it is always available.
 """
-from . import _registry, distances, distributed, functional, losses, miners, reducers, regularizers
+from . import _registry, distances, distributed, evaluation, functional, losses, miners, reducers, regularizers
 from ._pairs import PackedPairMask
 from ._registry import BACKENDS, BackendUnavailable, Unsupported
 from .distances import Distance
@@ -17,5 +17,5 @@ _registry._load("reference")
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "losses", "miners", "distances", "distributed", "reducers", "regularizers", "BACKENDS",
-           "BackendUnavailable", "Unsupported", "Distance", "PackedPairMask", "__version__"]
+__all__ = ["functional", "losses", "miners", "distances", "distributed", "evaluation", "reducers", "regularizers",
+           "BACKENDS", "BackendUnavailable", "Unsupported", "Distance", "PackedPairMask", "__version__"]

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"C++ CPU extension una
 CPU_OPS = {"pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_mask", "batch_hard_mining",
            "multi_similarity_loss", "generalized_lifted_structure_loss", "contrastive_loss", "triplet_margin_loss",
            "lifted_structure_loss", "n_pairs_loss",
-           "proxy_nca_loss", "proxy_anchor_loss"}
+           "proxy_nca_loss", "proxy_anchor_loss", "proxy_nca_row_stats", "proxy_anchor_class_terms", "knn"}
 TIGHT = dict(rtol=1e-10, atol=1e-10)
 
 
