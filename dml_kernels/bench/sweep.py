@@ -85,6 +85,26 @@ def _fmt_cell(job):
     return f"{job['case']:<20} {job['provider']:<10} {job['dtype']:<8} {size} D={job['D']}"
 
 
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total, desc):
+    """A tqdm progress bar over the cells on stderr (the log lines stay on stdout), or nothing without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="cell", file=sys.stderr, dynamic_ncols=True)
+
+
 def run_sweep(args, log=print):
     device = args.device
     preset = args.preset
@@ -120,16 +140,23 @@ def run_sweep(args, log=print):
             log(f"  GEMM floor {dt}: {g['tflops']:.2f} TFLOP/s (square {g['shape'][0]})")
 
     records = {}
+    bar = _progress_bar(len(jobs), f"bench {preset}")
+
+    def done(job, rec):
+        records[job["_id"]] = rec
+        bar.update(1)
+        bar.set_postfix_str(f"{job['case']} B={job['B']} {job['provider']}: {rec['status']}")
+
     per_cell_time = args.cell_time
     if device == "cpu" and args.isolation == "fork":
         _preimport(have_pml)
         for job in jobs:
             if "skip" in job:
-                records[job["_id"]] = _record(job, meta, "skipped", None, job["skip"])
+                done(job, _record(job, meta, "skipped", None, job["skip"]))
                 continue
             left = deadline - time.time()
             if left < 5:
-                records[job["_id"]] = _record(job, meta, "skipped", None, "time budget of the preset exhausted")
+                done(job, _record(job, meta, "skipped", None, "time budget of the preset exhausted"))
                 continue
             job["time_budget_s"] = per_cell_time
             t0 = time.time()
@@ -140,13 +167,13 @@ def run_sweep(args, log=print):
                 rec = _record(job, meta, "ok", res)
             else:
                 rec = _record(job, meta, status, None, res)
-            records[job["_id"]] = rec
+            done(job, rec)
             log(f"  {_fmt_cell(job)}  {_summary(rec)}  [{time.time() - t0:.1f} s]")
     else:
         groups = {}
         for job in jobs:
             if "skip" in job:
-                records[job["_id"]] = _record(job, meta, "skipped", None, job["skip"])
+                done(job, _record(job, meta, "skipped", None, job["skip"]))
             else:
                 job["time_budget_s"] = per_cell_time
                 job["device"] = device
@@ -156,7 +183,7 @@ def run_sweep(args, log=print):
             left = deadline - time.time()
             if left < 5:
                 for job in group:
-                    records[job["_id"]] = _record(job, meta, "skipped", None, "time budget of the preset exhausted")
+                    done(job, _record(job, meta, "skipped", None, "time budget of the preset exhausted"))
                 continue
             # Each op gets a share of the time left in proportion to its cells (×1.5: an op that ends
             # early leaves its time to the next), so one slow op cannot starve the rest of the sweep.
@@ -187,9 +214,10 @@ def run_sweep(args, log=print):
                     else:
                         st, err = r.pop("status"), r.pop("error", None)
                         rec = _record(job, meta, st, r, err)
-                    records[job["_id"]] = rec
+                    done(job, rec)
                     log(f"  {_fmt_cell(job)}  {_summary(rec)}")
                 log(f"  ({case_key}: {time.time() - t0:.0f} s)")
+    bar.close()
     meta["wall_s"] = round(time.time() - start, 1)
     try:
         meta["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
