@@ -18,6 +18,15 @@ multi_similarity_thresholds          (x, labels, ref, ref_labels, *, distance) -
 multi_similarity_mask                (x, labels, ref, ref_labels, *, epsilon, distance) -> PackedPairMask
 batch_hard_mining                    (x, labels, ref, ref_labels, *, distance) -> (pos_idx (N,), neg_idx (N,)), -1 = none
 triplet_margin_mining                (x, labels, ref, ref_labels, *, margin, type_of_triplets, distance) -> (a, p, n)
+pair_margin_mining                   (x, labels, ref, ref_labels, *, pos_margin, neg_margin, distance) -> PackedPairMask
+batch_easy_hard_mining               (x, labels, ref, ref_labels, *, pos_strategy, neg_strategy, allowed_pos_range,
+                                     allowed_neg_range, distance) -> (pos_idx (N,) | None, neg_idx (N,) | None), -1 = none
+distance_weighted_mining             (x, labels, ref, ref_labels, *, cutoff, nonzero_loss_cutoff) -> (a, p, n), random
+angular_mining                       (x, labels, ref, ref_labels, *, angle) -> (a, p, n)
+hdc_mining                           (x, labels, ref, ref_labels, *, filter_percentage, distance, pairs) -> (a1, p, a2, n)
+uniform_histogram_mining             (x, labels, ref, ref_labels, *, num_bins, pos_per_bin, neg_per_bin, distance)
+                                     -> (a1, p, a2, n), random
+packaged_triplets_mining             (x) -> (a, p, n)
 multi_similarity_loss                (x, labels, ref, ref_labels, *, alpha, beta, base, epsilon, distance, pairs, pair_rule)
 generalized_lifted_structure_loss    (x, labels, ref, ref_labels, *, neg_margin, pos_margin, distance, pairs, pair_rule)
 lifted_structure_loss                (x, labels, *, neg_margin, pos_margin, distance, pairs, pair_rule)
@@ -45,6 +54,14 @@ distance — equal values ordered by the smaller reference index (the tie rule e
 ``values`` are the similarities / distances in x's dtype. ``ref=None``: the references are the queries and
 (i, i) is excluded; with ``ref``, ``exclude_self=True`` excludes (i, i) for i < min(N, M) (PML's
 ``ref_includes_query``: the queries are the first N references). Needs k <= M (k <= M - 1 when excluding).
+Miners (``*_mining``, no gradient): index tensors on x's device as PML's miner returns them (a host sync
+where the count depends on the data). ``batch_easy_hard_mining`` is the per-row device form: a side whose
+strategy is "all" is ``None`` (every pair of that kind); ``pairs`` of ``hdc_mining``: None (all pairs) or
+the (a1, p, a2, n) to filter; ``angle`` in radians. The random ones (distance-weighted, uniform-histogram)
+draw from torch's global RNG exactly as PML does (same calls, sizes and order: one seed, PML's indices).
+For the miners from ``pair_margin_mining`` on, the reference also takes as ``distance`` a distance object
+the engines cannot express (SNRDistance, LpDistance(p=1), ...), calling it as is; a fused backend raises
+``Unsupported`` for anything but a ``Distance``.
 """
 OPS = ("pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_mask", "batch_hard_mining",
        "triplet_margin_mining", "multi_similarity_loss", "generalized_lifted_structure_loss",
@@ -53,3 +70,5 @@ OPS = ("pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_m
 OPS += ("multi_similarity_loss_elements", "generalized_lifted_structure_loss_elements",
         "lifted_structure_loss_elements", "contrastive_loss_elements", "n_pairs_loss_elements",
         "triplet_margin_loss_elements", "proxy_nca_loss_elements", "proxy_anchor_loss_elements")
+OPS += ("pair_margin_mining", "batch_easy_hard_mining", "distance_weighted_mining", "angular_mining", "hdc_mining",
+        "uniform_histogram_mining", "packaged_triplets_mining")

@@ -22,6 +22,15 @@ from .elements import __all__ as _ELEMENT_OPS
 from .elements import *  # noqa: F401,F403 - the <loss>_elements ops (loss dicts for non-default reducers)
 from .evaluation import knn
 from .similarity import pairwise_similarity
+from .mining import (  # PML 2.9's remaining miners
+    angular_mining,
+    batch_easy_hard_mining,
+    distance_weighted_mining,
+    hdc_mining,
+    packaged_triplets_mining,
+    pair_margin_mining,
+    uniform_histogram_mining,
+)
 
 __all__ = [
     "pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_mask", "batch_hard_mining",
@@ -30,6 +39,8 @@ __all__ = [
     "proxy_nca_loss", "proxy_anchor_loss", "proxy_nca_row_stats", "proxy_anchor_class_terms", "knn",
 ]
 __all__ += _ELEMENT_OPS
+__all__ += ["pair_margin_mining", "batch_easy_hard_mining", "distance_weighted_mining", "angular_mining",
+            "hdc_mining", "uniform_histogram_mining", "packaged_triplets_mining"]
 
 from ..._registry import register  # noqa: E402
 
