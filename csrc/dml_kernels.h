@@ -2,7 +2,7 @@
 //
 // Every op is declared once (registration.cpp, TORCH_LIBRARY(dml_kernels, m)) and implemented per
 // device (cpu/pair_ops.cpp with TORCH_LIBRARY_IMPL(dml_kernels, CPU, m); cuda/pair_ops.cu with CUDA).
-// The Python side (dml_kernels/csrc_ops.py) adds fake (meta) kernels and autograd.
+// The Python side (dml_kernels/backends/cpp/) adds fake (meta) kernels and autograd.
 //
 // Conventions shared by all kernels
 //   q (N×D), r (M×D) or none = self mode (r := q, the (i, i) pair is never a label pair).
@@ -20,9 +20,47 @@
 
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define DML_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DML_HOST_DEVICE inline
+#endif
+
 namespace dml {
 
 enum DistKind : int64_t { kSim = 0, kEuclid = 1, kSqEuclid = 2 };
 enum ReduceKind : int64_t { kLse = 0, kLse1 = 1, kHinge = 2 };
+
+// Which set the pair (query i, reference k) is in, for the CPU and CUDA engines alike: label masks, or
+// bit-packed rows when pb/nb are given, and an optional column mask.
+struct Masks {
+  const int64_t* lab = nullptr;
+  const int64_t* rlab = nullptr;
+  const uint8_t* pb = nullptr;
+  const uint8_t* nb = nullptr;
+  int64_t nbytes = 0;
+  bool self = true;
+  const bool* cm = nullptr;  // optional column mask: references outside it are in neither set
+
+  // Label masks only (the CPU engine's vectorised epilogues handle this case).
+  DML_HOST_DEVICE bool simple() const { return pb == nullptr && cm == nullptr; }
+
+  DML_HOST_DEVICE void get(int64_t i, int64_t k, bool& pos, bool& neg) const {
+    if (cm != nullptr && !cm[k]) {
+      pos = neg = false;
+      return;
+    }
+    if (pb != nullptr) {
+      const int64_t byte = i * nbytes + (k >> 3);
+      const int bit = static_cast<int>(k & 7);
+      pos = (pb[byte] >> bit) & 1;
+      neg = (nb[byte] >> bit) & 1;
+    } else {
+      const bool same = lab[i] == rlab[k];
+      pos = same && !(self && i == k);
+      neg = !same;
+    }
+  }
+};
 
 }  // namespace dml

@@ -120,34 +120,7 @@ inline T distance_sign(int64_t dist) {
 
 // ------------------------------------------------------------------------------------ masks
 
-struct Masks {
-  const int64_t* lab = nullptr;
-  const int64_t* rlab = nullptr;
-  const uint8_t* pb = nullptr;
-  const uint8_t* nb = nullptr;
-  int64_t nbytes = 0;
-  bool self = true;
-  const bool* cm = nullptr;  // optional column mask: references outside it are in neither set
-
-  bool simple() const { return pb == nullptr && cm == nullptr; }  // label masks only: vectorised epilogues
-
-  inline void get(int64_t i, int64_t k, bool& pos, bool& neg) const {
-    if (cm != nullptr && !cm[k]) {
-      pos = neg = false;
-      return;
-    }
-    if (pb != nullptr) {
-      const int64_t byte = i * nbytes + (k >> 3);
-      const int bit = static_cast<int>(k & 7);
-      pos = (pb[byte] >> bit) & 1;
-      neg = (nb[byte] >> bit) & 1;
-    } else {
-      const bool same = lab[i] == rlab[k];
-      pos = same && !(self && i == k);
-      neg = !same;
-    }
-  }
-};
+// Masks: the shared struct of ../dml_kernels.h.
 
 inline Masks make_masks(int64_t n, int64_t m, bool self, const c10::optional<Tensor>& labels,
                         const c10::optional<Tensor>& ref_labels, const c10::optional<Tensor>& pos_bits,

@@ -50,33 +50,7 @@ __device__ __forceinline__ T warp_sum(T v) {
 
 // ------------------------------------------------------------------------------------ masks, values
 
-struct Masks {
-  const int64_t* lab;
-  const int64_t* rlab;
-  const uint8_t* pb;
-  const uint8_t* nb;
-  int64_t nbytes;
-  bool self;
-  const bool* cm;  // optional column mask: references outside it are in neither set
-
-  // Pair (query i, reference k).
-  __device__ __forceinline__ void get(int64_t i, int64_t k, bool& pos, bool& neg) const {
-    if (cm != nullptr && !cm[k]) {
-      pos = neg = false;
-      return;
-    }
-    if (pb != nullptr) {
-      const int64_t byte = i * nbytes + (k >> 3);
-      const int bit = static_cast<int>(k & 7);
-      pos = (pb[byte] >> bit) & 1;
-      neg = (nb[byte] >> bit) & 1;
-    } else {
-      const bool same = lab[i] == rlab[k];
-      pos = same && !(self && i == k);
-      neg = !same;
-    }
-  }
-};
+// Masks: the shared struct of ../dml_kernels.h.
 
 // Stored value: similarity → dot; euclidean → sqrt(raw) if raw > 0 else 0; squared euclidean → raw.
 template <typename T>
