@@ -92,8 +92,9 @@ def batch_hard_mining(x, labels, ref, ref_labels, *, distance: Distance):
 
 @torch.no_grad()
 def triplet_margin_mining(x, labels, ref, ref_labels, *, margin: float, type_of_triplets: str, distance: Distance):
-    """PML's TripletMarginMiner → (a, p, n) index tensors (host sync; sizes depend on the data)."""
-    mat = pairwise_similarity(x, ref, distance=distance)
+    """PML's TripletMarginMiner → (a, p, n) index tensors (host sync; sizes depend on the data). The matrix is
+    computed as PML computes it (:func:`pml_matrix`), so that exact ties at the margin fall the same way."""
+    mat = pml_matrix(x, ref, distance)
     pos, neg = pair_masks(labels, ref_labels)
     anchors, positives, negatives = [], [], []
     for i in range(mat.shape[0]):  # per anchor: never an N×M×M tensor
