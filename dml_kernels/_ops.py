@@ -33,6 +33,8 @@ lifted_structure_loss                (x, labels, *, neg_margin, pos_margin, dist
 contrastive_loss                     (x, labels, ref, ref_labels, *, pos_margin, neg_margin, distance, pairs, pair_rule)
 n_pairs_loss                         (x, labels, *, distance, pairs)
 triplet_margin_loss                  (x, labels, ref, ref_labels, *, margin, swap, smooth_loss, mining, distance, triplets)
+ntxent_loss                          (x, labels, ref, ref_labels, *, temperature, distance, pairs, pair_rule)
+supcon_loss                          (x, labels, ref, ref_labels, *, temperature, distance, pairs, pair_rule)
 proxy_nca_loss                       (x, labels, proxies, *, softmax_scale, exclude_positive, distance, weights)
 proxy_anchor_loss                    (x, labels, proxies, *, margin, alpha, distance, weights)
 proxy_nca_row_stats                  (x, labels, proxies, *, softmax_scale, distance) -> (target, has_target, rest, has_rest) (N,)
@@ -72,3 +74,4 @@ OPS += ("multi_similarity_loss_elements", "generalized_lifted_structure_loss_ele
         "triplet_margin_loss_elements", "proxy_nca_loss_elements", "proxy_anchor_loss_elements")
 OPS += ("pair_margin_mining", "batch_easy_hard_mining", "distance_weighted_mining", "angular_mining", "hdc_mining",
         "uniform_histogram_mining", "packaged_triplets_mining")
+OPS += ("ntxent_loss", "ntxent_loss_elements", "supcon_loss", "supcon_loss_elements")

@@ -74,6 +74,8 @@ LOSS_REDUCTION = {
     "triplet_margin_loss": (("loss",), "AvgNonZeroReducer"),
     "proxy_nca_loss": (("loss",), "MeanReducer"),
     "proxy_anchor_loss": (("pos_loss", "neg_loss"), "DivisorReducer"),
+    "ntxent_loss": (("loss",), "MeanReducer"),
+    "supcon_loss": (("loss",), "AvgNonZeroReducer"),
 }
 
 

@@ -18,6 +18,8 @@ from .pair_losses import (
     triplet_margin_loss,
 )
 from .class_losses import proxy_anchor_class_terms, proxy_anchor_loss, proxy_nca_loss, proxy_nca_row_stats
+from .contrastive_losses import __all__ as _CONTRASTIVE_OPS
+from .contrastive_losses import *  # noqa: F401,F403 - the contrastive family and its element ops
 from .elements import __all__ as _ELEMENT_OPS
 from .elements import *  # noqa: F401,F403 - the <loss>_elements ops (loss dicts for non-default reducers)
 from .evaluation import knn
@@ -39,6 +41,7 @@ __all__ = [
     "proxy_nca_loss", "proxy_anchor_loss", "proxy_nca_row_stats", "proxy_anchor_class_terms", "knn",
 ]
 __all__ += _ELEMENT_OPS
+__all__ += _CONTRASTIVE_OPS
 __all__ += ["pair_margin_mining", "batch_easy_hard_mining", "distance_weighted_mining", "angular_mining",
             "hdc_mining", "uniform_histogram_mining", "packaged_triplets_mining"]
 

@@ -1,0 +1,167 @@
+"""The contrastive family (NT-Xent, SupCon, ...) against PML 2.9 in float64: values and gradients on every
+label pattern, with ref_emb, SelfSupervisedLoss-style use, miner tuples, a non-default reducer, bad input."""
+import pytest
+import torch
+
+import dml_kernels as dk
+from patterns import PATTERNS, make
+
+pml = pytest.importorskip("pytorch_metric_learning")
+from pytorch_metric_learning import distances as pd  # noqa: E402
+from pytorch_metric_learning import losses as pl  # noqa: E402
+from pytorch_metric_learning import miners as pm  # noqa: E402
+from pytorch_metric_learning import reducers as pr  # noqa: E402
+
+TOL = dict(rtol=1e-9, atol=1e-9)
+
+# name: (ours, PML's, constructor kwargs beyond the defaults)
+CASES = {
+    "NTXentLoss": (lambda **k: dk.losses.NTXentLoss(**k), lambda **k: pl.NTXentLoss(**k), {}),
+    "NTXentLoss/t0.5": (lambda **k: dk.losses.NTXentLoss(**k), lambda **k: pl.NTXentLoss(**k), {"temperature": 0.5}),
+    "SupConLoss": (lambda **k: dk.losses.SupConLoss(**k), lambda **k: pl.SupConLoss(**k), {}),
+    "SupConLoss/t0.3": (lambda **k: dk.losses.SupConLoss(**k), lambda **k: pl.SupConLoss(**k), {"temperature": 0.3}),
+}
+
+
+def compare(ours, theirs, x, *args, **kwargs):
+    """Value and gradient of ``ours`` vs ``theirs`` on a float64 leaf ``x`` (and a ref_emb leaf, if any)."""
+    leaves = [x] + [v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    results = []
+    for fn in (ours, theirs):
+        copies = [t.detach().clone().requires_grad_(True) for t in leaves]
+        kw = dict(kwargs)
+        k = 1
+        for key, v in kwargs.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                kw[key] = copies[k]
+                k += 1
+        loss = fn(copies[0], *args, **kw)
+        assert torch.is_tensor(loss) and loss.dim() == 0 and torch.isfinite(loss)
+        grads = torch.autograd.grad(loss, copies, allow_unused=True)
+        results.append((loss.detach(), [torch.zeros_like(c) if g is None else g for g, c in zip(grads, copies)]))
+    (v1, g1), (v2, g2) = results
+    torch.testing.assert_close(v1, v2.to(v1.dtype), **TOL)
+    for a, b in zip(g1, g2):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, **TOL)
+    return v1
+
+
+def backends():
+    return ["reference"]
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_pml(pattern, name):
+    ours, theirs, kw = CASES[name]
+    torch.manual_seed(0)
+    x, y = make(pattern, n=10, d=6)
+    compare(ours(backend="reference", **kw), theirs(**kw), x, y)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dist", ["dot", "euclidean"])
+def test_matches_pml_other_distances(name, dist):
+    ours, theirs, kw = CASES[name]
+    torch.manual_seed(1)
+    x, y = make("random", n=10, d=6)
+    x = x * 0.5
+    pml_dist = pd.DotProductSimilarity() if dist == "dot" else pd.LpDistance()
+    compare(ours(backend="reference", distance=dist, **kw), theirs(distance=pml_dist, **kw), x, y)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("pattern", ["random", "pairs", "all_distinct"])
+def test_ref_emb_matches_pml(name, pattern):
+    ours, theirs, kw = CASES[name]
+    torch.manual_seed(2)
+    x, y = make(pattern, n=8, d=6)
+    ref, ref_y = make("random", n=7, d=6)
+    compare(ours(backend="reference", **kw), theirs(**kw), x, y, ref_emb=ref, ref_labels=ref_y)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_self_supervised_use_matches_pml(name, symmetric):
+    """PML's SelfSupervisedLoss: labels = arange, ref_emb = the second view (or both views concatenated)."""
+    ours, theirs, kw = CASES[name]
+    torch.manual_seed(3)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    view = x + 0.3 * torch.randn_like(x)
+    wrapped = pl.SelfSupervisedLoss(theirs(**kw), symmetric=symmetric)
+    loss = ours(backend="reference", **kw)
+
+    def ssl(emb, ref_emb):
+        labels = torch.arange(emb.shape[0])
+        if symmetric:
+            return loss(torch.cat([emb, ref_emb]), torch.cat([labels, labels]))
+        return loss(emb, labels, ref_emb=ref_emb, ref_labels=labels.clone())
+
+    compare(ssl, lambda e, ref_emb: wrapped(e, ref_emb), x, ref_emb=view)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_miner_tuples_match_pml(name):
+    ours, theirs, kw = CASES[name]
+    torch.manual_seed(4)
+    x, y = make("random", n=12, d=6)
+    tup = pm.PairMarginMiner(pos_margin=0.2, neg_margin=0.8)(x, y)
+    compare(ours(backend="reference", **kw), theirs(**kw), x, y, tup)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("reducer", ["SumReducer", "DoNothingReducer", "MeanReducer", "AvgNonZeroReducer"])
+def test_non_default_reducer_matches_pml(name, reducer):
+    ours, theirs, kw = CASES[name]
+    torch.manual_seed(5)
+    x, y = make("random", n=10, d=6)
+    a = ours(backend="reference", reducer=getattr(dk.reducers, reducer)(), **kw)
+    b = theirs(reducer=getattr(pr, reducer)(), **kw)
+    if reducer == "DoNothingReducer":
+        da, db = a(x, y), b(x, y)
+        assert da.keys() == db.keys()
+        for key in da:
+            torch.testing.assert_close(torch.as_tensor(da[key]["losses"]).flatten(),
+                                       torch.as_tensor(db[key]["losses"]).flatten(), **TOL)
+            assert da[key]["reduction_type"] == db[key]["reduction_type"]
+        return
+    compare(a, b, x, y)
+
+
+@pytest.mark.parametrize("fn", ["ntxent_loss", "supcon_loss"])
+def test_gradcheck_reference(fn):
+    torch.manual_seed(6)
+    x, y = make("random", n=7, d=4)
+    f = getattr(dk.functional, fn)
+    ref, ref_y = make("random", n=5, d=4)
+    assert torch.autograd.gradcheck(lambda a: f(a, y, backend="reference"), (x.requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda a, r: f(a, y, ref_emb=r, ref_labels=ref_y, backend="reference"),
+                                    (x, ref.requires_grad_()))
+
+
+@pytest.mark.parametrize("cls", ["NTXentLoss", "SupConLoss"])
+@pytest.mark.parametrize("bad", [0, -0.1, float("nan")])
+def test_bad_temperature(cls, bad):
+    with pytest.raises(ValueError, match="temperature"):
+        getattr(dk.losses, cls)(temperature=bad)
+    fn = {"NTXentLoss": dk.functional.ntxent_loss, "SupConLoss": dk.functional.supcon_loss}[cls]
+    with pytest.raises(ValueError, match="temperature"):
+        fn(torch.randn(4, 3), torch.arange(4), temperature=bad)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_rows_without_positive_no_nan(name):
+    """Rows with no positive (singletons) give PML's value, a finite loss and finite gradients."""
+    ours, theirs, kw = CASES[name]
+    torch.manual_seed(7)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 2, 3, 4])
+    compare(ours(backend="reference", **kw), theirs(**kw), x, y)
+
+
+def test_defaults_are_pml():
+    assert dk.losses.NTXentLoss().temperature == pl.NTXentLoss().temperature == 0.07
+    assert dk.losses.SupConLoss().temperature == pl.SupConLoss().temperature == 0.1
+    assert type(dk.losses.NTXentLoss().reducer).__name__ == type(pl.NTXentLoss().reducer).__name__
+    assert type(dk.losses.SupConLoss().reducer).__name__ == type(pl.SupConLoss().reducer).__name__
