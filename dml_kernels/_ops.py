@@ -35,6 +35,7 @@ n_pairs_loss                         (x, labels, *, distance, pairs)
 triplet_margin_loss                  (x, labels, ref, ref_labels, *, margin, swap, smooth_loss, mining, distance, triplets)
 ntxent_loss                          (x, labels, ref, ref_labels, *, temperature, distance, pairs, pair_rule)
 supcon_loss                          (x, labels, ref, ref_labels, *, temperature, distance, pairs, pair_rule)
+nca_loss                             (x, labels, ref, ref_labels, *, softmax_scale, distance, weights)
 proxy_nca_loss                       (x, labels, proxies, *, softmax_scale, exclude_positive, distance, weights)
 proxy_anchor_loss                    (x, labels, proxies, *, margin, alpha, distance, weights)
 proxy_nca_row_stats                  (x, labels, proxies, *, softmax_scale, distance) -> (target, has_target, rest, has_rest) (N,)
@@ -74,4 +75,5 @@ OPS += ("multi_similarity_loss_elements", "generalized_lifted_structure_loss_ele
         "triplet_margin_loss_elements", "proxy_nca_loss_elements", "proxy_anchor_loss_elements")
 OPS += ("pair_margin_mining", "batch_easy_hard_mining", "distance_weighted_mining", "angular_mining", "hdc_mining",
         "uniform_histogram_mining", "packaged_triplets_mining")
-OPS += ("ntxent_loss", "ntxent_loss_elements", "supcon_loss", "supcon_loss_elements")
+OPS += ("ntxent_loss", "ntxent_loss_elements", "supcon_loss", "supcon_loss_elements", "nca_loss",
+        "nca_loss_elements")

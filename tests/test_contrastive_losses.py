@@ -1,5 +1,7 @@
 """The contrastive family (NT-Xent, SupCon, ...) against PML 2.9 in float64: values and gradients on every
 label pattern, with ref_emb, SelfSupervisedLoss-style use, miner tuples, a non-default reducer, bad input."""
+import os
+
 import pytest
 import torch
 
@@ -20,7 +22,11 @@ CASES = {
     "NTXentLoss/t0.5": (lambda **k: dk.losses.NTXentLoss(**k), lambda **k: pl.NTXentLoss(**k), {"temperature": 0.5}),
     "SupConLoss": (lambda **k: dk.losses.SupConLoss(**k), lambda **k: pl.SupConLoss(**k), {}),
     "SupConLoss/t0.3": (lambda **k: dk.losses.SupConLoss(**k), lambda **k: pl.SupConLoss(**k), {"temperature": 0.3}),
+    "NCALoss": (lambda **k: dk.losses.NCALoss(**k), lambda **k: pl.NCALoss(**k), {}),
+    "NCALoss/s3": (lambda **k: dk.losses.NCALoss(**k), lambda **k: pl.NCALoss(**k), {"softmax_scale": 3}),
 }
+# PML's NCALoss is NaN (a mean of nothing) when no row has a positive; ours is a graph-attached 0.
+NO_POSITIVE = {"all_distinct", "two_samples_distinct"}
 
 
 def compare(ours, theirs, x, *args, **kwargs):
@@ -57,6 +63,13 @@ def test_matches_pml(pattern, name):
     ours, theirs, kw = CASES[name]
     torch.manual_seed(0)
     x, y = make(pattern, n=10, d=6)
+    if name.startswith("NCA") and pattern in NO_POSITIVE:
+        assert torch.isnan(theirs(**kw)(x, y))
+        xr = x.clone().requires_grad_()
+        loss = ours(backend="reference", **kw)(xr, y)
+        loss.backward()
+        assert loss.item() == 0 and (xr.grad == 0).all()
+        return
     compare(ours(backend="reference", **kw), theirs(**kw), x, y)
 
 
@@ -129,7 +142,7 @@ def test_non_default_reducer_matches_pml(name, reducer):
     compare(a, b, x, y)
 
 
-@pytest.mark.parametrize("fn", ["ntxent_loss", "supcon_loss"])
+@pytest.mark.parametrize("fn", ["ntxent_loss", "supcon_loss", "nca_loss"])
 def test_gradcheck_reference(fn):
     torch.manual_seed(6)
     x, y = make("random", n=7, d=4)
@@ -161,7 +174,111 @@ def test_rows_without_positive_no_nan(name):
 
 
 def test_defaults_are_pml():
+    assert dk.losses.NCALoss().softmax_scale == pl.NCALoss().softmax_scale == 1
     assert dk.losses.NTXentLoss().temperature == pl.NTXentLoss().temperature == 0.07
     assert dk.losses.SupConLoss().temperature == pl.SupConLoss().temperature == 0.1
     assert type(dk.losses.NTXentLoss().reducer).__name__ == type(pl.NTXentLoss().reducer).__name__
     assert type(dk.losses.SupConLoss().reducer).__name__ == type(pl.SupConLoss().reducer).__name__
+
+
+# ----------------------------------------------------------------------------------- fused (cpu) forms
+
+def _has_cpu():
+    from dml_kernels import _registry
+    try:
+        _registry.call("nca_loss", "cpu", "cpu", torch.randn(3, 2, dtype=torch.float64), torch.arange(3), None, None,
+                       softmax_scale=1.0, distance=dk.distances.parse_distance(None, True, default="euclidean"))
+        return True
+    except Exception:  # noqa: BLE001 - the extension is not built here
+        return False
+
+
+cpu_only = pytest.mark.skipif(not _has_cpu(), reason="the C++ CPU extension is not built")
+FUSED = {"nca_loss": [dict(), dict(softmax_scale=4.0), dict(distance="cosine"), dict(distance="dot"),
+                      dict(distance="euclidean", normalize_embeddings=False)]}
+
+
+@cpu_only
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("fn,kw", [(f, k) for f, ks in FUSED.items() for k in ks])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_fused_cpu_equals_reference(fn, kw, pattern, with_ref):
+    torch.manual_seed(8)
+    x, y = make(pattern, n=11, d=5)
+    extra = {}
+    if with_ref:
+        ref, ref_y = make("random", n=6, d=5)
+        extra = dict(ref_emb=ref.requires_grad_(), ref_labels=ref_y)
+    f = getattr(dk.functional, fn)
+    out = []
+    for backend in ("cpu", "reference"):
+        xr = x.clone().requires_grad_()
+        loss = f(xr, y, backend=backend, **kw, **extra)
+        leaves = [xr] + ([extra["ref_emb"]] if with_ref else [])
+        out.append((loss.detach(), torch.autograd.grad(loss, leaves, allow_unused=True)))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-10, atol=1e-10)
+    for a, b in zip(out[0][1], out[1][1]):
+        if a is None or b is None:
+            assert (a is None or (a == 0).all()) and (b is None or (b == 0).all())
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@cpu_only
+def test_fused_cpu_matches_pml_and_weights():
+    torch.manual_seed(9)
+    x, y = make("random", n=12, d=6)
+    compare(dk.losses.NCALoss(backend="cpu"), pl.NCALoss(), x, y)
+    tup = pm.PairMarginMiner(pos_margin=0.2, neg_margin=0.8)(x, y)
+    compare(dk.losses.NCALoss(backend="cpu", softmax_scale=2), pl.NCALoss(softmax_scale=2), x, y, tup)
+
+
+@cpu_only
+@pytest.mark.parametrize("fn", list(FUSED))
+def test_gradcheck_fused_cpu(fn):
+    torch.manual_seed(10)
+    x, y = make("random", n=7, d=4)
+    ref, ref_y = make("random", n=5, d=4)
+    f = getattr(dk.functional, fn)
+    assert torch.autograd.gradcheck(lambda a: f(a, y, backend="cpu"), (x.requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda a, r: f(a, y, ref_emb=r, ref_labels=ref_y, backend="cpu"),
+                                    (x, ref.requires_grad_()))
+
+
+def _peak_extra_bytes(fn):
+    """Peak resident memory above the level at the start of fn() (Linux: VmHWM reset via clear_refs)."""
+    def read(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start = read("VmRSS:")
+    fn()
+    return read("VmHWM:") - start
+
+
+@cpu_only
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
+@pytest.mark.parametrize("fn", list(FUSED))
+def test_fused_path_never_allocates_n_by_n(fn):
+    """N=4096, D=64 fp32, forward + backward: the cpu form's peak extra memory stays far below one N×N fp32
+    matrix (64 MiB); the same measurement on the reference exceeds it."""
+    n, d = 4096, 64
+    x = torch.randn(n, d)
+    y = torch.randint(0, 100, (n,))
+    nxn = n * n * 4
+    f = getattr(dk.functional, fn)
+
+    def step(backend):
+        xr = x.clone().requires_grad_()
+        f(xr, y, backend=backend).backward()
+
+    step("cpu")
+    fused = _peak_extra_bytes(lambda: step("cpu"))
+    reference = _peak_extra_bytes(lambda: step("reference"))
+    assert fused < nxn / 4, (fused, nxn)
+    assert reference > nxn, (reference, nxn)

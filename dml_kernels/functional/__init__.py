@@ -10,7 +10,7 @@ family, the same names as in ``dk.losses`` and in each backend package:
 """
 from .._pairs import PackedPairMask
 from .class_losses import proxy_anchor_loss, proxy_nca_loss, proxy_nca_plus_plus_loss
-from .contrastive_losses import ntxent_loss, supcon_loss
+from .contrastive_losses import nca_loss, ntxent_loss, supcon_loss
 from .pair_losses import (
     contrastive_loss,
     generalized_lifted_structure_loss,
@@ -27,4 +27,4 @@ __all__ = [
     "contrastive_loss", "triplet_margin_loss", "proxy_nca_loss", "proxy_nca_plus_plus_loss",
     "proxy_anchor_loss", "PackedPairMask",
 ]
-__all__ += ["ntxent_loss", "supcon_loss"]
+__all__ += ["ntxent_loss", "supcon_loss", "nca_loss"]

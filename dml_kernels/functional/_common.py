@@ -76,6 +76,7 @@ LOSS_REDUCTION = {
     "proxy_anchor_loss": (("pos_loss", "neg_loss"), "DivisorReducer"),
     "ntxent_loss": (("loss",), "MeanReducer"),
     "supcon_loss": (("loss",), "AvgNonZeroReducer"),
+    "nca_loss": (("loss",), "MeanReducer"),
 }
 
 

@@ -6,7 +6,7 @@ One module per family (``pair_losses.py``, ``class_losses.py``), mirrored in ``d
 each backend package.
 """
 from .class_losses import ProxyAnchorLoss, ProxyNCALoss, ProxyNCAPlusPlusLoss
-from .contrastive_losses import NTXentLoss, SupConLoss
+from .contrastive_losses import NCALoss, NTXentLoss, SupConLoss
 from .pair_losses import (
     ContrastiveLoss,
     GeneralizedLiftedStructureLoss,
@@ -18,4 +18,4 @@ from .pair_losses import (
 
 __all__ = ["MultiSimilarityLoss", "LiftedStructureLoss", "GeneralizedLiftedStructureLoss", "NPairsLoss",
            "ContrastiveLoss", "TripletMarginLoss", "ProxyNCALoss", "ProxyNCAPlusPlusLoss", "ProxyAnchorLoss"]
-__all__ += ["NTXentLoss", "SupConLoss"]
+__all__ += ["NTXentLoss", "SupConLoss", "NCALoss"]

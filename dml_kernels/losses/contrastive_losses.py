@@ -36,3 +36,17 @@ class SupConLoss(_MetricLoss):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         return F.supcon_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels, temperature=self.temperature,
                              **self._common(), **self._reduction(embeddings))
+
+
+class NCALoss(_MetricLoss):
+    """Neighbourhood components analysis (Goldberger et al. 2004); default distance squared euclidean."""
+
+    _op = "nca_loss"
+
+    def __init__(self, softmax_scale=1, **kwargs):
+        super().__init__(**kwargs)
+        self.softmax_scale = softmax_scale
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        return F.nca_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels, softmax_scale=self.softmax_scale,
+                          **self._common(), **self._reduction(embeddings))

@@ -75,4 +75,29 @@ def supcon_loss(x, labels, ref, ref_labels, *, temperature, distance: Distance, 
     return (x * 0).sum() if isinstance(losses, int) else _avg_nonzero(losses, x)
 
 
-__all__ = ["ntxent_loss", "ntxent_loss_elements", "supcon_loss", "supcon_loss_elements"]
+def nca_loss_elements(x, labels, ref, ref_labels, *, softmax_scale, distance: Distance, weights=None):
+    """Per query row with a positive (``element``): w_i · (LSE_{all k} σ·s_ik − LSE_{P_i} σ·s_ik), i.e.
+    −log Σ_{P_i} softmax_k(σ·s_ik) (the (i, i) pair excluded in self mode); no row → PML's zero loss."""
+    if x.shape[0] <= 1:
+        return _zero_losses("loss")
+    sim = _logits(x, ref, distance, softmax_scale)
+    pos, neg = pair_masks(labels, ref_labels)
+    has_pos = pos.any(1)
+    losses = masked_logsumexp(sim, pos | neg) - masked_logsumexp(sim, pos)
+    if weights is not None:
+        losses = losses * weights.to(losses.dtype)
+    rows = torch.where(has_pos)[0]
+    if len(rows) == 0:
+        return _zero_losses("loss")
+    return {"loss": {"losses": losses[rows], "indices": rows, "reduction_type": "element"}}
+
+
+def nca_loss(x, labels, ref, ref_labels, *, softmax_scale, distance: Distance, weights=None):
+    """MeanReducer over the rows of ``nca_loss_elements`` (a graph-attached 0 when no row has a positive)."""
+    losses = nca_loss_elements(x, labels, ref, ref_labels, softmax_scale=softmax_scale, distance=distance,
+                               weights=weights)["loss"]["losses"]
+    return (x * 0).sum() if isinstance(losses, int) else losses.mean()
+
+
+__all__ = ["ntxent_loss", "ntxent_loss_elements", "supcon_loss", "supcon_loss_elements", "nca_loss",
+           "nca_loss_elements"]
