@@ -38,6 +38,11 @@ supcon_loss                          (x, labels, ref, ref_labels, *, temperature
 nca_loss                             (x, labels, ref, ref_labels, *, softmax_scale, distance, weights)
 proxy_nca_loss                       (x, labels, proxies, *, softmax_scale, exclude_positive, distance, weights)
 proxy_anchor_loss                    (x, labels, proxies, *, margin, alpha, distance, weights)
+normalized_softmax_loss              (x, labels, W, *, temperature, distance, weights); W is D×C (PML's layout)
+cosface_loss                         (x, labels, W, *, margin, scale, weights)
+arcface_loss                         (x, labels, W, *, margin (radians), scale, weights)
+large_margin_softmax_loss            (x, labels, W, *, margin (int), scale, weights)
+sphereface_loss                      (x, labels, W, *, margin (int), scale, weights)
 proxy_nca_row_stats                  (x, labels, proxies, *, softmax_scale, distance) -> (target, has_target, rest, has_rest) (N,)
 proxy_anchor_class_terms             (x, labels, proxies, *, margin, alpha, distance) -> (pos_term, has_pos, neg_term) (C,)
 knn                                  (x, ref, *, k, distance, exclude_self) -> (values N×k, indices N×k int64)
@@ -77,3 +82,5 @@ OPS += ("pair_margin_mining", "batch_easy_hard_mining", "distance_weighted_minin
         "uniform_histogram_mining", "packaged_triplets_mining")
 OPS += ("ntxent_loss", "ntxent_loss_elements", "supcon_loss", "supcon_loss_elements", "nca_loss",
         "nca_loss_elements")
+OPS += tuple(f"{n}{e}" for n in ("normalized_softmax_loss", "cosface_loss", "arcface_loss",
+                                     "large_margin_softmax_loss", "sphereface_loss") for e in ("", "_elements"))

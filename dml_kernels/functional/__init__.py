@@ -11,6 +11,8 @@ family, the same names as in ``dk.losses`` and in each backend package:
 from .._pairs import PackedPairMask
 from .class_losses import proxy_anchor_loss, proxy_nca_loss, proxy_nca_plus_plus_loss
 from .contrastive_losses import nca_loss, ntxent_loss, supcon_loss
+from .margin_softmax import (arcface_loss, cosface_loss, large_margin_softmax_loss,
+                             normalized_softmax_loss, sphereface_loss)
 from .pair_losses import (
     contrastive_loss,
     generalized_lifted_structure_loss,
@@ -28,3 +30,5 @@ __all__ = [
     "proxy_anchor_loss", "PackedPairMask",
 ]
 __all__ += ["ntxent_loss", "supcon_loss", "nca_loss"]
+__all__ += ["normalized_softmax_loss", "cosface_loss", "arcface_loss", "large_margin_softmax_loss",
+            "sphereface_loss"]

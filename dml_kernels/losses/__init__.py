@@ -7,6 +7,8 @@ each backend package.
 """
 from .class_losses import ProxyAnchorLoss, ProxyNCALoss, ProxyNCAPlusPlusLoss
 from .contrastive_losses import NCALoss, NTXentLoss, SupConLoss
+from .margin_softmax import (ArcFaceLoss, CosFaceLoss, LargeMarginSoftmaxLoss, NormalizedSoftmaxLoss,
+                             SphereFaceLoss)
 from .pair_losses import (
     ContrastiveLoss,
     GeneralizedLiftedStructureLoss,
@@ -19,3 +21,4 @@ from .pair_losses import (
 __all__ = ["MultiSimilarityLoss", "LiftedStructureLoss", "GeneralizedLiftedStructureLoss", "NPairsLoss",
            "ContrastiveLoss", "TripletMarginLoss", "ProxyNCALoss", "ProxyNCAPlusPlusLoss", "ProxyAnchorLoss"]
 __all__ += ["NTXentLoss", "SupConLoss", "NCALoss"]
+__all__ += ["NormalizedSoftmaxLoss", "CosFaceLoss", "ArcFaceLoss", "LargeMarginSoftmaxLoss", "SphereFaceLoss"]

@@ -11,5 +11,6 @@ Map (the same in every backend package; the engines themselves are C++, in ``csr
 * ``evaluation.py``   — k-nearest neighbours in O(block × chunk) memory (torch.mm + top-k merge, no C++).
 """
 from . import class_losses, evaluation, pair_losses, similarity  # noqa: F401  (register the ops)
+from . import margin_softmax  # noqa: F401,E402  (register the ops)
 from . import contrastive_losses  # noqa: F401  (register the ops)
 from .loader import unavailable_reason  # noqa: F401  (the registry's availability hook)

@@ -22,6 +22,8 @@ from .contrastive_losses import __all__ as _CONTRASTIVE_OPS
 from .contrastive_losses import *  # noqa: F401,F403 - the contrastive family and its element ops
 from .elements import __all__ as _ELEMENT_OPS
 from .elements import *  # noqa: F401,F403 - the <loss>_elements ops (loss dicts for non-default reducers)
+from .margin_softmax import __all__ as _MARGIN_SOFTMAX_OPS
+from .margin_softmax import *  # noqa: F401,F403 - the margin-softmax family and its element ops
 from .evaluation import knn
 from .similarity import pairwise_similarity
 from .mining import (  # PML 2.9's remaining miners
@@ -44,6 +46,7 @@ __all__ += _ELEMENT_OPS
 __all__ += _CONTRASTIVE_OPS
 __all__ += ["pair_margin_mining", "batch_easy_hard_mining", "distance_weighted_mining", "angular_mining",
             "hdc_mining", "uniform_histogram_mining", "packaged_triplets_mining"]
+__all__ += _MARGIN_SOFTMAX_OPS
 
 from ..._registry import register  # noqa: E402
 

@@ -1,0 +1,105 @@
+"""The margin-softmax family (NormalizedSoftmax, CosFace, ArcFace, LargeMarginSoftmax, SphereFace) on the
+existing ``pair_reduce`` kernel, no new C++: the weight's columns are the references and one pair_reduce per
+call gives, per row, the raw target logit (the "positive" set is the target class, scale 1) and the LSE of the
+scaled logits over every other class (the "negative" set). The margin transform of the target is then an O(B)
+differentiable torch expression, and CE_i = logaddexp(target'_i, rest_i) − target'_i. No B×C buffer in the
+forward or the backward (pair_reduce recomputes its tiles).
+
+What is fed to the kernel (dot products, dist code 0, except NormalizedSoftmax with a euclidean distance):
+
+* CosFace / ArcFace: x̂ against ŵ_c; target t = cos, rest = LSE s·cos;
+* NormalizedSoftmax: x̂ (or x) against ŵ_c; target = the similarity (distance), rest = LSE ±sim/T;
+* LargeMarginSoftmax: x against w_c (raw: its non-target logits are s·x·w_c); t = x·w_y / (‖x‖‖w_y‖);
+* SphereFace: x against ŵ_c (non-target logits s·‖x‖·cos = s·x·ŵ_c); t = x·ŵ_y / ‖x‖.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..reference.margin_softmax import arcface_target, cosface_target, large_margin_target
+from .common import _DIST, _LSE, _NormalizeRows, _both, _kernel_dtype, _need, _out
+
+
+def _row_stats(q, r, labels, code, scale):
+    """(raw target value, LSE over the other columns of scale·value, has_other) per row; one pair_reduce."""
+    classes = torch.arange(r.shape[0], device=q.device)
+    target, rest, _, cnt = torch.ops.dml_kernels.pair_reduce(
+        q, r, labels, classes, None, None, code, _LSE, 1.0, 0.0, scale, 0.0, None)
+    return target, rest, cnt[1] > 0
+
+
+def _ce(target, rest, has_rest, weights):
+    losses = torch.where(has_rest, torch.logaddexp(target, rest), target) - target
+    if weights is not None:
+        losses = losses * weights.to(losses.dtype)
+    return losses.mean()
+
+
+def _columns(W, dt, normalize):
+    """W (D×C) → its columns as C×D rows in the kernel dtype, unit-norm if asked (O(C·D), the weight's size)."""
+    r = W.t().to(dt)
+    return _NormalizeRows.apply(r, 1e-12) if normalize else r.contiguous()
+
+
+@_both
+def normalized_softmax_loss(x, labels, W, *, temperature, distance, weights=None):
+    _need(x, "pair_reduce")
+    dt = _kernel_dtype(x)
+    q = x.to(dt)
+    if distance.normalize:
+        q = _NormalizeRows.apply(q, 1e-12)
+    r = _columns(W, dt, True)  # PML normalises W's columns whatever the distance
+    if distance.normalize:  # the distance normalises them again (PML does; a no-op up to rounding)
+        r = _NormalizeRows.apply(r, 1e-12)
+    sg = 1.0 if distance.is_similarity else -1.0
+    target, rest, has_rest = _row_stats(q, r, labels, _DIST[distance.name], sg / temperature)
+    return _out(_ce(sg * target / temperature, rest, has_rest, weights), x)
+
+
+def _cos_margin(x, labels, W, transform, margin, scale, weights):
+    _need(x, "pair_reduce")
+    dt = _kernel_dtype(x)
+    q = _NormalizeRows.apply(x.to(dt), 1e-12)
+    r = _columns(W, dt, True)
+    t, rest, has_rest = _row_stats(q, r, labels, 0, scale)
+    return _out(_ce(scale * transform(t, margin), rest, has_rest, weights), x)
+
+
+@_both
+def cosface_loss(x, labels, W, *, margin, scale, weights=None):
+    return _cos_margin(x, labels, W, cosface_target, margin, scale, weights)
+
+
+@_both
+def arcface_loss(x, labels, W, *, margin, scale, weights=None):
+    return _cos_margin(x, labels, W, arcface_target, margin, scale, weights)
+
+
+@_both
+def large_margin_softmax_loss(x, labels, W, *, margin, scale, weights=None):
+    _need(x, "pair_reduce")
+    dt = _kernel_dtype(x)
+    q = x.to(dt)
+    r = _columns(W, dt, False)
+    dot, rest, has_rest = _row_stats(q, r, labels, 0, scale)
+    x_norm = torch.linalg.vector_norm(q, dim=1)
+    w_norm = torch.linalg.vector_norm(r, dim=1)[labels]  # O(C) norms, O(B) gathered
+    t = dot / (x_norm.clamp_min(1e-12) * w_norm.clamp_min(1e-12))  # PML's cosine (F.normalize, eps 1e-12)
+    target = large_margin_target(t, margin) * w_norm * x_norm * scale
+    return _out(_ce(target, rest, has_rest, weights), x)
+
+
+@_both
+def sphereface_loss(x, labels, W, *, margin, scale, weights=None):
+    _need(x, "pair_reduce")
+    dt = _kernel_dtype(x)
+    q = x.to(dt)
+    r = _columns(W, dt, True)
+    dot, rest, has_rest = _row_stats(q, r, labels, 0, scale)
+    x_norm = torch.linalg.vector_norm(q, dim=1)
+    t = dot / x_norm.clamp_min(1e-12)
+    return _out(_ce(large_margin_target(t, margin) * x_norm * scale, rest, has_rest, weights), x)
+
+
+__all__ = ["normalized_softmax_loss", "cosface_loss", "arcface_loss", "large_margin_softmax_loss",
+           "sphereface_loss"]
