@@ -195,7 +195,10 @@ def _has_cpu():
 
 cpu_only = pytest.mark.skipif(not _has_cpu(), reason="the C++ CPU extension is not built")
 FUSED = {"nca_loss": [dict(), dict(softmax_scale=4.0), dict(distance="cosine"), dict(distance="dot"),
-                      dict(distance="euclidean", normalize_embeddings=False)]}
+                      dict(distance="euclidean", normalize_embeddings=False)],
+         "supcon_loss": [dict(), dict(temperature=0.5), dict(distance="dot", normalize_embeddings=False),
+                         dict(distance="squared_euclidean"), dict(distance="squared_euclidean",
+                                                                  normalize_embeddings=False, temperature=3.0)]}
 
 
 @cpu_only
@@ -231,6 +234,9 @@ def test_fused_cpu_matches_pml_and_weights():
     compare(dk.losses.NCALoss(backend="cpu"), pl.NCALoss(), x, y)
     tup = pm.PairMarginMiner(pos_margin=0.2, neg_margin=0.8)(x, y)
     compare(dk.losses.NCALoss(backend="cpu", softmax_scale=2), pl.NCALoss(softmax_scale=2), x, y, tup)
+    compare(dk.losses.SupConLoss(backend="cpu"), pl.SupConLoss(), x, y)
+    with pytest.raises(dk.Unsupported if hasattr(dk, "Unsupported") else NotImplementedError):
+        dk.losses.SupConLoss(backend="cpu", distance="euclidean")(x, y)
 
 
 @cpu_only
