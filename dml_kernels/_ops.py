@@ -36,6 +36,12 @@ triplet_margin_loss                  (x, labels, ref, ref_labels, *, margin, swa
 ntxent_loss                          (x, labels, ref, ref_labels, *, temperature, distance, pairs, pair_rule)
 supcon_loss                          (x, labels, ref, ref_labels, *, temperature, distance, pairs, pair_rule)
 nca_loss                             (x, labels, ref, ref_labels, *, softmax_scale, distance, weights)
+circle_loss                          (x, labels, ref, ref_labels, *, m, gamma, distance, pairs, pair_rule)
+tuplet_margin_loss                   (x, labels, ref, ref_labels, *, margin (radians), scale, distance, pairs, pair_rule)
+intra_pair_variance_loss             (x, labels, ref, ref_labels, *, pos_eps, neg_eps, distance, pairs, pair_rule)
+snr_contrastive_loss                 (x, labels, ref, ref_labels, *, pos_margin, neg_margin, normalize, pairs, pair_rule)
+threshold_consistent_margin_loss     (x, labels, *, lambda_plus, lambda_minus, margin_plus, margin_minus, pairs)
+margin_loss                          (x, labels, ref, ref_labels, beta, *, margin, nu, learn_beta, distance, triplets)
 proxy_nca_loss                       (x, labels, proxies, *, softmax_scale, exclude_positive, distance, weights)
 proxy_anchor_loss                    (x, labels, proxies, *, margin, alpha, distance, weights)
 normalized_softmax_loss              (x, labels, W, *, temperature, distance, weights); W is D×C (PML's layout)
@@ -82,5 +88,8 @@ OPS += ("pair_margin_mining", "batch_easy_hard_mining", "distance_weighted_minin
         "uniform_histogram_mining", "packaged_triplets_mining")
 OPS += ("ntxent_loss", "ntxent_loss_elements", "supcon_loss", "supcon_loss_elements", "nca_loss",
         "nca_loss_elements")
+OPS += tuple(f"{n}{e}" for n in ("circle_loss", "tuplet_margin_loss", "intra_pair_variance_loss",
+                                   "snr_contrastive_loss", "threshold_consistent_margin_loss", "margin_loss")
+             for e in ("", "_elements"))
 OPS += tuple(f"{n}{e}" for n in ("normalized_softmax_loss", "cosface_loss", "arcface_loss",
                                      "large_margin_softmax_loss", "sphereface_loss") for e in ("", "_elements"))

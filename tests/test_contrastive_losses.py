@@ -288,3 +288,120 @@ def test_fused_path_never_allocates_n_by_n(fn):
     reference = _peak_extra_bytes(lambda: step("reference"))
     assert fused < nxn / 4, (fused, nxn)
     assert reference > nxn, (reference, nxn)
+
+
+# ------------------------------------------------------------------ issue 12 item 3: reference backend
+
+CASES3 = {
+    "CircleLoss": ("CircleLoss", {}),
+    "CircleLoss/m.25g30": ("CircleLoss", {"m": 0.25, "gamma": 30}),
+    "TupletMarginLoss": ("TupletMarginLoss", {}),
+    "TupletMarginLoss/m10s8": ("TupletMarginLoss", {"margin": 10.0, "scale": 8}),
+    "IntraPairVarianceLoss": ("IntraPairVarianceLoss", {}),
+    "IntraPairVarianceLoss/euclid": ("IntraPairVarianceLoss", {"pos_eps": 0.1, "neg_eps": 0.05, "distance": "L"}),
+    "SignalToNoiseRatioContrastiveLoss": ("SignalToNoiseRatioContrastiveLoss", {}),
+    "SignalToNoiseRatioContrastiveLoss/m": ("SignalToNoiseRatioContrastiveLoss", {"pos_margin": 0.3,
+                                                                                   "neg_margin": 1.5}),
+    "ThresholdConsistentMarginLoss": ("ThresholdConsistentMarginLoss", {}),
+    "ThresholdConsistentMarginLoss/m": ("ThresholdConsistentMarginLoss", {"margin_plus": 0.3, "margin_minus": -0.2,
+                                                                         "lambda_plus": 2.0}),
+    "MarginLoss": ("MarginLoss", {}),
+    "MarginLoss/cos": ("MarginLoss", {"margin": 0.1, "beta": 0.3, "distance": "C"}),
+}
+
+
+def build3(name, ours):
+    cls, kw = CASES3[name]
+    kw = dict(kw)
+    dist = kw.pop("distance", None)
+    if dist == "L":
+        kw["distance"] = "euclidean" if ours else pd.LpDistance()
+    elif dist == "C":
+        kw["distance"] = "cosine" if ours else pd.CosineSimilarity()
+    if ours:
+        return getattr(dk.losses, cls)(backend="reference", **kw)
+    return getattr(pl, cls)(**kw)
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("name", list(CASES3))
+def test_item3_matches_pml(pattern, name):
+    torch.manual_seed(11)
+    x, y = make(pattern, n=10, d=6)
+    compare(build3(name, True), build3(name, False), x, y)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES3 if not n.startswith("Threshold")])
+def test_item3_ref_emb_and_miner_match_pml(name):
+    torch.manual_seed(12)
+    x, y = make("random", n=8, d=6)
+    ref, ref_y = make("random", n=7, d=6)
+    compare(build3(name, True), build3(name, False), x, y, ref_emb=ref, ref_labels=ref_y)
+    x, y = make("random", n=12, d=6)
+    tup = pm.PairMarginMiner(pos_margin=0.2, neg_margin=0.8)(x, y)
+    compare(build3(name, True), build3(name, False), x, y, tup)
+
+
+def test_threshold_consistent_margin_rejects_ref_emb():
+    x, y = make("random", n=6, d=4)
+    with pytest.raises(NotImplementedError, match="ref_emb"):
+        dk.losses.ThresholdConsistentMarginLoss()(x, y, ref_emb=x.clone(), ref_labels=y)
+
+
+@pytest.mark.parametrize("cls", ["CircleLoss", "TupletMarginLoss", "ThresholdConsistentMarginLoss"])
+def test_cosine_only_losses_reject_other_distances(cls):
+    x, y = make("random", n=6, d=4)
+    with pytest.raises(ValueError, match="cosine"):
+        getattr(dk.losses, cls)(distance="euclidean")(x, y)
+
+
+@pytest.mark.parametrize("num_classes", [None, 3])
+@pytest.mark.parametrize("pattern", ["random", "pairs", "all_same"])
+def test_margin_loss_learnable_beta_matches_pml(num_classes, pattern):
+    """PML's attribute name and shape for beta; the loss (with ν·β) and the beta gradient equal PML's."""
+    torch.manual_seed(13)
+    x, y = make(pattern, n=9, d=5)
+    y = y % 3
+    kw = dict(learn_beta=True, nu=0.1, num_classes=num_classes, beta=0.9)
+    ours, theirs = dk.losses.MarginLoss(backend="reference", **kw), pl.MarginLoss(**kw)
+    assert isinstance(ours.beta, torch.nn.Parameter) and ours.beta.shape == theirs.beta.shape
+    assert dict(ours.named_parameters()).keys() == dict(theirs.named_parameters()).keys()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la, lb = ours(xa, y), theirs(xb, y)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb.to(la.dtype), **TOL)
+    torch.testing.assert_close(xa.grad, xb.grad, **TOL)
+    gb = torch.zeros_like(theirs.beta) if theirs.beta.grad is None else theirs.beta.grad  # PML: no triplet
+    torch.testing.assert_close(ours.beta.grad.double(), gb.double(), **TOL)
+
+
+@pytest.mark.parametrize("name", ["CircleLoss", "IntraPairVarianceLoss", "MarginLoss", "TupletMarginLoss"])
+@pytest.mark.parametrize("reducer", ["SumReducer", "MeanReducer"])
+def test_item3_non_default_reducer_matches_pml(name, reducer):
+    torch.manual_seed(14)
+    x, y = make("random", n=10, d=6)
+    cls = CASES3[name][0]
+    compare(getattr(dk.losses, cls)(backend="reference", reducer=getattr(dk.reducers, reducer)()),
+            getattr(pl, cls)(reducer=getattr(pr, reducer)()), x, y)
+
+
+# CircleLoss is left out: PML's pair weights are detached, so its gradient is not the value's derivative
+# (equal to PML's gradient, tested above).
+@pytest.mark.parametrize("fn", ["tuplet_margin_loss", "intra_pair_variance_loss",
+                                "signal_to_noise_ratio_contrastive_loss", "threshold_consistent_margin_loss"])
+def test_item3_gradcheck_reference(fn):
+    torch.manual_seed(15)
+    x, y = make("random", n=7, d=4)
+    f = getattr(dk.functional, fn)
+    assert torch.autograd.gradcheck(lambda a: f(a, y, backend="reference"), (x.requires_grad_(),))
+
+
+def test_margin_loss_gradcheck_beta():
+    torch.manual_seed(16)
+    x, y = make("random", n=7, d=4)
+    beta = torch.tensor([0.8, 1.0, 1.2], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: dk.functional.margin_loss(a, y, beta=b, learn_beta=True, nu=0.2, backend="reference"),
+        (x.requires_grad_(), beta))

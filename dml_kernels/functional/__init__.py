@@ -11,6 +11,9 @@ family, the same names as in ``dk.losses`` and in each backend package:
 from .._pairs import PackedPairMask
 from .class_losses import proxy_anchor_loss, proxy_nca_loss, proxy_nca_plus_plus_loss
 from .contrastive_losses import nca_loss, ntxent_loss, supcon_loss
+from .contrastive_losses import (circle_loss, intra_pair_variance_loss, margin_loss,
+                                 signal_to_noise_ratio_contrastive_loss, threshold_consistent_margin_loss)
+from .contrastive_losses import tuplet_margin_loss as tuplet_margin_loss
 from .margin_softmax import (arcface_loss, cosface_loss, large_margin_softmax_loss,
                              normalized_softmax_loss, sphereface_loss)
 from .pair_losses import (
@@ -30,5 +33,6 @@ __all__ = [
     "proxy_anchor_loss", "PackedPairMask",
 ]
 __all__ += ["ntxent_loss", "supcon_loss", "nca_loss"]
+__all__ += ["circle_loss", "tuplet_margin_loss", "intra_pair_variance_loss", "signal_to_noise_ratio_contrastive_loss", "threshold_consistent_margin_loss", "margin_loss"]
 __all__ += ["normalized_softmax_loss", "cosface_loss", "arcface_loss", "large_margin_softmax_loss",
             "sphereface_loss"]

@@ -82,6 +82,12 @@ LOSS_REDUCTION = {
     "ntxent_loss": (("loss",), "MeanReducer"),
     "supcon_loss": (("loss",), "AvgNonZeroReducer"),
     "nca_loss": (("loss",), "MeanReducer"),
+    "circle_loss": (("loss",), "AvgNonZeroReducer"),
+    "tuplet_margin_loss": (("loss",), "MeanReducer"),
+    "intra_pair_variance_loss": (("pos_loss", "neg_loss"), "MeanReducer"),
+    "snr_contrastive_loss": (("pos_loss", "neg_loss"), "AvgNonZeroReducer"),
+    "threshold_consistent_margin_loss": (("loss",), "MeanReducer"),
+    "margin_loss": (("margin_loss", "beta_reg_loss"), "DivisorReducer"),
 }
 
 

@@ -2,9 +2,11 @@
 defaults and reductions. ``reducer=`` and ``_extra`` as in ``pair_losses.py``."""
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .._pairs import PackedPairMask
+from .._pairs import PackedPairMask, indices_to_triplets
 from .._validation import check_indices_tuple
 from ..distances import parse_distance
 from ._common import _loss, _matrix_pairs, _num_refs, _pair_list, _prepare
@@ -71,3 +73,113 @@ def nca_loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=No
     weights = _nca_weights(indices_tuple, n, m, embeddings.device, check_inputs, using_ref=ref is not None)
     return _loss("nca_loss", backend, embeddings, labels, ref, ref_labels, softmax_scale=float(softmax_scale),
                  distance=dist, weights=weights, reducer=reducer, extra=_extra)
+
+
+def _cosine_only(distance, normalize_embeddings, name):
+    dist = parse_distance(distance, normalize_embeddings, default="cosine")
+    if dist.name != "cosine" or not dist.normalize:
+        raise ValueError(f"{name} needs the cosine similarity (PML asserts CosineSimilarity), got {distance!r}")
+    return dist
+
+
+def circle_loss(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *, m=0.4, gamma=80,
+                distance=None, normalize_embeddings=True, backend="auto", check_inputs=True, reducer=None,
+                _extra=None):
+    """PML's CircleLoss: AvgNonZero over rows of softplus(LSE_P(−γ α_p (s − Δ_p)) + LSE_N(γ α_n (s − Δ_n)))."""
+    labels, ref, ref_labels = _prepare(embeddings, labels, ref_emb, ref_labels, check_inputs,
+                                       labels_required=indices_tuple is None)
+    dist = _cosine_only(distance, normalize_embeddings, "CircleLoss")
+    n, m_ = embeddings.shape[0], _num_refs(embeddings, ref)
+    pairs, pair_rule, few = _matrix_pairs(indices_tuple, n, m_, embeddings.device, check_inputs)
+    return _loss("circle_loss", backend, embeddings, labels, ref, ref_labels, m=float(m), gamma=float(gamma),
+                 distance=dist, pairs=pairs, pair_rule=pair_rule, reducer=reducer, extra=_extra, few=few)
+
+
+def tuplet_margin_loss(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *, margin=5.73,
+                       scale=64, distance=None, normalize_embeddings=True, backend="auto", check_inputs=True,
+                       reducer=None, _extra=None):
+    """PML's TupletMarginLoss (``margin`` in degrees): mean over positive pairs of
+    log(1 + Σ_{N_a} e^{scale·(s_an − cos(θ_ap − margin))})."""
+    labels, ref, ref_labels = _prepare(embeddings, labels, ref_emb, ref_labels, check_inputs,
+                                       labels_required=indices_tuple is None)
+    dist = _cosine_only(distance, normalize_embeddings, "TupletMarginLoss")
+    n, m = embeddings.shape[0], _num_refs(embeddings, ref)
+    pairs, pair_rule, few = _pair_list(indices_tuple, n, m, embeddings.device, check_inputs)
+    return _loss("tuplet_margin_loss", backend, embeddings, labels, ref, ref_labels,
+                 margin=math.radians(float(margin)), scale=float(scale), distance=dist, pairs=pairs,
+                 pair_rule=pair_rule, reducer=reducer, extra=_extra, few=few)
+
+
+def intra_pair_variance_loss(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *,
+                             pos_eps=0.01, neg_eps=0.01, distance=None, normalize_embeddings=True, backend="auto",
+                             check_inputs=True, reducer=None, _extra=None):
+    """PML's IntraPairVarianceLoss: mean over positive pairs of relu((1−ε⁺)·mean_P s − s)² plus the same over
+    negative pairs with relu(s − (1+ε⁻)·mean_N s)² (similarity; reversed for a distance)."""
+    labels, ref, ref_labels = _prepare(embeddings, labels, ref_emb, ref_labels, check_inputs,
+                                       labels_required=indices_tuple is None)
+    dist = parse_distance(distance, normalize_embeddings, default="cosine")
+    n, m = embeddings.shape[0], _num_refs(embeddings, ref)
+    pairs, pair_rule, few = _pair_list(indices_tuple, n, m, embeddings.device, check_inputs)
+    return _loss("intra_pair_variance_loss", backend, embeddings, labels, ref, ref_labels, pos_eps=float(pos_eps),
+                 neg_eps=float(neg_eps), distance=dist, pairs=pairs, pair_rule=pair_rule, reducer=reducer,
+                 extra=_extra, few=few)
+
+
+def signal_to_noise_ratio_contrastive_loss(embeddings, labels=None, indices_tuple=None, ref_emb=None,
+                                           ref_labels=None, *, pos_margin=0, neg_margin=1, distance=None,
+                                           normalize_embeddings=True, backend="auto", check_inputs=True,
+                                           reducer=None, _extra=None):
+    """PML's SignalToNoiseRatioContrastiveLoss: ContrastiveLoss on the SNR distance var(q − r) / var(q)."""
+    if distance is not None:
+        if type(distance).__name__ != "SNRDistance":
+            raise ValueError(f"SignalToNoiseRatioContrastiveLoss needs the SNR distance (PML asserts SNRDistance), "
+                             f"got {distance!r}")
+        normalize_embeddings = distance.normalize_embeddings
+    labels, ref, ref_labels = _prepare(embeddings, labels, ref_emb, ref_labels, check_inputs,
+                                       labels_required=indices_tuple is None)
+    n, m = embeddings.shape[0], _num_refs(embeddings, ref)
+    pairs, pair_rule, few = _pair_list(indices_tuple, n, m, embeddings.device, check_inputs)
+    return _loss("snr_contrastive_loss", backend, embeddings, labels, ref, ref_labels, pos_margin=float(pos_margin),
+                 neg_margin=float(neg_margin), normalize=bool(normalize_embeddings), pairs=pairs,
+                 pair_rule=pair_rule, reducer=reducer, extra=_extra, few=few)
+
+
+def threshold_consistent_margin_loss(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *,
+                                     lambda_plus=1.0, lambda_minus=1.0, margin_plus=0.9, margin_minus=0.5,
+                                     distance=None, normalize_embeddings=True, backend="auto", check_inputs=True,
+                                     reducer=None, _extra=None):
+    """PML's ThresholdConsistentMarginLoss: λ⁺·mean_{P, s ≤ m⁺}(m⁺ − s) + λ⁻·mean_{N, s ≥ m⁻}(s − m⁻) (cosine).
+    No ``ref_emb`` (PML gathers the reference indices from the embeddings, ignoring ref_emb)."""
+    if ref_emb is not None or ref_labels is not None:
+        raise NotImplementedError("ThresholdConsistentMarginLoss does not support ref_emb (PML ignores it and "
+                                  "indexes the embeddings with reference indices)")
+    _cosine_only(distance, normalize_embeddings, "ThresholdConsistentMarginLoss")
+    labels, _, _ = _prepare(embeddings, labels, None, None, check_inputs, labels_required=indices_tuple is None)
+    n = embeddings.shape[0]
+    pairs, _, _ = _pair_list(indices_tuple, n, n, embeddings.device, check_inputs)
+    return _loss("threshold_consistent_margin_loss", backend, embeddings, labels, lambda_plus=float(lambda_plus),
+                 lambda_minus=float(lambda_minus), margin_plus=float(margin_plus), margin_minus=float(margin_minus),
+                 pairs=pairs, reducer=reducer, extra=_extra)
+
+
+def margin_loss(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *, beta, margin=0.2,
+                nu=0, learn_beta=False, triplets_per_anchor="all", distance=None, normalize_embeddings=True,
+                backend="auto", check_inputs=True, reducer=None, _extra=None):
+    """PML's MarginLoss over all triplets (or the given ones): Σ (relu(d_ap − β + m) + relu(β − d_an + m)) /
+    (number of nonzero terms), plus ν·β when ``learn_beta``. ``beta``: a (1,) or (num_classes,) tensor."""
+    if triplets_per_anchor != "all":
+        raise NotImplementedError("triplets_per_anchor other than 'all' (random triplet sampling) is not "
+                                  "implemented; pass an indices_tuple")
+    labels, ref, ref_labels = _prepare(embeddings, labels, ref_emb, ref_labels, check_inputs,
+                                       labels_required=indices_tuple is None)
+    dist = parse_distance(distance, normalize_embeddings, default="euclidean")
+    triplets = None
+    if indices_tuple is not None:
+        n, m = embeddings.shape[0], _num_refs(embeddings, ref)
+        if isinstance(indices_tuple, PackedPairMask):
+            indices_tuple = indices_tuple.to(embeddings.device).to_indices()
+        triplets = indices_to_triplets(check_indices_tuple(indices_tuple, n, m, check_values=check_inputs,
+                                                           device=embeddings.device))
+    return _loss("margin_loss", backend, embeddings, labels, ref, ref_labels, beta, margin=float(margin),
+                 nu=float(nu), learn_beta=bool(learn_beta), distance=dist, triplets=triplets, reducer=reducer,
+                 extra=_extra)

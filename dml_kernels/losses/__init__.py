@@ -7,6 +7,8 @@ each backend package.
 """
 from .class_losses import ProxyAnchorLoss, ProxyNCALoss, ProxyNCAPlusPlusLoss
 from .contrastive_losses import NCALoss, NTXentLoss, SupConLoss
+from .contrastive_losses import (CircleLoss, IntraPairVarianceLoss, MarginLoss, SignalToNoiseRatioContrastiveLoss,
+                                 ThresholdConsistentMarginLoss, TupletMarginLoss)
 from .margin_softmax import (ArcFaceLoss, CosFaceLoss, LargeMarginSoftmaxLoss, NormalizedSoftmaxLoss,
                              SphereFaceLoss)
 from .pair_losses import (
@@ -21,4 +23,5 @@ from .pair_losses import (
 __all__ = ["MultiSimilarityLoss", "LiftedStructureLoss", "GeneralizedLiftedStructureLoss", "NPairsLoss",
            "ContrastiveLoss", "TripletMarginLoss", "ProxyNCALoss", "ProxyNCAPlusPlusLoss", "ProxyAnchorLoss"]
 __all__ += ["NTXentLoss", "SupConLoss", "NCALoss"]
+__all__ += ["CircleLoss", "TupletMarginLoss", "IntraPairVarianceLoss", "SignalToNoiseRatioContrastiveLoss", "ThresholdConsistentMarginLoss", "MarginLoss"]
 __all__ += ["NormalizedSoftmaxLoss", "CosFaceLoss", "ArcFaceLoss", "LargeMarginSoftmaxLoss", "SphereFaceLoss"]
