@@ -174,6 +174,8 @@ def test_rows_without_positive_no_nan(name):
 
 
 def test_defaults_are_pml():
+    assert dk.losses.TupletMarginLoss(margin=10).margin == pytest.approx(pl.TupletMarginLoss(margin=10).margin, abs=1e-15)
+    assert dk.losses.CircleLoss().gamma == pl.CircleLoss().gamma and dk.losses.CircleLoss().m == pl.CircleLoss().m
     assert dk.losses.NCALoss().softmax_scale == pl.NCALoss().softmax_scale == 1
     assert dk.losses.NTXentLoss().temperature == pl.NTXentLoss().temperature == 0.07
     assert dk.losses.SupConLoss().temperature == pl.SupConLoss().temperature == 0.1

@@ -3,6 +3,8 @@
 ``dml_kernels/functional/contrastive_losses.py``."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -85,10 +87,19 @@ class CircleLoss(_Simple):
 
 
 class TupletMarginLoss(_Simple):
-    """``margin`` in degrees, as PML's constructor takes it (PML stores it in radians; ours keeps degrees)."""
+    """``margin`` given in degrees and stored in radians, as PML does (``self.margin``)."""
 
     _op = _fn = "tuplet_margin_loss"
     _args = (("margin", 5.73), ("scale", 64))
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.margin = math.radians(self.margin)
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        return CF.tuplet_margin_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels,
+                                     margin=math.degrees(self.margin), scale=self.scale, **self._common(),
+                                     **self._reduction(embeddings))
 
 
 class IntraPairVarianceLoss(_Simple):
