@@ -49,6 +49,9 @@ cosface_loss                         (x, labels, W, *, margin, scale, weights)
 arcface_loss                         (x, labels, W, *, margin (radians), scale, weights)
 large_margin_softmax_loss            (x, labels, W, *, margin (int), scale, weights)
 sphereface_loss                      (x, labels, W, *, margin (int), scale, weights)
+subcenter_arcface_loss               (x, labels, W, *, margin (radians), scale, sub_centers, weights); W is D×(C·K)
+soft_triple_loss                     (x, labels, fc, *, centers_per_class, la, gamma, margin, distance, weights)
+p2sgrad_loss                         (x, labels, weight); weight D×C, used as given
 proxy_nca_row_stats                  (x, labels, proxies, *, softmax_scale, distance) -> (target, has_target, rest, has_rest) (N,)
 proxy_anchor_class_terms             (x, labels, proxies, *, margin, alpha, distance) -> (pos_term, has_pos, neg_term) (C,)
 knn                                  (x, ref, *, k, distance, exclude_self) -> (values N×k, indices N×k int64)
@@ -93,3 +96,5 @@ OPS += tuple(f"{n}{e}" for n in ("circle_loss", "tuplet_margin_loss", "intra_pai
              for e in ("", "_elements"))
 OPS += tuple(f"{n}{e}" for n in ("normalized_softmax_loss", "cosface_loss", "arcface_loss",
                                      "large_margin_softmax_loss", "sphereface_loss") for e in ("", "_elements"))
+OPS += tuple(f"{n}{e}" for n in ("subcenter_arcface_loss", "soft_triple_loss", "p2sgrad_loss")
+             for e in ("", "_elements"))

@@ -1,4 +1,5 @@
-"""The margin-softmax family (NormalizedSoftmax, CosFace, ArcFace, LargeMarginSoftmax, SphereFace) against PML
+"""The margin-softmax family (NormalizedSoftmax, CosFace, ArcFace, LargeMarginSoftmax, SphereFace; and on the
+reference backend SubCenterArcFace, SoftTriple, P2SGrad) against PML
 2.9 in float64 (values, embedding and weight gradients, after loading PML's state_dict into ours with
 strict=True), on the reference and the fused cpu paths; gradcheck; state_dict round trips; the fused cpu path
 against the reference (fp64 1e-10, fp32); non-default reducers, miners and weight regularizers against PML; a
@@ -311,3 +312,106 @@ def test_fused_margin_losses_never_allocate_b_by_c():
         assert fused < bxc / 8, f"{name}: fused path peak extra {fused / 2**20:.1f} MiB"
     reference = _peak_extra_bytes(lambda: step(mods["ArcFaceLoss"], "reference"))
     assert reference > bxc, f"the check cannot fail: reference peak extra only {reference / 2**20:.1f} MiB"
+
+
+# ------------------------------------------------------ grouped columns and P2SGrad (reference backend)
+
+GROUPED = [("SubCenterArcFaceLoss", {}), ("SubCenterArcFaceLoss", {"sub_centers": 1, "margin": 40, "scale": 8}),
+           ("SoftTripleLoss", {}), ("SoftTripleLoss", {"centers_per_class": 3, "la": 5, "gamma": 0.5, "margin": 0.2}),
+           ("SoftTripleLoss", {"centers_per_class": 1, "distance": "dot", "normalize_embeddings": False}),
+           ("P2SGradLoss", {})]
+
+
+def _grouped_pair(name, kw, c, d, seed=0):
+    pml_kw = dict(kw)
+    if kw.get("distance") == "dot":
+        pml_kw["distance"] = pml.distances.DotProductSimilarity(normalize_embeddings=kw["normalize_embeddings"])
+        del pml_kw["normalize_embeddings"]
+    torch.manual_seed(seed)
+    theirs = pl.P2SGradLoss(d, c) if name == "P2SGradLoss" else getattr(pl, name)(num_classes=c, embedding_size=d,
+                                                                                    **pml_kw)
+    torch.manual_seed(seed)
+    ours = (dk.losses.P2SGradLoss(d, c) if name == "P2SGradLoss"
+            else getattr(dk.losses, name)(num_classes=c, embedding_size=d, **kw))
+    for (k1, a), (k2, b) in zip(theirs.state_dict().items(), ours.state_dict().items()):  # same init draws
+        assert k1 == k2 and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours, theirs
+
+
+def _grouped_step(module, x, y, *args):
+    xr = x.clone().requires_grad_()
+    loss = module(xr, y, *args)
+    loss.backward()
+    return loss.detach(), xr.grad, next(iter(module.parameters())).grad
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("name,kw", GROUPED, ids=[f"{n}-{i}" for i, (n, _) in enumerate(GROUPED)])
+def test_grouped_equal_pml_float64(name, kw, size):
+    b, d, c = SIZES[size]
+    x, y = _data(b, d, c, size)
+    ours, theirs = _grouped_pair(name, kw, c, d)
+    _assert_same(_grouped_step(ours, x, y), _grouped_step(theirs, x, y))
+    if name != "P2SGradLoss":
+        next(iter(theirs.parameters())).data = next(iter(theirs.parameters())).data.double()
+        torch.testing.assert_close(ours.get_logits(x), theirs.get_logits(x), **TIGHT)
+    else:  # P2SGrad re-normalises its weight in place on every call, as PML
+        torch.testing.assert_close(ours.weight.detach(), theirs.weight.detach(), **TIGHT)
+
+
+@pytest.mark.parametrize("name,kw", GROUPED[:4:2], ids=["subcenter", "softtriple"])
+def test_grouped_miners_reducers_regularizers_like_pml(name, kw):
+    x, y = _data(16, 5, 4, "C<B", seed=3)
+    tup = pm.MultiSimilarityMiner(epsilon=0.3)(x, y)
+    ours, theirs = _grouped_pair(name, kw, 4, 5)
+    _assert_same(_grouped_step(ours, x, y, tup), _grouped_step(theirs, x, y, tup))
+    torch.manual_seed(0)
+    theirs = getattr(pl, name)(num_classes=4, embedding_size=5, reducer=pr.ThresholdReducer(low=0.5),
+                               weight_regularizer=preg.LpRegularizer(), weight_reg_weight=0.3, **kw)
+    ours = getattr(dk.losses, name)(num_classes=4, embedding_size=5, reducer=dk.reducers.ThresholdReducer(low=0.5),
+                                    weight_regularizer=dk.regularizers.LpRegularizer(), weight_reg_weight=0.3, **kw)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    _assert_same(_grouped_step(ours, x, y), _grouped_step(theirs, x, y))
+
+
+def test_subcenter_get_outliers_like_pml():
+    x, y = _data(40, 4, 6, "C<B", seed=7)
+    y[y == 5] = 0  # class 5 absent
+    ours, theirs = _grouped_pair("SubCenterArcFaceLoss", {"sub_centers": 3}, 6, 4)
+    for threshold in (30, 75, 100):
+        o_out, o_dom = ours.get_outliers(x, y, threshold=threshold)
+        t_out, t_dom = theirs.get_outliers(x, y, threshold=threshold)
+        assert torch.equal(o_out, t_out)
+        present = torch.unique(y)
+        torch.testing.assert_close(o_dom[:, present], t_dom[:, present], rtol=0, atol=0)
+        assert bool((o_dom[:, 5] == 0).all())
+    # K = 1 equals ArcFace on the same W (PML's own test)
+    sub, _ = _grouped_pair("SubCenterArcFaceLoss", {"sub_centers": 1}, 6, 4)
+    arc = dk.losses.ArcFaceLoss(6, 4)
+    arc.load_state_dict(sub.state_dict(), strict=True)
+    torch.testing.assert_close(sub(x, y), arc(x, y), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fn,kw", [("subcenter_arcface_loss", {"sub_centers": 2, "scale": 4}),
+                                   ("soft_triple_loss", {"centers_per_class": 2, "la": 3}), ("p2sgrad_loss", {})])
+def test_grouped_gradcheck(fn, kw):
+    g = torch.Generator().manual_seed(5)
+    cols = 8 if fn != "p2sgrad_loss" else 4
+    x = torch.randn(5, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(3, cols, dtype=torch.float64, generator=g)
+    if fn == "p2sgrad_loss":
+        W = W / W.norm(dim=0)
+    W.requires_grad_()
+    y = torch.tensor([0, 1, 3, 3, 0])
+    assert torch.autograd.gradcheck(lambda a, w: getattr(F, fn)(a, y, w, backend="reference", **kw), (x, W))
+
+
+def test_grouped_errors_and_attributes():
+    x, y = _data(4, 3, 2, "C<B")
+    with pytest.raises(ValueError, match="indices_tuple"):
+        dk.losses.P2SGradLoss(3, 2)(x, y, (y, y))
+    with pytest.raises(ValueError, match="similarity"):
+        dk.losses.SoftTripleLoss(2, 3, distance="euclidean")
+    assert dk.losses.SoftTripleLoss(2, 3).gamma == pl.SoftTripleLoss(2, 3).gamma == 10
+    assert dk.losses.SubCenterArcFaceLoss(num_classes=2, embedding_size=3).num_classes == 2

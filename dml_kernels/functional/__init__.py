@@ -15,7 +15,8 @@ from .contrastive_losses import (circle_loss, intra_pair_variance_loss, margin_l
                                  signal_to_noise_ratio_contrastive_loss, threshold_consistent_margin_loss)
 from .contrastive_losses import tuplet_margin_loss as tuplet_margin_loss
 from .margin_softmax import (arcface_loss, cosface_loss, large_margin_softmax_loss,
-                             normalized_softmax_loss, sphereface_loss)
+                             normalized_softmax_loss, p2sgrad_loss, soft_triple_loss, sphereface_loss,
+                             subcenter_arcface_loss)
 from .pair_losses import (
     contrastive_loss,
     generalized_lifted_structure_loss,
@@ -36,3 +37,4 @@ __all__ += ["ntxent_loss", "supcon_loss", "nca_loss"]
 __all__ += ["circle_loss", "tuplet_margin_loss", "intra_pair_variance_loss", "signal_to_noise_ratio_contrastive_loss", "threshold_consistent_margin_loss", "margin_loss"]
 __all__ += ["normalized_softmax_loss", "cosface_loss", "arcface_loss", "large_margin_softmax_loss",
             "sphereface_loss"]
+__all__ += ["subcenter_arcface_loss", "soft_triple_loss", "p2sgrad_loss"]

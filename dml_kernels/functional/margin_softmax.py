@@ -98,3 +98,48 @@ def sphereface_loss(embeddings, labels, W, indices_tuple=None, ref_emb=None, ref
     return _margin_loss("sphereface_loss", "SphereFaceLoss", embeddings, labels, W, indices_tuple, ref_emb,
                         ref_labels, margin=_int_margin(margin, "SphereFaceLoss"), scale=scale, distance=distance,
                         backend=backend, check_inputs=check_inputs, reducer=reducer, _extra=_extra)
+
+
+def subcenter_arcface_loss(embeddings, labels, W, indices_tuple=None, ref_emb=None, ref_labels=None, *,
+                           sub_centers=3, margin=28.6, scale=64, distance=None, backend="auto", check_inputs=True,
+                           reducer=None, _extra=None):
+    """PML's SubCenterArcFaceLoss: ArcFace (``margin`` in degrees) on max_k x̂·ŵ_{cK+k}; W is D×(C·K)."""
+    _cosine_only(distance, "SubCenterArcFaceLoss")
+    sub_centers = int(sub_centers)
+    if sub_centers < 1 or W.dim() != 2 or W.shape[1] % sub_centers:
+        raise ValueError(f"W has shape {tuple(W.shape)}: expected (embedding_size, num_classes·sub_centers) with "
+                         f"sub_centers={sub_centers}")
+    labels = _prepare_weight(embeddings, labels, W, ref_emb, ref_labels, check_inputs, "SubCenterArcFaceLoss")
+    check_proxy_labels(labels, W.shape[1] // sub_centers, check_values=check_inputs)
+    return _loss("subcenter_arcface_loss", backend, embeddings, labels, W, margin=math.radians(margin),
+                 scale=float(scale), sub_centers=sub_centers, weights=_weights(indices_tuple, embeddings, check_inputs),
+                 reducer=reducer, extra=_extra)
+
+
+def soft_triple_loss(embeddings, labels, fc, indices_tuple=None, ref_emb=None, ref_labels=None, *,
+                     centers_per_class=10, la=20, gamma=0.1, margin=0.01, distance=None, normalize_embeddings=True,
+                     backend="auto", check_inputs=True, reducer=None, _extra=None):
+    """PML's SoftTripleLoss: CE(la·(S_c − margin·onehot)), S_c = Σ_k softmax_k(s_{cK+k}/γ)·s_{cK+k}; fc is
+    D×(C·K). Any similarity (PML asserts an inverted distance)."""
+    dist = parse_distance(distance, normalize_embeddings, default="cosine")
+    if not dist.is_similarity:
+        raise ValueError("SoftTripleLoss needs a similarity (PML asserts distance.is_inverted)")
+    k = int(centers_per_class)
+    if k < 1 or fc.dim() != 2 or fc.shape[1] % k:
+        raise ValueError(f"fc has shape {tuple(fc.shape)}: expected (embedding_size, num_classes·centers_per_class) "
+                         f"with centers_per_class={k}")
+    labels = _prepare_weight(embeddings, labels, fc, ref_emb, ref_labels, check_inputs, "SoftTripleLoss")
+    check_proxy_labels(labels, fc.shape[1] // k, check_values=check_inputs)
+    return _loss("soft_triple_loss", backend, embeddings, labels, fc, centers_per_class=k, la=float(la),
+                 gamma=float(gamma), margin=float(margin), distance=dist,
+                 weights=_weights(indices_tuple, embeddings, check_inputs), reducer=reducer, extra=_extra)
+
+
+def p2sgrad_loss(embeddings, labels, weight, indices_tuple=None, ref_emb=None, ref_labels=None, *, backend="auto",
+                 check_inputs=True, reducer=None, _extra=None):
+    """PML's P2SGradLoss: mean over all N·C entries of (clamp(x·w_c/‖x‖, −1, 1) − δ_{c,y})²; ``weight`` (D×C) as
+    given (``P2SGradLoss`` re-normalises its columns on every call, as PML). No indices_tuple (as PML)."""
+    if indices_tuple is not None:
+        raise ValueError("P2SGradLoss does not support indices_tuple")
+    labels = _prepare_weight(embeddings, labels, weight, ref_emb, ref_labels, check_inputs, "P2SGradLoss")
+    return _loss("p2sgrad_loss", backend, embeddings, labels, weight, reducer=reducer, extra=_extra)

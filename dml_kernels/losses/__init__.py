@@ -10,7 +10,7 @@ from .contrastive_losses import NCALoss, NTXentLoss, SupConLoss
 from .contrastive_losses import (CircleLoss, IntraPairVarianceLoss, MarginLoss, SignalToNoiseRatioContrastiveLoss,
                                  ThresholdConsistentMarginLoss, TupletMarginLoss)
 from .margin_softmax import (ArcFaceLoss, CosFaceLoss, LargeMarginSoftmaxLoss, NormalizedSoftmaxLoss,
-                             SphereFaceLoss)
+                             P2SGradLoss, SoftTripleLoss, SphereFaceLoss, SubCenterArcFaceLoss)
 from .pair_losses import (
     ContrastiveLoss,
     GeneralizedLiftedStructureLoss,
@@ -25,3 +25,4 @@ __all__ = ["MultiSimilarityLoss", "LiftedStructureLoss", "GeneralizedLiftedStruc
 __all__ += ["NTXentLoss", "SupConLoss", "NCALoss"]
 __all__ += ["CircleLoss", "TupletMarginLoss", "IntraPairVarianceLoss", "SignalToNoiseRatioContrastiveLoss", "ThresholdConsistentMarginLoss", "MarginLoss"]
 __all__ += ["NormalizedSoftmaxLoss", "CosFaceLoss", "ArcFaceLoss", "LargeMarginSoftmaxLoss", "SphereFaceLoss"]
+__all__ += ["SubCenterArcFaceLoss", "SoftTripleLoss", "P2SGradLoss"]

@@ -23,26 +23,35 @@ from ._base import _MetricLoss
 
 class _WeightLoss(_MetricLoss):
     _has_weight_regularizer = True
+    _weight_name = "W"
 
-    def __init__(self, num_classes, embedding_size, *, weight_init_func=None, **kwargs):
+    def __init__(self, num_classes, embedding_size, *, weight_init_func=None, _columns=None, **kwargs):
         super().__init__(**kwargs)
         if int(num_classes) < 1 or int(embedding_size) < 1:
             raise ValueError(f"num_classes and embedding_size must be positive, got {num_classes}, {embedding_size}")
         self.num_classes, self.embedding_size = int(num_classes), int(embedding_size)
         self.weight_init_func = weight_init_func
-        self.W = nn.Parameter(torch.empty(self.embedding_size, self.num_classes))
+        columns = self.num_classes if _columns is None else _columns
+        setattr(self, self._weight_name, nn.Parameter(torch.empty(self.embedding_size, columns)))
         self.reset_parameters()
+
+    def _weight(self):
+        return getattr(self, self._weight_name)
+
+    def _default_init(self, w):
+        nn.init.normal_(w)  # PML's WeightMixin default
 
     def reset_parameters(self):
         if self.weight_init_func is not None:
-            self.weight_init_func(self.W)
+            self.weight_init_func(self._weight())
         else:
-            nn.init.normal_(self.W)  # PML's WeightMixin default
+            self._default_init(self._weight())
 
     def _W_for(self, embeddings):
-        if embeddings.dtype == torch.float64 and self.W.dtype != torch.float64:
-            self.W.data = self.W.data.double()
-        return self.W
+        w = self._weight()
+        if embeddings.dtype == torch.float64 and w.dtype != torch.float64:
+            w.data = w.data.double()
+        return w
 
     def _kw(self):
         return dict(backend=self.backend, check_inputs=self.check_inputs)
@@ -136,3 +145,108 @@ class CosFaceLoss(_MarginLoss):
 
     def init_margin(self):
         pass
+
+
+class SubCenterArcFaceLoss(ArcFaceLoss):
+    """PML's SubCenterArcFaceLoss: ``W`` is (embedding_size, num_classes·sub_centers), column c·K + k; the class
+    cosine is the max over its K sub-centres. Reference backend only for now (``auto`` falls back)."""
+    _op = "subcenter_arcface_loss"
+
+    def __init__(self, num_classes, embedding_size, *, margin=28.6, scale=64, sub_centers=3, **kwargs):
+        self.sub_centers = int(sub_centers)
+        if self.sub_centers < 1:
+            raise ValueError(f"sub_centers must be >= 1, got {sub_centers}")
+        _WeightLoss.__init__(self, num_classes, embedding_size, _columns=int(num_classes) * self.sub_centers,
+                             **kwargs)
+        _fm._cosine_only(self.distance, type(self).__name__)
+        self.margin, self.scale = margin, scale
+        self.init_margin()
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        return _fm.subcenter_arcface_loss(embeddings, labels, self._W_for(embeddings), indices_tuple, ref_emb,
+                                          ref_labels, sub_centers=self.sub_centers, margin=self._fn_margin(),
+                                          scale=self.scale, distance=self.distance, **self._kw(),
+                                          **self._reduction(embeddings, self.W.t()))
+
+    def get_logits(self, embeddings):
+        return _ref.subcenter_cosine(embeddings, self.W, self.sub_centers) * self.scale
+
+    def get_outliers(self, embeddings, labels, threshold=75, return_dominant_centers=True):
+        """PML's ``get_outliers``: per class in the batch, the dominant sub-centre (argmax for most of its samples,
+        ties to the lowest index) and the samples whose cosine to it is below cos(threshold°). Returns
+        ``(outliers, dominant_centers)`` — always the tuple, as PML 2.9 does (operator precedence in PML); columns
+        of absent classes are 0 (PML leaves them uninitialised)."""
+        if embeddings.shape[0] != labels.shape[0]:
+            raise ValueError("embeddings and labels must have the same number of rows")
+        W = self._W_for(embeddings).detach().to(embeddings.dtype)
+        cos_threshold = math.cos(math.radians(threshold))
+        dominant = torch.zeros(W.shape[0], self.num_classes, dtype=embeddings.dtype, device=embeddings.device)
+        outliers = []
+        with torch.no_grad():
+            x_hat = torch.nn.functional.normalize(embeddings, p=2, dim=1)
+            w_hat = torch.nn.functional.normalize(W.t(), p=2, dim=1)
+            for label in torch.unique(labels).tolist():
+                rows = torch.nonzero(labels == label).flatten()
+                centres = W[:, label * self.sub_centers:(label + 1) * self.sub_centers]
+                sims = x_hat[rows] @ w_hat[label * self.sub_centers:(label + 1) * self.sub_centers].t()
+                best = torch.argmax(torch.bincount(torch.argmax(sims, dim=1)))
+                dominant[:, label] = centres[:, best]
+                outliers.extend(rows[sims[:, best] < cos_threshold].tolist())
+        return torch.tensor(outliers, dtype=torch.long, device=embeddings.device), dominant
+
+
+class SoftTripleLoss(_WeightLoss):
+    """PML's SoftTripleLoss: ``fc`` is (embedding_size, num_classes·centers_per_class), column c·K + k, initialised
+    kaiming_uniform_(a=√5) as PML's. ``self.gamma`` is 1/gamma, as PML stores it. Reference backend only for now."""
+    _op = "soft_triple_loss"
+    _weight_name = "fc"
+    _default_distance = "cosine"
+
+    def __init__(self, num_classes, embedding_size, centers_per_class=10, la=20, gamma=0.1, margin=0.01, **kwargs):
+        self.centers_per_class = int(centers_per_class)
+        super().__init__(num_classes, embedding_size, _columns=int(num_classes) * self.centers_per_class, **kwargs)
+        if not parse_distance(self.distance, self.normalize_embeddings, default="cosine").is_similarity:
+            raise ValueError("SoftTripleLoss needs a similarity (PML asserts distance.is_inverted)")
+        self.la, self.gamma, self.margin = la, 1.0 / gamma, margin
+
+    def _default_init(self, w):
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        return _fm.soft_triple_loss(embeddings, labels, self._W_for(embeddings), indices_tuple, ref_emb, ref_labels,
+                                    centers_per_class=self.centers_per_class, la=self.la, gamma=1.0 / self.gamma,
+                                    margin=self.margin, **self._common(), **self._reduction(embeddings, self.fc.t()))
+
+    def get_logits(self, embeddings):
+        return _ref.soft_triple_logits(embeddings, self.fc, centers_per_class=self.centers_per_class,
+                                       gamma=1.0 / self.gamma,
+                                       distance=parse_distance(self.distance, self.normalize_embeddings,
+                                                               default="cosine"))
+
+
+class P2SGradLoss(_MetricLoss):
+    """PML's P2SGradLoss(descriptors_dim, num_classes): ``weight`` (descriptors_dim, num_classes), U(−1, 1) with unit
+    columns; every call re-normalises the columns in place (PML's renorm) and checks their norms (a host sync,
+    skipped with check_inputs=False). Reference backend only for now."""
+    _op = "p2sgrad_loss"
+
+    def __init__(self, descriptors_dim, num_classes, **kwargs):
+        super().__init__(**kwargs)
+        self.descriptors_dim, self.num_classes = int(descriptors_dim), int(num_classes)
+        self.weight = nn.Parameter(torch.empty(self.descriptors_dim, self.num_classes))
+        with torch.no_grad():
+            self.weight.data.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        w = self.weight
+        w.data = w.data.renorm(2, 1, 1e-5).mul(1e5)
+        if embeddings.dtype == torch.float64 and w.dtype != torch.float64:
+            w.data = w.data.double()
+        if self.check_inputs:
+            rtol = 1e-2 if embeddings.dtype == torch.float16 else 1e-5
+            if not bool(torch.all(torch.abs(w.detach().pow(2).sum(0).pow(0.5) - 1.0) < rtol)):
+                raise ValueError("P2SGradLoss: a column of weight does not have unit norm after the renorm (a column "
+                                 "with norm < 1e-5 is not rescaled)")
+        return _fm.p2sgrad_loss(embeddings, labels, w, indices_tuple, ref_emb, ref_labels, backend=self.backend,
+                                check_inputs=self.check_inputs,
+                                **self._reduction(embeddings))

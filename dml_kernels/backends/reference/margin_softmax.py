@@ -138,5 +138,60 @@ def sphereface_loss(x, labels, W, **kw):
     return sphereface_loss_elements(x, labels, W, **kw)["loss"]["losses"].mean()
 
 
-LOSSES = ["normalized_softmax_loss", "cosface_loss", "arcface_loss", "large_margin_softmax_loss", "sphereface_loss"]
+# ------------------------------------------------------------------ grouped columns and P2SGrad (reference only)
+
+
+def subcenter_cosine(x, W, sub_centers):
+    """PML's SubCenterArcFace cosine: max over the K sub-centres (columns c·K + k) of x̂·ŵ, N×C."""
+    cos = _cosine(x, W)
+    return cos.view(x.shape[0], -1, sub_centers).max(dim=2)[0]
+
+
+def subcenter_arcface_loss_elements(x, labels, W, *, margin, scale, sub_centers, weights=None):
+    """ArcFace (``margin`` in radians) on the max-pooled sub-centre cosine; W is D×(C·K)."""
+    cos = subcenter_cosine(x, W, sub_centers)
+    t = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
+    logits = _with_target(cos, labels, arcface_target(t, margin)) * scale
+    return _entry(_rows(logits, labels, weights), x)
+
+
+def soft_triple_logits(x, fc, *, centers_per_class, gamma, distance: Distance):
+    """PML's SoftTriple relaxed class similarity: S = distance(x, fcᵀ) viewed (N, C, K); Σ_k softmax_k(S/γ)·S.
+    ``gamma`` is PML's argument (PML stores 1/gamma)."""
+    sim = pairwise_similarity(x, fc.to(x.dtype).t(), distance=distance).view(x.shape[0], -1, centers_per_class)
+    prob = F.softmax(sim * (1.0 / gamma), dim=2)
+    return torch.sum(prob * sim, dim=2)
+
+
+def soft_triple_loss_elements(x, labels, fc, *, centers_per_class, la, gamma, margin, distance: Distance,
+                              weights=None):
+    """CE(la·(S_c − margin·onehot), y) per row; fc is D×(C·K), column c·K + k."""
+    sim = soft_triple_logits(x, fc, centers_per_class=centers_per_class, gamma=gamma, distance=distance)
+    m = torch.zeros_like(sim).scatter_(1, labels.unsqueeze(1), margin)
+    return _entry(_rows(la * (sim - m), labels, weights), x)
+
+
+def p2sgrad_loss_elements(x, labels, weight):
+    """PML's P2SGrad: MSE between clamp((x·W)/‖x‖, −1, 1) and the one-hot labels, the mean over all N·C
+    entries (``already_reduced``). ``weight`` (D×C) is used as given (the module re-normalises its columns)."""
+    w = weight.to(x.dtype)
+    cos = (x.mm(w) / x.pow(2).sum(1).pow(0.5).view(-1, 1)).clamp(-1, 1)
+    onehot = torch.zeros_like(cos).scatter_(1, labels.view(-1, 1), 1)
+    return {"loss": {"losses": F.mse_loss(cos, onehot), "indices": None, "reduction_type": "already_reduced"}}
+
+
+def subcenter_arcface_loss(x, labels, W, **kw):
+    return subcenter_arcface_loss_elements(x, labels, W, **kw)["loss"]["losses"].mean()
+
+
+def soft_triple_loss(x, labels, fc, **kw):
+    return soft_triple_loss_elements(x, labels, fc, **kw)["loss"]["losses"].mean()
+
+
+def p2sgrad_loss(x, labels, weight):
+    return p2sgrad_loss_elements(x, labels, weight)["loss"]["losses"]
+
+
+LOSSES = ["normalized_softmax_loss", "cosface_loss", "arcface_loss", "large_margin_softmax_loss", "sphereface_loss",
+          "subcenter_arcface_loss", "soft_triple_loss", "p2sgrad_loss"]
 __all__ = LOSSES + [f"{name}_elements" for name in LOSSES]
