@@ -142,7 +142,7 @@ def run_sweep(args, log=print):
     records = {}
     bar = _progress_bar(len(jobs), f"bench {preset}")
 
-    def done(job, rec):
+    def finish(job, rec):
         records[job["_id"]] = rec
         bar.update(1)
         bar.set_postfix_str(f"{job['case']} B={job['B']} {job['provider']}: {rec['status']}")
@@ -152,11 +152,11 @@ def run_sweep(args, log=print):
         _preimport(have_pml)
         for job in jobs:
             if "skip" in job:
-                done(job, _record(job, meta, "skipped", None, job["skip"]))
+                finish(job, _record(job, meta, "skipped", None, job["skip"]))
                 continue
             left = deadline - time.time()
             if left < 5:
-                done(job, _record(job, meta, "skipped", None, "time budget of the preset exhausted"))
+                finish(job, _record(job, meta, "skipped", None, "time budget of the preset exhausted"))
                 continue
             job["time_budget_s"] = per_cell_time
             t0 = time.time()
@@ -167,13 +167,13 @@ def run_sweep(args, log=print):
                 rec = _record(job, meta, "ok", res)
             else:
                 rec = _record(job, meta, status, None, res)
-            done(job, rec)
+            finish(job, rec)
             log(f"  {_fmt_cell(job)}  {_summary(rec)}  [{time.time() - t0:.1f} s]")
     else:
         groups = {}
         for job in jobs:
             if "skip" in job:
-                done(job, _record(job, meta, "skipped", None, job["skip"]))
+                finish(job, _record(job, meta, "skipped", None, job["skip"]))
             else:
                 job["time_budget_s"] = per_cell_time
                 job["device"] = device
@@ -183,7 +183,7 @@ def run_sweep(args, log=print):
             left = deadline - time.time()
             if left < 5:
                 for job in group:
-                    done(job, _record(job, meta, "skipped", None, "time budget of the preset exhausted"))
+                    finish(job, _record(job, meta, "skipped", None, "time budget of the preset exhausted"))
                 continue
             # Each op gets a share of the time left in proportion to its cells (×1.5: an op that ends
             # early leaves its time to the next), so one slow op cannot starve the rest of the sweep.
@@ -214,7 +214,7 @@ def run_sweep(args, log=print):
                     else:
                         st, err = r.pop("status"), r.pop("error", None)
                         rec = _record(job, meta, st, r, err)
-                    done(job, rec)
+                    finish(job, rec)
                     log(f"  {_fmt_cell(job)}  {_summary(rec)}")
                 log(f"  ({case_key}: {time.time() - t0:.0f} s)")
     bar.close()
