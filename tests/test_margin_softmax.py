@@ -300,6 +300,7 @@ def test_fused_margin_losses_never_allocate_b_by_c():
     bxc = b * c * 4
     mods = {name: getattr(dk.losses, name)(c, d) for name in
             ("NormalizedSoftmaxLoss", "CosFaceLoss", "ArcFaceLoss", "LargeMarginSoftmaxLoss", "SphereFaceLoss")}
+    mods["P2SGradLoss"] = dk.losses.P2SGradLoss(d, c)
 
     def step(mod, backend):
         mod.backend = backend
@@ -415,3 +416,28 @@ def test_grouped_errors_and_attributes():
         dk.losses.SoftTripleLoss(2, 3, distance="euclidean")
     assert dk.losses.SoftTripleLoss(2, 3).gamma == pl.SoftTripleLoss(2, 3).gamma == 10
     assert dk.losses.SubCenterArcFaceLoss(num_classes=2, embedding_size=3).num_classes == 2
+
+
+@needs_cpu
+@pytest.mark.parametrize("size", list(SIZES))
+def test_p2sgrad_fused_cpu(size):
+    """P2SGrad on the cpu/cuda backends (a D×D Gram, no N×C): equal to PML (fp64), to the reference (fp64 1e-10,
+    fp32), gradcheck."""
+    assert {"reference", "cpu", "cuda"} <= set(_registry.implemented("p2sgrad_loss"))
+    b, d, c = SIZES[size]
+    x, y = _data(b, d, c, size)
+    ours, theirs = _grouped_pair("P2SGradLoss", {}, c, d)
+    ours.backend = "cpu"
+    _assert_same(_grouped_step(ours, x, y), _grouped_step(theirs, x, y))
+    W = ours.weight.detach()
+    for dt, tol in [(torch.float64, dict(rtol=1e-10, atol=1e-10)), (torch.float32, dict(rtol=1e-4, atol=1e-6))]:
+        outs = []
+        for backend, t in [("reference", torch.float64), ("cpu", dt)]:
+            xr, Wr = x.to(t).detach().requires_grad_(), W.to(t).detach().requires_grad_()
+            loss = F.p2sgrad_loss(xr, y, Wr, backend=backend)
+            loss.backward()
+            outs.append([loss.detach().double(), xr.grad.double(), Wr.grad.double()])
+        _assert_same(outs[1], outs[0], tol)
+    xg = x[:4, :3].clone().requires_grad_()
+    Wg = W[:3, :5].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, w: F.p2sgrad_loss(a, y[:4] % 5, w, backend="cpu"), (xg, Wg))

@@ -227,7 +227,8 @@ class SoftTripleLoss(_WeightLoss):
 class P2SGradLoss(_MetricLoss):
     """PML's P2SGradLoss(descriptors_dim, num_classes): ``weight`` (descriptors_dim, num_classes), U(−1, 1) with unit
     columns; every call re-normalises the columns in place (PML's renorm) and checks their norms (a host sync,
-    skipped with check_inputs=False). Reference backend only for now."""
+    skipped with check_inputs=False). Fused on cpu / cuda as a D×D Gram (no N×C cosines;
+    ``backends/cpp/margin_softmax.py``)."""
     _op = "p2sgrad_loss"
 
     def __init__(self, descriptors_dim, num_classes, **kwargs):

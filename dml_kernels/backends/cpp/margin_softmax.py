@@ -101,5 +101,23 @@ def sphereface_loss(x, labels, W, *, margin, scale, weights=None):
     return _out(_ce(large_margin_target(t, margin) * x_norm * scale, rest, has_rest, weights), x)
 
 
+@_both
+def p2sgrad_loss(x, labels, weight):
+    """P2SGrad's mean over N·C of (cos_ic − δ_{c,y_i})², without the N×C cosines: Σ_c cos_ic² = x̂_iᵀ (W Wᵀ) x̂_i
+    (a D×D Gram) and the target cosines are an O(N·D) gather, so
+    loss = (Σ_i x̂_iᵀ G x̂_i − 2 Σ_i cos_{i,y_i} + N) / (N·C). PML's clamp of cos to [−1, 1] is not applied: it
+    acts only on cosines that round past ±1 (an embedding exactly parallel to a unit column), where PML's
+    gradient of that entry is 0. Plain torch (no kernel): exact to second order."""
+    dt = _kernel_dtype(x)
+    q = x.to(dt)
+    w = weight.to(dt)
+    n, c = q.shape[0], w.shape[1]
+    x_norm = q.pow(2).sum(1).pow(0.5)  # PML's modulus (no eps)
+    gram = w @ w.t()
+    sq = ((q @ gram) * q).sum(1) / x_norm ** 2
+    target = (q * w.t()[labels]).sum(1) / x_norm
+    return _out((sq.sum() - 2 * target.sum() + n) / (n * c), x)
+
+
 __all__ = ["normalized_softmax_loss", "cosface_loss", "arcface_loss", "large_margin_softmax_loss",
-           "sphereface_loss"]
+           "sphereface_loss", "p2sgrad_loss"]
