@@ -198,6 +198,9 @@ def _has_cpu():
 cpu_only = pytest.mark.skipif(not _has_cpu(), reason="the C++ CPU extension is not built")
 FUSED = {"nca_loss": [dict(), dict(softmax_scale=4.0), dict(distance="cosine"), dict(distance="dot"),
                       dict(distance="euclidean", normalize_embeddings=False)],
+         "ntxent_loss": [dict(), dict(temperature=0.5), dict(distance="dot", normalize_embeddings=False),
+                         dict(distance="euclidean", temperature=2.0),
+                         dict(distance="squared_euclidean", normalize_embeddings=False, temperature=3.0)],
          "supcon_loss": [dict(), dict(temperature=0.5), dict(distance="dot", normalize_embeddings=False),
                          dict(distance="squared_euclidean"), dict(distance="squared_euclidean",
                                                                   normalize_embeddings=False, temperature=3.0)]}
@@ -237,6 +240,12 @@ def test_fused_cpu_matches_pml_and_weights():
     tup = pm.PairMarginMiner(pos_margin=0.2, neg_margin=0.8)(x, y)
     compare(dk.losses.NCALoss(backend="cpu", softmax_scale=2), pl.NCALoss(softmax_scale=2), x, y, tup)
     compare(dk.losses.SupConLoss(backend="cpu"), pl.SupConLoss(), x, y)
+    compare(dk.losses.NTXentLoss(backend="cpu"), pl.NTXentLoss(), x, y)
+    # SelfSupervisedLoss use (labels = arange, ref_emb = the second view) on the fused path
+    view = x + 0.3 * torch.randn_like(x)
+    compare(lambda e, ref_emb: dk.losses.NTXentLoss(backend="cpu")(e, torch.arange(12), ref_emb=ref_emb,
+                                                                   ref_labels=torch.arange(12)),
+            lambda e, ref_emb: pl.SelfSupervisedLoss(pl.NTXentLoss(), symmetric=False)(e, ref_emb), x, ref_emb=view)
     with pytest.raises(dk.Unsupported if hasattr(dk, "Unsupported") else NotImplementedError):
         dk.losses.SupConLoss(backend="cpu", distance="euclidean")(x, y)
 

@@ -27,6 +27,7 @@ CPU_OPS = {"pairwise_similarity", "multi_similarity_thresholds", "multi_similari
            "multi_similarity_loss", "generalized_lifted_structure_loss", "contrastive_loss", "triplet_margin_loss",
            "lifted_structure_loss", "n_pairs_loss",
            "proxy_nca_loss", "proxy_anchor_loss", "proxy_nca_row_stats", "proxy_anchor_class_terms", "knn"}
+CPU_OPS |= {"nca_loss", "supcon_loss", "ntxent_loss"}  # the contrastive family (tests/test_contrastive_losses.py)
 TIGHT = dict(rtol=1e-10, atol=1e-10)
 
 

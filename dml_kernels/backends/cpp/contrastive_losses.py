@@ -1,7 +1,8 @@
 """The contrastive family on the C++ kernels: NCA is one ``pair_reduce`` call (per-row LSE over the positive
 pairs and over the negative pairs; the all-pairs LSE is their logaddexp) plus O(N) tensor ops — no N×M
 buffer, forward or backward. SupCon (cpu) is the same call plus the positive-pair row sums, which are
-linear in per-class sums of the reference vectors for a similarity or the squared euclidean distance."""
+linear in per-class sums of the reference vectors for a similarity or the squared euclidean distance.
+NT-Xent (cpu) is the negative-set LSE of the same call plus one term per positive pair (O(P) memory)."""
 from __future__ import annotations
 
 import torch
@@ -84,3 +85,79 @@ def supcon_loss(x, labels, ref, ref_labels, *, temperature, distance, pairs=None
     if pair_rule:
         loss = torch.where((total_pos <= 1) & (total_neg <= 1), zero, loss)
     return _out(loss, x)
+
+
+class _PairDots(torch.autograd.Function):
+    """q[a_t] · r[p_t] for a list of pairs, in O(P + (N + M)·D) memory: the forward in chunks, the backward
+    as two sparse (N×M with P entries) × dense products — never a P×D or an N×M buffer."""
+
+    @staticmethod
+    def forward(ctx, q, r, a, p):
+        out = q.new_empty(a.shape[0])
+        step = max(1, (1 << 20) // max(1, q.shape[1]))
+        for s in range(0, a.shape[0], step):
+            out[s:s + step] = torch.linalg.vecdot(q[a[s:s + step]], r[p[s:s + step]])
+        ctx.save_for_backward(q, r, a, p)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, r, a, p = ctx.saved_tensors
+        w = torch.sparse_coo_tensor(torch.stack([a, p]), g.to(q.dtype), (q.shape[0], r.shape[0]),
+                                    check_invariants=False).coalesce()
+        dq = torch.sparse.mm(w, r) if ctx.needs_input_grad[0] else None
+        dr = torch.sparse.mm(w.t(), q) if ctx.needs_input_grad[1] else None
+        return dq, dr, None, None
+
+
+def _positive_pairs(labels, ref_labels, self_mode):
+    """Every positive (query, reference) pair in row-major order, from the sorted reference labels: O(P)."""
+    rl = labels if self_mode else ref_labels
+    srt, order = torch.sort(rl, stable=True)
+    lo = torch.searchsorted(srt, labels, right=False)
+    hi = torch.searchsorted(srt, labels, right=True)
+    counts = hi - lo
+    a = torch.repeat_interleave(torch.arange(labels.shape[0], device=labels.device), counts)
+    start = torch.cumsum(counts, 0) - counts
+    offset = torch.arange(a.shape[0], device=labels.device) - start[a]
+    p = order[lo[a] + offset]
+    if self_mode:
+        keep = p != a
+        a, p = a[keep], p[keep]
+    # row-major order within a row: by reference index (the sort is stable, so it already is)
+    return a, p
+
+
+@register("ntxent_loss", "cpu")
+def ntxent_loss(x, labels, ref, ref_labels, *, temperature, distance, pairs=None, pair_rule=True):
+    """Mean over positive pairs (a, p) of softplus(A_a − s_ap), A_a = LSE over row a's negatives of s/τ (one
+    pair_reduce call); the positive pairs are enumerated from the sorted labels (O(P)) and their values are
+    sparse dot products (``_PairDots``): memory O(P + (N + M)·D), no N×M buffer."""
+    if pairs is not None:
+        raise Unsupported("the C++ ntxent_loss takes no explicit pairs (PML counts duplicate pairs)")
+    _need(x, "pair_reduce")
+    q, r, code = _prep(x, ref, distance)
+    sg = _sg(distance)
+    s = sg / float(temperature)
+    _, neg_lse, _, cnt = torch.ops.dml_kernels.pair_reduce(
+        q, r, labels, ref_labels, None, None, code, _LSE, s, 0.0, s, 0.0, None)
+    rr = q if r is None else r
+    a, p = _positive_pairs(labels, ref_labels, r is None)
+    zero = _zero(x).to(neg_lse.dtype)
+    total_neg = cnt[1].sum()
+    if a.shape[0] == 0 or int(total_neg) == 0 or (pair_rule and a.shape[0] <= 1 and int(total_neg) <= 1):
+        return _out(zero, x)
+    dot = _PairDots.apply(q, rr, a, p)
+    if code == 0:
+        v = dot
+    else:
+        sq = (torch.linalg.vecdot(q, q)[a] + torch.linalg.vecdot(rr, rr)[p] - 2 * dot).clamp_min(0)
+        if code == 2:
+            v = sq
+        else:
+            positive = sq > 0
+            v = torch.where(positive, sq.where(positive, 1).sqrt(), 0)
+    sp = s * v
+    has_neg = cnt[1][a] > 0
+    losses = torch.where(has_neg, torch.logaddexp(torch.zeros_like(sp), neg_lse[a] - sp), 0)
+    return _out(losses.mean(), x)
