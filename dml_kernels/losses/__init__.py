@@ -19,9 +19,11 @@ from .pair_losses import (
     NPairsLoss,
     TripletMarginLoss,
 )
+from .wrappers import CrossBatchMemory, MultipleLosses, SelfSupervisedLoss
 
 __all__ = ["MultiSimilarityLoss", "LiftedStructureLoss", "GeneralizedLiftedStructureLoss", "NPairsLoss",
-           "ContrastiveLoss", "TripletMarginLoss", "ProxyNCALoss", "ProxyNCAPlusPlusLoss", "ProxyAnchorLoss"]
+           "ContrastiveLoss", "TripletMarginLoss", "ProxyNCALoss", "ProxyNCAPlusPlusLoss", "ProxyAnchorLoss",
+           "CrossBatchMemory", "MultipleLosses", "SelfSupervisedLoss"]
 __all__ += ["NTXentLoss", "SupConLoss", "NCALoss"]
 __all__ += ["CircleLoss", "TupletMarginLoss", "IntraPairVarianceLoss", "SignalToNoiseRatioContrastiveLoss", "ThresholdConsistentMarginLoss", "MarginLoss"]
 __all__ += ["NormalizedSoftmaxLoss", "CosFaceLoss", "ArcFaceLoss", "LargeMarginSoftmaxLoss", "SphereFaceLoss"]
