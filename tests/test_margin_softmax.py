@@ -441,3 +441,22 @@ def test_p2sgrad_fused_cpu(size):
     xg = x[:4, :3].clone().requires_grad_()
     Wg = W[:3, :5].clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda a, w: F.p2sgrad_loss(a, y[:4] % 5, w, backend="cpu"), (xg, Wg))
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_fused_keeps_fp32_weights(dtype):
+    """fp16 / bf16 embeddings on the fused path: W stays fp32 (never cast in place, unlike PML), the loss is fp32
+    (accumulated in fp32) and close to the fp32 reference on the same rounded inputs."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(10, 8, generator=g).to(dtype)
+    y = torch.randint(0, 7, (10,), generator=g)
+    for name in ("NormalizedSoftmaxLoss", "CosFaceLoss", "ArcFaceLoss", "LargeMarginSoftmaxLoss", "SphereFaceLoss"):
+        fused = getattr(dk.losses, name)(7, 8, backend="cpu")
+        ref = getattr(dk.losses, name)(7, 8, backend="reference")
+        ref.load_state_dict(fused.state_dict())
+        xr = x.clone().requires_grad_()
+        loss = fused(xr, y)
+        loss.backward()
+        assert loss.dtype == torch.float32 and fused.W.dtype == torch.float32 and xr.grad.dtype == dtype
+        torch.testing.assert_close(loss, ref(x.float(), y), rtol=1e-4, atol=1e-4)
