@@ -12,8 +12,8 @@ from .._pairs import PackedPairMask
 from .class_losses import proxy_anchor_loss, proxy_nca_loss, proxy_nca_plus_plus_loss
 from .contrastive_losses import nca_loss, ntxent_loss, supcon_loss
 from .contrastive_losses import (circle_loss, intra_pair_variance_loss, margin_loss,
-                                 signal_to_noise_ratio_contrastive_loss, threshold_consistent_margin_loss)
-from .contrastive_losses import tuplet_margin_loss as tuplet_margin_loss
+                                 signal_to_noise_ratio_contrastive_loss, threshold_consistent_margin_loss,
+                                 tuplet_margin_loss)
 from .margin_softmax import (arcface_loss, cosface_loss, large_margin_softmax_loss,
                              normalized_softmax_loss, p2sgrad_loss, soft_triple_loss, sphereface_loss,
                              subcenter_arcface_loss)
