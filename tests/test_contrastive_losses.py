@@ -416,3 +416,16 @@ def test_margin_loss_gradcheck_beta():
     assert torch.autograd.gradcheck(
         lambda a, b: dk.functional.margin_loss(a, y, beta=b, learn_beta=True, nu=0.2, backend="reference"),
         (x.requires_grad_(), beta))
+
+
+@pytest.mark.skipif(not hasattr(dk.losses, "SelfSupervisedLoss"), reason="no dk.losses.SelfSupervisedLoss")
+@pytest.mark.parametrize("name", ["NTXentLoss", "SupConLoss", "NCALoss", "CircleLoss", "TupletMarginLoss",
+                                  "IntraPairVarianceLoss", "SignalToNoiseRatioContrastiveLoss"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_in_dk_self_supervised_wrapper_matches_pml(name, symmetric):
+    torch.manual_seed(17)
+    x = torch.randn(8, 5, dtype=torch.float64)
+    view = x + 0.2 * torch.randn_like(x)
+    ours = dk.losses.SelfSupervisedLoss(getattr(dk.losses, name)(), symmetric=symmetric)
+    theirs = pl.SelfSupervisedLoss(getattr(pl, name)(), symmetric=symmetric)
+    compare(lambda e, ref_emb: ours(e, ref_emb), lambda e, ref_emb: theirs(e, ref_emb), x, ref_emb=view)
