@@ -5,19 +5,21 @@ buffer: every similarity tile is recomputed from X and P where it is needed.
 
 Conventions shared by every kernel
 ----------------------------------
+* The tiles are the pair engine's: :mod:`.tiles` forms them (``dot_tile``; ``tile_values`` with
+  ``SYM=False``, this engine's ``(c·rx)·rp`` rounding), loads them (``load_tile``, ``load_rows``, all offsets
+  in int64: C·D can pass 2³¹) and reduces them (``lse_update``, per row or per column); this module adds the
+  proxy masks, the epilogues and the tile skipping.
 * ``u_i = x_i·rx_i`` and ``v_c = p_c·rp_c`` are the (optionally L2-normalised) vectors; ``rx`` / ``rp``
   are precomputed reciprocal norms (1 without normalisation), so the raw dot ``x_i·p_c`` is formed in the
-  compute dtype (tensor cores for fp16/bf16) with fp32 accumulation and scaled afterwards: normalisation
-  is fused, nothing is copied.
-* ``KIND`` picks the value a loss sees: 0 = similarity ``s = u·v`` (cosine / dot), 1 = squared euclidean
-  ``d = max(a_i + b_c − 2s, 0)`` (``a = ‖u‖²``, ``b = ‖v‖²``), 2 = euclidean ``sqrt(d)`` (zero gradient at 0),
-  matching the reference's clamp / where exactly, gradients included.
+  compute dtype ``CD`` (tensor cores for fp16/bf16; proxies are read in their own dtype and converted tile
+  by tile) with fp32 accumulation and scaled afterwards: normalisation is fused, nothing is copied.
+* ``KIND`` picks the value a loss sees (``tile_values``' DIST): 0 = similarity ``s = u·v`` (cosine / dot),
+  1 = squared euclidean ``d = max(a_i + b_c − 2s, 0)`` (``a = ‖u‖²``, ``b = ‖v‖²``), 2 = euclidean ``sqrt(d)``
+  (zero gradient at 0), matching the reference's clamp / where exactly, gradients included.
 * Gradients are first taken w.r.t. ``u`` and ``v`` (``dU``, ``dV``); :func:`_l2norm_bwd_kernel` applies the
   chain rule through the normalisation afterwards (a row-local epilogue over O(B·D) / O(C·D)).
-* All offsets are computed in int64 (C·D can pass 2³¹).
-* Under ``TRITON_INTERPRET=1`` the interpreter's bf16 ``tl.dot`` is wrong and its fp32→bf16 cast truncates;
-  ``EMU_BF16`` then rounds tiles to bf16 exactly (round-to-nearest-even on the bit pattern) and multiplies
-  them in fp32, which is what bf16 tensor cores compute (exact products, fp32 accumulation).
+* ``EMU_BF16`` (set under ``TRITON_INTERPRET=1`` for a bf16 compute dtype): bf16 dots are emulated exactly
+  (see :mod:`.tiles`).
 
 Tile skipping (Cut Cross-Entropy's gradient filtering, made sound)
 --------------------------------------------------------------------
@@ -39,62 +41,39 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _rne_bf16(v):
-    """Round fp32 ``v`` to the nearest bf16 (ties to even), returned as fp32."""
-    b = v.to(tl.uint32, bitcast=True)
-    b = b + 0x7FFF + ((b >> 16) & 1)
-    b = (b >> 16) << 16
-    return b.to(tl.float32, bitcast=True)
+from .tiles import dot_operand, dot_tile, load_rows, load_tile, lse_init, lse_update, store_tile, tile_values
 
 
 @triton.jit
-def _cvt(t, CD: tl.constexpr, EMU_BF16: tl.constexpr):
-    """A tile in the compute dtype (an exactly bf16-rounded fp32 tile under the interpreter)."""
-    if EMU_BF16:
-        return _rne_bf16(t.to(tl.float32))
-    else:
-        return t.to(CD)
+def _loss_scalars(sc_ptr):
+    """The loss scalars k0..k3 of :func:`_tile_grad` (device values)."""
+    return tl.load(sc_ptr), tl.load(sc_ptr + 1), tl.load(sc_ptr + 2), tl.load(sc_ptr + 3)
 
 
 @triton.jit
-def _raw_dot_tile(x_ptr, sxb, sxd, rows, rmask, p_ptr, spc, spd, cols, cmask, D,
-                  BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                  CD: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
-    """The BLOCK_B×BLOCK_C tile of raw dots x_i·p_c (compute dtype in, ACC accumulate)."""
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
-    acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=ACC)
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        km = ks < D
-        ks64 = ks.to(tl.int64)
-        xt = tl.load(x_ptr + rows64[:, None] * sxb + ks64[None, :] * sxd, mask=rmask[:, None] & km[None, :],
-                     other=0.0)
-        pt = tl.load(p_ptr + cols64[:, None] * spc + ks64[None, :] * spd, mask=cmask[:, None] & km[None, :],
-                     other=0.0)
-        acc = tl.dot(_cvt(xt, CD, EMU_BF16), tl.trans(_cvt(pt, CD, EMU_BF16)), acc, input_precision=PREC)
-    return acc
+def _split_range(pid_s, tiles_per_split, BLOCK: tl.constexpr, N):
+    """[begin, end) of the streamed side (N entries) that split pid_s covers: tiles_per_split tiles of BLOCK."""
+    begin = pid_s * tiles_per_split * BLOCK
+    return begin, tl.minimum(begin + tiles_per_split * BLOCK, N)
 
 
 @triton.jit
-def _value(raw, rx, ax, rp, bp, KIND: tl.constexpr):
-    """(value, squared distance before the clamp) of a tile; see KIND in the module docstring."""
-    s = raw * rx[:, None] * rp[None, :]
-    if KIND == 0:
-        return s, s
-    else:
-        dd = ax[:, None] + bp[None, :] - 2.0 * s
-        if KIND == 1:
-            return tl.maximum(dd, 0.0), dd
-        else:
-            return tl.where(dd > 0, tl.sqrt(tl.where(dd > 0, dd, 1.0)), 0.0), dd
+def _valid_rows(y, rmask, C):
+    """The rows that take part: a label in [0, C) (with validation off, another label is ignored)."""
+    return rmask & (y >= 0) & (y < C)
+
+
+@triton.jit
+def _targets(y, valid, cols, cmask):
+    """The (row, proxy) entries of a tile where a valid row meets its target proxy."""
+    return (y[:, None] == cols[None, :]) & valid[:, None] & cmask[None, :]
 
 
 @triton.jit
 def _chain_value(gv, val, dd, KIND: tl.constexpr):
-    """dL/dvalue → (Gs = dL/ds, Gd = dL/d(a+b−2s) through the clamp / sqrt)."""
+    """dL/dvalue → (Gs = dL/ds, Gd = dL/d(a+b−2s) through the clamp / sqrt), from ``tile_values``' (value,
+    unclamped squared distance ``dd``). Unlike the pair engine's ``chain`` the clamp passes the gradient at
+    dd = 0 exactly, as the reference's ``clamp_min`` does."""
     if KIND == 0:
         return gv, gv * 0.0
     else:
@@ -114,8 +93,8 @@ def _tile_grad(val, rows, rmask, cols, cmask, y, C, r0, r1, c0, c1, g0, g1, k0, 
     LOSS 1 (Proxy Anchor): r0 = exponent offset w_i − 1, c0 = lse⁺_c, c1 = lse⁻_c, g0 / g1 = grad_out
     over |C⁺| / over C; positive exponent k0·value + k1 + r0, negative k2·value + k3 + r0.
     """
-    valid = rmask & (y >= 0) & (y < C)  # a row with an out-of-range label takes no part (validation off)
-    is_tgt = (y[:, None] == cols[None, :]) & valid[:, None] & cmask[None, :]
+    valid = _valid_rows(y, rmask, C)
+    is_tgt = _targets(y, valid, cols, cmask)
     if LOSS == 0:
         allowed = valid[:, None] & cmask[None, :]
         if EXCL:
@@ -142,13 +121,10 @@ def _sqnorm_kernel(x_ptr, sxr, sxd, out_ptr, R, D,
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
-    rows64 = rows.to(tl.int64)
     acc = tl.zeros((BLOCK_R,), dtype=ACC)
     for k0 in range(0, D, BLOCK_D):
         ks = k0 + tl.arange(0, BLOCK_D)
-        km = ks < D
-        t = tl.load(x_ptr + rows64[:, None] * sxr + ks.to(tl.int64)[None, :] * sxd,
-                    mask=rmask[:, None] & km[None, :], other=0.0).to(ACC)
+        t = load_tile(x_ptr, rows, rmask, sxr, ks, ks < D, sxd).to(ACC)
         acc += tl.sum(t * t, axis=1)
     tl.store(out_ptr + rows, acc, mask=rmask)
 
@@ -167,34 +143,25 @@ def _nca_fwd_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, rx_ptr, ax_ptr, rp_
     logit_scale = tl.load(sc_ptr)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
-    y = tl.load(y_ptr + rows, mask=rmask, other=-1)
-    valid = rmask & (y >= 0) & (y < C)
-    rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
-    ax = tl.load(ax_ptr + rows, mask=rmask, other=0.0)
-    m = tl.full((BLOCK_B,), float("-inf"), dtype=ACC)
-    l = tl.zeros((BLOCK_B,), dtype=ACC)
+    rx, ax, y = load_rows(x_ptr, rx_ptr, ax_ptr, y_ptr, rows, B, True)
+    valid = _valid_rows(y, rmask, C)
+    m, l = lse_init(BLOCK_B, ACC, False)
     t = tl.zeros((BLOCK_B,), dtype=ACC)
-    c_begin = pid_s * tiles_per_split * BLOCK_C
-    c_end = tl.minimum(c_begin + tiles_per_split * BLOCK_C, C)
+    c_begin, c_end = _split_range(pid_s, tiles_per_split, BLOCK_C, C)
     for c0 in range(c_begin, c_end, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cmask = cols < c_end
-        rp = tl.load(rp_ptr + cols, mask=cmask, other=0.0)
-        bp = tl.load(bp_ptr + cols, mask=cmask, other=0.0)
-        raw = _raw_dot_tile(x_ptr, sxb, sxd, rows, rmask, p_ptr, spc, spd, cols, cmask, D,
-                            BLOCK_B, BLOCK_C, BLOCK_K, CD, ACC, EMU_BF16, PREC)
-        val, dd = _value(raw, rx, ax, rp, bp, KIND)
+        rp, bp, lab_c = load_rows(p_ptr, rp_ptr, bp_ptr, y_ptr, cols, c_end, False)
+        raw = dot_tile(x_ptr, p_ptr, rows, rmask, cols, cmask, D, sxb, sxd, spc, spd,
+                       BLOCK_B, BLOCK_C, BLOCK_K, CD, ACC, EMU_BF16, PREC)
+        val, dd = tile_values(raw, rx, rp, ax, bp, KIND, False)
         logit = logit_scale * val
-        is_tgt = (y[:, None] == cols[None, :]) & valid[:, None] & cmask[None, :]
+        is_tgt = _targets(y, valid, cols, cmask)
         t += tl.sum(tl.where(is_tgt, logit, 0.0), axis=1)
         allowed = cmask[None, :] & rmask[:, None]
         if EXCL:
             allowed = allowed & (~is_tgt)
-        z = tl.where(allowed, logit, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
-        m = m_new
+        m, l = lse_update(m, l, tl.where(allowed, logit, float("-inf")), 1)
     out = pid_s.to(tl.int64) * B + rows
     tl.store(m_ptr + out, m, mask=rmask)
     tl.store(l_ptr + out, l, mask=rmask)
@@ -213,49 +180,35 @@ def _pa_fwd_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, off_ptr, rx_ptr, ax_
     and positive counts at [split, column]; the host merges splits with a logsumexp (O(splits·C))."""
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
-    k0 = tl.load(sc_ptr)
-    k1 = tl.load(sc_ptr + 1)
-    k2 = tl.load(sc_ptr + 2)
-    k3 = tl.load(sc_ptr + 3)
+    k0, k1, k2, k3 = _loss_scalars(sc_ptr)
     cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    rp = tl.load(rp_ptr + cols, mask=cmask, other=0.0)
-    bp = tl.load(bp_ptr + cols, mask=cmask, other=0.0)
-    first = tl.full((BLOCK_C,), 0, dtype=tl.int32) + pid_s == 0
-    mp = tl.where(first, 0.0, float("-inf")).to(ACC)
-    lp = tl.where(first, 1.0, 0.0).to(ACC)
+    rp, bp, lab_c = load_rows(p_ptr, rp_ptr, bp_ptr, y_ptr, cols, C, False)
+    if pid_s == 0:  # the split that holds the implicit zero term
+        mp, lp = lse_init(BLOCK_C, ACC, True)
+    else:
+        mp, lp = lse_init(BLOCK_C, ACC, False)
     mn = mp
     ln = lp
     npos = tl.zeros((BLOCK_C,), dtype=tl.int32)
-    b_begin = pid_s * tiles_per_split * BLOCK_B
-    b_end = tl.minimum(b_begin + tiles_per_split * BLOCK_B, B)
+    b_begin, b_end = _split_range(pid_s, tiles_per_split, BLOCK_B, B)
     for b0 in range(b_begin, b_end, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         rmask = rows < b_end
-        y = tl.load(y_ptr + rows, mask=rmask, other=-1)
-        valid = rmask & (y >= 0) & (y < C)
-        rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
-        ax = tl.load(ax_ptr + rows, mask=rmask, other=0.0)
+        rx, ax, y = load_rows(x_ptr, rx_ptr, ax_ptr, y_ptr, rows, b_end, True)
+        valid = _valid_rows(y, rmask, C)
         if HAS_OFF:
             off = tl.load(off_ptr + rows, mask=rmask, other=0.0)
         else:
             off = tl.zeros((BLOCK_B,), dtype=ACC)
-        raw = _raw_dot_tile(x_ptr, sxb, sxd, rows, rmask, p_ptr, spc, spd, cols, cmask, D,
-                            BLOCK_B, BLOCK_C, BLOCK_K, CD, ACC, EMU_BF16, PREC)
-        val, dd = _value(raw, rx, ax, rp, bp, KIND)
-        is_tgt = (y[:, None] == cols[None, :]) & valid[:, None] & cmask[None, :]
+        raw = dot_tile(x_ptr, p_ptr, rows, rmask, cols, cmask, D, sxb, sxd, spc, spd,
+                       BLOCK_B, BLOCK_C, BLOCK_K, CD, ACC, EMU_BF16, PREC)
+        val, dd = tile_values(raw, rx, rp, ax, bp, KIND, False)
+        is_tgt = _targets(y, valid, cols, cmask)
         neg = valid[:, None] & cmask[None, :] & (~is_tgt)
         npos += tl.sum(is_tgt.to(tl.int32), axis=0)
-        zp = tl.where(is_tgt, k0 * val + k1 + off[:, None], float("-inf"))
-        m_new = tl.maximum(mp, tl.max(zp, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        lp = lp * tl.exp(mp - m_safe) + tl.sum(tl.exp(zp - m_safe[None, :]), axis=0)
-        mp = m_new
-        zn = tl.where(neg, k2 * val + k3 + off[:, None], float("-inf"))
-        m_new = tl.maximum(mn, tl.max(zn, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        ln = ln * tl.exp(mn - m_safe) + tl.sum(tl.exp(zn - m_safe[None, :]), axis=0)
-        mn = m_new
+        mp, lp = lse_update(mp, lp, tl.where(is_tgt, k0 * val + k1 + off[:, None], float("-inf")), 0)
+        mn, ln = lse_update(mn, ln, tl.where(neg, k2 * val + k3 + off[:, None], float("-inf")), 0)
     out = pid_s.to(tl.int64) * C + cols
     # log(0) = −inf for an empty partial of a split > 0
     tl.store(lsep_ptr + out, tl.where(lp > 0, mp + tl.log(tl.where(lp > 0, lp, 1.0)), float("-inf")), mask=cmask)
@@ -267,12 +220,29 @@ def _pa_fwd_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, off_ptr, rx_ptr, ax_
 
 
 @triton.jit
-def _row_inputs(y_ptr, rx_ptr, ax_ptr, r0_ptr, r1_ptr, rows, rmask,
+def _accumulate(acc, g, e_ptr, s_e, s_d, offs, emask, ds, dmask, SCALE_G: tl.constexpr, CD: tl.constexpr,
+                ACC: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
+    """acc += g · E[offs, ds] with the product in the compute dtype (unlike the pair engine's fp32 gradient
+    dot); SCALE_G (fp16) divides g by its per-output-row maximum before the cast and multiplies it back
+    after the dot."""
+    e = dot_operand(load_tile(e_ptr, offs, emask, s_e, ds, dmask, s_d), CD, EMU_BF16)
+    if SCALE_G:
+        sc = tl.max(tl.abs(g), axis=1)
+        sc = tl.where(sc > 0, sc, 1.0)
+        part = tl.dot(dot_operand(g / sc[:, None], CD, EMU_BF16), e, input_precision=PREC)
+        acc += part.to(ACC) * sc[:, None]
+    else:
+        acc = tl.dot(dot_operand(g, CD, EMU_BF16), e, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _row_inputs(y_ptr, rx_ptr, ax_ptr, r0_ptr, r1_ptr, rows, n_rows,
                 LOSS: tl.constexpr, HAS_R0: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Per-row inputs of a gradient tile: label, 1/‖x‖, ‖u‖², and r0 / r1 of :func:`_tile_grad`."""
-    y = tl.load(y_ptr + rows, mask=rmask, other=-1)
-    rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
-    ax = tl.load(ax_ptr + rows, mask=rmask, other=0.0)
+    """Per-row inputs of a gradient tile (rows below n_rows): label, 1/‖x‖, ‖u‖², and r0 / r1 of
+    :func:`_tile_grad`."""
+    rx, ax, y = load_rows(y_ptr, rx_ptr, ax_ptr, y_ptr, rows, n_rows, True)
+    rmask = rows < n_rows
     if HAS_R0:
         r0 = tl.load(r0_ptr + rows, mask=rmask, other=0.0)
     else:
@@ -285,10 +255,11 @@ def _row_inputs(y_ptr, rx_ptr, ax_ptr, r0_ptr, r1_ptr, rows, rmask,
 
 
 @triton.jit
-def _col_inputs(rp_ptr, bp_ptr, c0_ptr, c1_ptr, cols, cmask, LOSS: tl.constexpr):
-    """Per-proxy inputs of a gradient tile: 1/‖p‖, ‖v‖², and c0 / c1 of :func:`_tile_grad`."""
-    rp = tl.load(rp_ptr + cols, mask=cmask, other=0.0)
-    bp = tl.load(bp_ptr + cols, mask=cmask, other=0.0)
+def _col_inputs(rp_ptr, bp_ptr, c0_ptr, c1_ptr, cols, n_cols, LOSS: tl.constexpr):
+    """Per-proxy inputs of a gradient tile (proxies below n_cols): 1/‖p‖, ‖v‖², and c0 / c1 of
+    :func:`_tile_grad`."""
+    rp, bp, lab_c = load_rows(rp_ptr, rp_ptr, bp_ptr, rp_ptr, cols, n_cols, False)
+    cmask = cols < n_cols
     if LOSS == 1:
         c0 = tl.load(c0_ptr + cols, mask=cmask, other=0.0)
         c1 = tl.load(c1_ptr + cols, mask=cmask, other=0.0)
@@ -296,23 +267,6 @@ def _col_inputs(rp_ptr, bp_ptr, c0_ptr, c1_ptr, cols, cmask, LOSS: tl.constexpr)
         c0 = rp
         c1 = rp
     return rp, bp, c0, c1
-
-
-@triton.jit
-def _accumulate(acc, g, e_ptr, s_e, s_d, offs, emask, ds64, dmask, SCALE_G: tl.constexpr, CD: tl.constexpr,
-                ACC: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
-    """acc += g · E[offs, ds] with the product in the compute dtype; SCALE_G (fp16) divides g by its
-    per-output-row maximum before the cast and multiplies it back after the dot."""
-    e = tl.load(e_ptr + offs.to(tl.int64)[:, None] * s_e + ds64[None, :] * s_d, mask=emask[:, None] & dmask[None, :],
-                other=0.0)
-    if SCALE_G:
-        sc = tl.max(tl.abs(g), axis=1)
-        sc = tl.where(sc > 0, sc, 1.0)
-        part = tl.dot(_cvt(g / sc[:, None], CD, EMU_BF16), _cvt(e, CD, EMU_BF16), input_precision=PREC)
-        acc += part.to(ACC) * sc[:, None]
-    else:
-        acc = tl.dot(_cvt(g, CD, EMU_BF16), _cvt(e, CD, EMU_BF16), acc, input_precision=PREC)
-    return acc
 
 
 @triton.jit
@@ -330,10 +284,7 @@ def _bwd_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, rx_ptr, ax_ptr, rp_ptr,
     pid_o = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
-    k0 = tl.load(sc_ptr)
-    k1 = tl.load(sc_ptr + 1)
-    k2 = tl.load(sc_ptr + 2)
-    k3 = tl.load(sc_ptr + 3)
+    k0, k1, k2, k3 = _loss_scalars(sc_ptr)
     tau = tl.load(sc_ptr + 4)  # < 0: never skip
     if LOSS == 1:
         g0 = tl.load(g_ptr)
@@ -344,50 +295,47 @@ def _bwd_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, rx_ptr, ax_ptr, rp_ptr,
     skipped = 0
     ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = ds < D
-    ds64 = ds.to(tl.int64)
-    if COLUMNS:
+    if COLUMNS:  # owns a proxy block, streams the split's batch tiles
         cols = pid_o * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
-        rp, bp, c0, c1 = _col_inputs(rp_ptr, bp_ptr, c0_ptr, c1_ptr, cols, cmask, LOSS)
-        acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=ACC)
-        norm_sum = tl.zeros((BLOCK_C,), dtype=ACC)
-        begin = pid_s * tiles_per_split * BLOCK_B
-        end = tl.minimum(begin + tiles_per_split * BLOCK_B, B)
+        rp, bp, c0, c1 = _col_inputs(rp_ptr, bp_ptr, c0_ptr, c1_ptr, cols, C, LOSS)
+        own_block: tl.constexpr = BLOCK_C
         step: tl.constexpr = BLOCK_B
-    else:
+        n_streamed = B
+    else:  # owns a row block, streams the split's proxy tiles
         rows = pid_o * BLOCK_B + tl.arange(0, BLOCK_B)
         rmask = rows < B
-        y, rx, ax, r0, r1 = _row_inputs(y_ptr, rx_ptr, ax_ptr, r0_ptr, r1_ptr, rows, rmask, LOSS, HAS_R0, ACC,
-                                        BLOCK_B)
-        acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC)
-        norm_sum = tl.zeros((BLOCK_B,), dtype=ACC)
-        begin = pid_s * tiles_per_split * BLOCK_C
-        end = tl.minimum(begin + tiles_per_split * BLOCK_C, C)
+        y, rx, ax, r0, r1 = _row_inputs(y_ptr, rx_ptr, ax_ptr, r0_ptr, r1_ptr, rows, B, LOSS, HAS_R0, ACC, BLOCK_B)
+        own_block: tl.constexpr = BLOCK_B
         step: tl.constexpr = BLOCK_C
+        n_streamed = C
+    acc = tl.zeros((own_block, BLOCK_D), dtype=ACC)
+    norm_sum = tl.zeros((own_block,), dtype=ACC)
+    begin, end = _split_range(pid_s, tiles_per_split, step, n_streamed)
     for t0 in range(begin, end, step):
         if COLUMNS:
             rows = t0 + tl.arange(0, BLOCK_B)
             rmask = rows < end
-            y, rx, ax, r0, r1 = _row_inputs(y_ptr, rx_ptr, ax_ptr, r0_ptr, r1_ptr, rows, rmask, LOSS, HAS_R0, ACC,
+            y, rx, ax, r0, r1 = _row_inputs(y_ptr, rx_ptr, ax_ptr, r0_ptr, r1_ptr, rows, end, LOSS, HAS_R0, ACC,
                                             BLOCK_B)
         else:
             cols = t0 + tl.arange(0, BLOCK_C)
             cmask = cols < end
-            rp, bp, c0, c1 = _col_inputs(rp_ptr, bp_ptr, c0_ptr, c1_ptr, cols, cmask, LOSS)
-        raw = _raw_dot_tile(x_ptr, sxb, sxd, rows, rmask, p_ptr, spc, spd, cols, cmask, D,
-                            BLOCK_B, BLOCK_C, BLOCK_K, CD, ACC, EMU_BF16, PREC)
-        val, dd = _value(raw, rx, ax, rp, bp, KIND)
+            rp, bp, c0, c1 = _col_inputs(rp_ptr, bp_ptr, c0_ptr, c1_ptr, cols, end, LOSS)
+        raw = dot_tile(x_ptr, p_ptr, rows, rmask, cols, cmask, D, sxb, sxd, spc, spd,
+                       BLOCK_B, BLOCK_C, BLOCK_K, CD, ACC, EMU_BF16, PREC)
+        val, dd = tile_values(raw, rx, rp, ax, bp, KIND, False)
         gv, stat = _tile_grad(val, rows, rmask, cols, cmask, y, C, r0, r1, c0, c1, g0, g1, k0, k1, k2, k3,
                               LOSS, EXCL)
         if stat >= tau:
             gs, gd = _chain_value(gv, val, dd, KIND)
             if COLUMNS:  # dL/dv_c = Σ_i gs_ic · u_i with u = x·rx
-                acc = _accumulate(acc, tl.trans(gs * rx[:, None]), x_ptr, sxb, sxd, rows, rmask, ds64, dmask,
+                acc = _accumulate(acc, tl.trans(gs * rx[:, None]), x_ptr, sxb, sxd, rows, rmask, ds, dmask,
                                   SCALE_G, CD, ACC, EMU_BF16, PREC)
                 if KIND != 0:
                     norm_sum += tl.sum(gd, axis=0)
             else:  # dL/du_i = Σ_c gs_ic · v_c with v = p·rp
-                acc = _accumulate(acc, gs * rp[None, :], p_ptr, spc, spd, cols, cmask, ds64, dmask,
+                acc = _accumulate(acc, gs * rp[None, :], p_ptr, spc, spd, cols, cmask, ds, dmask,
                                   SCALE_G, CD, ACC, EMU_BF16, PREC)
                 if KIND != 0:
                     norm_sum += tl.sum(gd, axis=1)
@@ -395,17 +343,15 @@ def _bwd_kernel(x_ptr, sxb, sxd, p_ptr, spc, spd, y_ptr, rx_ptr, ax_ptr, rp_ptr,
             skipped += 1
     # the squared-norm term of the distances, 2·(Σ gd)·u (the owned side's own vectors), then the partial
     if COLUMNS:
-        own, own_mask, own64, n_own, e_ptr, s_e, s_d, r_own = cols, cmask, cols.to(tl.int64), C, p_ptr, spc, spd, rp
+        own, own_mask, n_own, e_ptr, s_e, s_d, r_own = cols, cmask, C, p_ptr, spc, spd, rp
     else:
-        own, own_mask, own64, n_own, e_ptr, s_e, s_d, r_own = rows, rmask, rows.to(tl.int64), B, x_ptr, sxb, sxd, rx
+        own, own_mask, n_own, e_ptr, s_e, s_d, r_own = rows, rmask, B, x_ptr, sxb, sxd, rx
     if KIND != 0:
-        et = tl.load(e_ptr + own64[:, None] * s_e + ds64[None, :] * s_d, mask=own_mask[:, None] & dmask[None, :],
-                     other=0.0).to(ACC)
+        et = load_tile(e_ptr, own, own_mask, s_e, ds, dmask, s_d).to(ACC)
         acc += 2.0 * et * (r_own * norm_sum)[:, None]
     if COUNT:
         tl.store(cnt_ptr + (pid_s * tl.num_programs(1) + pid_d) * tl.num_programs(0) + pid_o, skipped)
-    out = out_ptr + (pid_s.to(tl.int64) * n_own + own64)[:, None] * D + ds64[None, :]
-    tl.store(out, acc, mask=own_mask[:, None] & dmask[None, :])
+    store_tile(out_ptr + pid_s.to(tl.int64) * n_own * D, acc, own, own_mask, D, ds, dmask, 1)
 
 
 @triton.jit
@@ -418,21 +364,16 @@ def _l2norm_bwd_kernel(g_ptr, x_ptr, sxr, sxd, r_ptr, pr_ptr, out_ptr, R, D,
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
-    rows64 = rows.to(tl.int64)
     r = tl.load(r_ptr + rows, mask=rmask, other=0.0)
     pr = tl.load(pr_ptr + rows, mask=rmask, other=0.0)  # r³ where ‖x‖ ≥ eps, else 0
     xg = tl.zeros((BLOCK_R,), dtype=ACC)
     for k0 in range(0, D, BLOCK_D):
-        ks = (k0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-        m2 = rmask[:, None] & (ks < D)[None, :]
-        g = tl.load(g_ptr + rows64[:, None] * D + ks[None, :], mask=m2, other=0.0)
-        xt = tl.load(x_ptr + rows64[:, None] * sxr + ks[None, :] * sxd, mask=m2, other=0.0).to(ACC)
-        xg += tl.sum(g * xt, axis=1)
+        ks = k0 + tl.arange(0, BLOCK_D)
+        g = load_tile(g_ptr, rows, rmask, D, ks, ks < D, 1)
+        xg += tl.sum(g * load_tile(x_ptr, rows, rmask, sxr, ks, ks < D, sxd).to(ACC), axis=1)
     q = pr * xg
     for k0 in range(0, D, BLOCK_D):
-        ks = (k0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-        m2 = rmask[:, None] & (ks < D)[None, :]
-        g = tl.load(g_ptr + rows64[:, None] * D + ks[None, :], mask=m2, other=0.0)
-        xt = tl.load(x_ptr + rows64[:, None] * sxr + ks[None, :] * sxd, mask=m2, other=0.0).to(ACC)
-        dx = r[:, None] * g - q[:, None] * xt
-        tl.store(out_ptr + rows64[:, None] * D + ks[None, :], dx.to(out_ptr.dtype.element_ty), mask=m2)
+        ks = k0 + tl.arange(0, BLOCK_D)
+        g = load_tile(g_ptr, rows, rmask, D, ks, ks < D, 1)
+        dx = r[:, None] * g - q[:, None] * load_tile(x_ptr, rows, rmask, sxr, ks, ks < D, sxd).to(ACC)
+        store_tile(out_ptr, dx.to(out_ptr.dtype.element_ty), rows, rmask, D, ks, ks < D, 1)

@@ -9,6 +9,9 @@ computed once on the host (``s = 1/max(‖x‖, 1e-12)`` or 1, and for euclidean
     sq = max(n_i + n_k − 2c, 0)                           squared L2      (DIST = 1)
     d  = sqrt(sq) if sq > 0 else 0 (zero gradient at 0)   L2              (DIST = 2)
 
+The tile itself (dot over D-chunks, fused scales, 64-bit tile loads, online LSE) is ``tiles.py``'s, the
+vocabulary the class engine is written in too; this module adds the pair masks, epilogues and launches.
+
 Label / diagonal / packed-pair masking is applied to the tile, which is then handed to a loss-specific
 ``@triton.jit`` epilogue passed as a ``tl.constexpr`` argument. Two epilogue kinds exist:
 
@@ -42,9 +45,12 @@ import triton.language as tl
 
 from ..._registry import Unsupported  # noqa: F401  (re-exported for the loss modules)
 from ...distances import Distance
+from .tiles import dot_tile, load_rows, load_tile, lse_init, lse_update, store_tile, tile_values
+# (``load_rows`` is also the loss modules' ``pair_engine.load_rows``)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# The interpreter's tl.dot mis-reads bfloat16 operands (numpy has no bf16): upcast them there only.
+# The interpreter's tl.dot mis-reads bfloat16 operands (numpy has no bf16): there only, bf16 tiles are
+# multiplied as (exact) fp32 tiles (``tiles.dot_operand``).
 _UPCAST_BF16 = tl.constexpr(INTERPRET)
 
 # Row-reduction kinds of the forward slots.
@@ -52,41 +58,6 @@ NONE, SUM, LSE, LSE1, MAX, MIN = 0, 1, 2, 3, 4, 5
 
 
 # ----------------------------------------------------------------------------------------------- tiles
-
-
-@triton.jit
-def dot_tile(a_ptr, b_ptr, offs_a, offs_b, NA, NB, D, stride_a, stride_b,
-             BA: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, ACC_T: tl.constexpr, PREC: tl.constexpr):
-    """Raw inner products a_i · b_k of a BA×BB tile, accumulated over D in ACC_T (64-bit offsets)."""
-    acc = tl.zeros((BA, BB), dtype=ACC_T)
-    row_a = offs_a.to(tl.int64) * stride_a
-    row_b = offs_b.to(tl.int64) * stride_b
-    in_a = offs_a < NA
-    in_b = offs_b < NB
-    for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
-        in_d = offs_d < D
-        a = tl.load(a_ptr + row_a[:, None] + offs_d[None, :], mask=in_a[:, None] & in_d[None, :], other=0.0)
-        b = tl.load(b_ptr + row_b[None, :] + offs_d[:, None], mask=in_b[None, :] & in_d[:, None], other=0.0)
-        if _UPCAST_BF16:
-            if a.dtype == tl.bfloat16:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=ACC_T)
-    return acc
-
-
-@triton.jit
-def tile_values(c, s_a, s_b, n_a, n_b, DIST: tl.constexpr):
-    """Similarity / distance from raw dots and the per-row scales and squared norms (symmetric in a, b)."""
-    cs = c * (s_a[:, None] * s_b[None, :])
-    if DIST == 0:
-        return cs
-    sq = tl.maximum((n_a[:, None] + n_b[None, :]) - 2.0 * cs, 0.0)
-    if DIST == 1:
-        return sq
-    pos = sq > 0
-    return tl.where(pos, tl.sqrt(tl.where(pos, sq, 1.0)), 0.0)
 
 
 @triton.jit
@@ -141,24 +112,14 @@ def pair_masks(lab_a, lab_b, offs_a, offs_b, NA, NB, pos_bits, neg_bits, nbytes,
 
 
 @triton.jit
-def load_rows(x_ptr, s_ptr, n_ptr, lab_ptr, offs, N, HAS_LABELS: tl.constexpr):
-    """Per-row scale, squared norm and label of a block of rows (masked)."""
-    inside = offs < N
-    s = tl.load(s_ptr + offs, mask=inside, other=0.0)
-    n = tl.load(n_ptr + offs, mask=inside, other=0.0)
-    if HAS_LABELS:
-        lab = tl.load(lab_ptr + offs, mask=inside, other=-1)
-    else:
-        lab = offs
-    return s, n, lab
-
-
-@triton.jit
 def value_tile(x_ptr, r_ptr, offs_a, offs_b, s_a, s_b, n_a, n_b, N, M, D, stride_x, stride_r,
                DIST: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
-    c = dot_tile(x_ptr, r_ptr, offs_a, offs_b, N, M, D, stride_x, stride_r, BA, BB, BD,
-                 s_a.dtype, PREC)
-    return tile_values(c, s_a, s_b, n_a, n_b, DIST)
+    """The values (:func:`tiles.tile_values`) of the tile rows offs_a × references offs_b, in the compute
+    dtype of the scales (contiguous rows: unit D-strides)."""
+    c = dot_tile(x_ptr, r_ptr, offs_a, offs_a < N, offs_b, offs_b < M, D, stride_x, 1, stride_r, 1, BA, BB, BD,
+                 x_ptr.dtype.element_ty, s_a.dtype, _UPCAST_BF16, PREC)
+    v, dd = tile_values(c, s_a, s_b, n_a, n_b, DIST, True)
+    return v
 
 
 # ------------------------------------------------------------------------------- online row reductions
@@ -167,9 +128,9 @@ def value_tile(x_ptr, r_ptr, offs_a, offs_b, s_a, s_b, n_a, n_b, N, M, D, stride
 @triton.jit
 def acc_init(KIND: tl.constexpr, BA: tl.constexpr, CT: tl.constexpr):
     if KIND == 2:  # LSE: empty → -inf
-        return tl.full((BA,), float("-inf"), CT), tl.zeros((BA,), CT)
+        return lse_init(BA, CT, False)
     elif KIND == 3:  # LSE with the implicit zero term: m = 0, l = 1
-        return tl.zeros((BA,), CT), tl.full((BA,), 1.0, CT)
+        return lse_init(BA, CT, True)
     elif KIND == 4:
         return tl.full((BA,), float("-inf"), CT), tl.zeros((BA,), CT)
     elif KIND == 5:
@@ -184,10 +145,7 @@ def acc_update(m, l, t, KIND: tl.constexpr):
     if KIND == 1:
         return m + tl.sum(t, axis=1), l
     elif KIND == 2 or KIND == 3:
-        m_new = tl.maximum(m, tl.max(t, axis=1))
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_new = l * tl.exp(m - safe) + tl.sum(tl.exp(t - safe[:, None]), axis=1)
-        return m_new, l_new
+        return lse_update(m, l, t, 1)
     elif KIND == 4:
         return tl.maximum(m, tl.max(t, axis=1)), l
     elif KIND == 5:
@@ -276,8 +234,7 @@ def accumulate_grad(acc, g, e_ptr, offs_e, n_e, stride_e, offs_o, D, GPREC: tl.c
     """acc += g · E[offs_e, offs_o] for a gradient tile g (owned rows × streamed rows) and the streamed
     side's embeddings E. An all-zero g (masked out, not mined) skips the load and the dot: exact."""
     if tl.max(tl.abs(g)) > 0:
-        e = tl.load(e_ptr + offs_e.to(tl.int64)[:, None] * stride_e + offs_o[None, :],
-                    mask=(offs_e < n_e)[:, None] & (offs_o < D)[None, :], other=0.0).to(acc.dtype)
+        e = load_tile(e_ptr, offs_e, offs_e < n_e, stride_e, offs_o, offs_o < D, 1).to(acc.dtype)
         acc = tl.dot(g, e, acc, input_precision=GPREC, out_dtype=acc.dtype)
     return acc
 
@@ -286,8 +243,7 @@ def accumulate_grad(acc, g, e_ptr, offs_e, n_e, stride_e, offs_o, D, GPREC: tl.c
 def store_grad(acc_ptr, dn_ptr, acc, dn, offs, n_rows, offs_o, D):
     """Write a program's (rows × D-chunk) accumulator and, once per row block, its dL/dn."""
     inside = offs < n_rows
-    tl.store(acc_ptr + offs.to(tl.int64)[:, None] * D + offs_o[None, :], acc,
-             mask=inside[:, None] & (offs_o < D)[None, :])
+    store_tile(acc_ptr, acc, offs, inside, D, offs_o, offs_o < D, 1)
     if tl.program_id(1) == 0:
         tl.store(dn_ptr + offs, dn, mask=inside)
 
