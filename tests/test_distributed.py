@@ -131,6 +131,9 @@ def _all_checks(rank, world, out_dir, uneven):
     sub = os.path.join(out_dir, "sharded")
     os.makedirs(sub, exist_ok=True)
     _sharded(rank, world, sub, uneven)
+    sub = os.path.join(out_dir, "xbm")
+    os.makedirs(sub, exist_ok=True)
+    _cross_batch_memory(rank, world, sub, uneven)
     if not uneven:
         sub = os.path.join(out_dir, "pml")
         os.makedirs(sub, exist_ok=True)
@@ -181,6 +184,26 @@ def _sharded(rank, world, out_dir, uneven):
         gx, gp = torch.autograd.grad(loss, (xx, module.proxies))
         res[("module", name)] = (loss.detach(), gx, gp)
     torch.save(res, os.path.join(out_dir, f"{rank}.pt"))
+
+
+def _xbm_size(labels):
+    """1.5 global batches: the ring wraps during the three steps."""
+    return 3 * sum(len(t) for t in labels) // 2
+
+
+def _cross_batch_memory(rank, world, out_dir, uneven):
+    """DistributedLossWrapper(CrossBatchMemory): every rank enqueues the global batch in rank order."""
+    inputs, labels = _batches(world, uneven)
+    xbm = dk.losses.CrossBatchMemory(dk.losses.ContrastiveLoss(backend="reference"), D_IN,
+                                     memory_size=_xbm_size(labels))
+    wrapper = DistributedLossWrapper(xbm)
+    values = []
+    for step in range(3):
+        x = (inputs[rank] + step).clone().requires_grad_()
+        loss = wrapper(x, labels[rank])
+        values.append((loss.detach(), torch.autograd.grad(loss, x)[0]))
+    torch.save(dict(values=values, memory=xbm.embedding_memory.clone(), labels=xbm.label_memory.clone(),
+                    idx=xbm.queue_idx, filled=xbm.has_been_filled), os.path.join(out_dir, f"{rank}.pt"))
 
 
 def _raising_rank(rank, world):
@@ -328,6 +351,28 @@ def test_process_group_on_the_loss_modules(world, uneven, name, ran):
         res = torch.load(ran[(world, uneven)] / "sharded" / f"{r}.pt")
         for got, want in zip(res[("module", name)], res[(7, "cpu", name)]):
             torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("world,uneven", CONFIGS)
+def test_cross_batch_memory_queues_are_identical_on_every_rank(world, uneven, ran):
+    """Every rank's queue equals one process's CrossBatchMemory fed the concatenated batches (PML's wrapper
+    gives every rank a different order, #639); values are world × that process's, gradients PML's."""
+    inputs, labels, sizes, starts = _global(world, uneven)
+    xbm = dk.losses.CrossBatchMemory(dk.losses.ContrastiveLoss(backend="reference"), D_IN,
+                                     memory_size=_xbm_size(labels))
+    want = []
+    for step in range(3):
+        x = (torch.cat(inputs) + step).requires_grad_()
+        loss = xbm(x, torch.cat(labels))
+        want.append((loss.detach(), torch.autograd.grad(loss, x)[0]))
+    for r in range(world):
+        got = torch.load(ran[(world, uneven)] / "xbm" / f"{r}.pt")
+        torch.testing.assert_close(got["memory"], xbm.embedding_memory, **TOL)
+        assert torch.equal(got["labels"], xbm.label_memory)
+        assert (got["idx"], got["filled"]) == (xbm.queue_idx, xbm.has_been_filled)
+        for (v, g), (wv, wg) in zip(got["values"], want):
+            torch.testing.assert_close(v, world * wv, **TOL)
+            torch.testing.assert_close(g, world * wg[starts[r]: starts[r] + sizes[r]], **TOL)
 
 
 def test_a_failing_rank_does_not_hang():
