@@ -2,6 +2,8 @@
 
 Map (the same in every backend package):
 
+* ``tiles.py``        — the tile vocabulary both engines share: dot tiles over D chunks, fused normalisation
+  scales, masked 64-bit-offset loads and stores, the online log-sum-exp update.
 * ``pair_engine.py``  — the tiled N×M engine: query-row blocks × reference tiles, masks, online LSE,
   one gradient kernel (row form for queries, column form for a reference set) a loss plugs its tile
   gradient into.
@@ -11,6 +13,7 @@ Map (the same in every backend package):
 * ``pair_losses.py``  — registers the pair family; each loss's epilogue is its own file
   (``multi_similarity.py``, ``lifted_structure.py``, ``contrastive.py``, ``n_pairs.py``, ``triplet.py``).
 * ``class_losses.py`` — the class-weight family (ProxyNCA, Proxy Anchor): autograd Functions + launches.
+* ``knn.py``          — the k-NN op of ``dk.evaluation``: a similarity tile and a running per-row top-k.
 * ``aot_check.py``    — compiles every kernel variant for a GPU architecture without a GPU.
 """
 import triton  # noqa: F401  (a clear ImportError if triton is missing)

@@ -3,9 +3,10 @@
 The interpreter runs kernels as numpy code and accepts programs the GPU compiler rejects (loop-carried
 type changes, unsupported dtype combinations...). ``python -m dml_kernels.backends.triton.aot_check [cc] [--quick]
 [--usage]`` lowers every kernel × epilogue × dtype of the pair engine (with the tile shapes of
-``pair_engine.GPU_BLOCKS``) and of the proxy losses (``proxies._GPU_CFG``) through Triton's whole pipeline down
-to a cubin for ``sm_<cc>`` (default 90; ``ptxas`` ships with Triton), and exits non-zero listing the
-failures (112 pair + 80 proxy variants, a few seconds each). ``--quick``: every variant in bf16 plus one
+``pair_engine.GPU_BLOCKS``), of the k-NN op (``knn.GPU_BLOCKS``) and of the proxy losses
+(``class_losses._GPU_CFG``) through Triton's whole pipeline down to a cubin for ``sm_<cc>`` (default 90;
+``ptxas`` ships with Triton), and exits non-zero listing the failures (120 pair-engine + 80 proxy variants, a
+few seconds each). ``--quick``: every variant in bf16 plus one
 fp64 variant of each kernel form. ``--usage``: print registers and spill stack per variant (``cuobjdump
 -res-usage``). Run it with TRITON_INTERPRET unset.
 """
@@ -27,6 +28,7 @@ def _pair_variants():
     from . import multi_similarity as MS
     from . import n_pairs as NP
     from . import similarity as SIM
+    from . import knn as KNN
     from . import triplet as T
 
     for dtype, ct, group in (("fp16", "fp32", "half"), ("bf16", "fp32", "half"), ("fp32", "fp32", "fp32"),
@@ -68,6 +70,10 @@ def _pair_variants():
         consts, warps = kw("tile")
         yield SIM._similarity_kernel, dtype, ct, dict(ptr, out_ptr=f"*{dtype}"), {
             k: v for k, v in consts.items() if k in ("DIST", "BA", "BB", "BD", "PREC")}, warps
+        for kp, dist in ((16, 0), (128, 1)):  # the k-NN op: narrow and wide running top-k blocks
+            ba, bb, bd, warps = KNN.GPU_BLOCKS[group]
+            yield KNN._knn_kernel, dtype, ct, dict(ptr, val_ptr=f"*{dtype}", idx_ptr="*i64"), dict(
+                EXCLUDE=True, DIST=dist, KP=kp, BA=min(ba, 16) if kp >= 64 else ba, BB=bb, BD=bd, PREC="ieee"), warps
         yield T._triplet_fwd_kernel, dtype, ct, ptr, *kw("triplet", SMOOTH=True)
         for cols in (False, True):
             yield E._grad_kernel, dtype, ct, ptr, *kw("triplet", TILE_GRAD=T._triplet_grad_tile, BWD=None, FLAG=0,
