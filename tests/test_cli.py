@@ -40,3 +40,13 @@ def test_verify_accepts_a_correct_backend(monkeypatch):
 def test_unknown_command():
     from dml_kernels.__main__ import main
     assert main(["frobnicate"]) == 2
+
+
+def test_readme_ops_table_is_the_commands_output():
+    """The README's op × backend table is what ``python -m dml_kernels ops`` prints (regenerate it when an op
+    or a backend registration changes)."""
+    from dml_kernels.__main__ import ops_table
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    block = readme.split("<!-- ops-table:start -->\n")[1].split("<!-- ops-table:end -->")[0]
+    assert block.strip() == ops_table().strip()

@@ -7,10 +7,11 @@ Map (the same in every backend package; the engines themselves are C++, in ``csr
 * ``common.py``       — kernel dtype, distance codes, normalisation, pair packing, registration helpers.
 * ``similarity.py``   — the similarity matrix and the miners.
 * ``pair_losses.py``  — the pair family.
-* ``class_losses.py`` — the class-weight family.
+* ``class_losses.py`` — the class-weight family (proxies), and one class shard's statistics.
+* ``contrastive_losses.py`` — NCA, SupCon, NTXent on ``pair_reduce`` (+ O(N) row terms).
+* ``margin_softmax.py`` — NormalizedSoftmax, CosFace, ArcFace, LargeMargin, SphereFace (one ``pair_reduce``:
+  target logit and the LSE of the rest per row, then the margin in O(B)), P2SGrad.
 * ``evaluation.py``   — k-nearest neighbours in O(block × chunk) memory (torch.mm + top-k merge, no C++).
 """
-from . import class_losses, evaluation, pair_losses, similarity  # noqa: F401  (register the ops)
-from . import margin_softmax  # noqa: F401,E402  (register the ops)
-from . import contrastive_losses  # noqa: F401  (register the ops)
+from . import class_losses, contrastive_losses, evaluation, margin_softmax, pair_losses, similarity  # noqa: F401
 from .loader import unavailable_reason  # noqa: F401  (the registry's availability hook)

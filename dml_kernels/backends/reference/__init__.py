@@ -4,10 +4,17 @@ Every function here takes the *canonical* arguments listed in ``dml_kernels/_ops
 validated; ``ref=None`` means self mode) and is registered as the ``"reference"`` backend.
 """
 from .mining import (
+    angular_mining,
+    batch_easy_hard_mining,
     batch_hard_mining,
+    distance_weighted_mining,
+    hdc_mining,
     multi_similarity_mask,
     multi_similarity_thresholds,
+    packaged_triplets_mining,
+    pair_margin_mining,
     triplet_margin_mining,
+    uniform_histogram_mining,
 )
 from .pair_losses import (
     contrastive_loss,
@@ -26,15 +33,6 @@ from .margin_softmax import __all__ as _MARGIN_SOFTMAX_OPS
 from .margin_softmax import *  # noqa: F401,F403 - the margin-softmax family and its element ops
 from .evaluation import knn
 from .similarity import pairwise_similarity
-from .mining import (  # PML 2.9's remaining miners
-    angular_mining,
-    batch_easy_hard_mining,
-    distance_weighted_mining,
-    hdc_mining,
-    packaged_triplets_mining,
-    pair_margin_mining,
-    uniform_histogram_mining,
-)
 
 __all__ = [
     "pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_mask", "batch_hard_mining",
