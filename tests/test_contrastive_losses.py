@@ -13,6 +13,7 @@ from pytorch_metric_learning import distances as pd  # noqa: E402
 from pytorch_metric_learning import losses as pl  # noqa: E402
 from pytorch_metric_learning import miners as pm  # noqa: E402
 from pytorch_metric_learning import reducers as pr  # noqa: E402
+from memory import peak_extra_bytes  # noqa: E402
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 
@@ -262,22 +263,6 @@ def test_gradcheck_fused_cpu(fn):
                                     (x, ref.requires_grad_()))
 
 
-def _peak_extra_bytes(fn):
-    """Peak resident memory above the level at the start of fn() (Linux: VmHWM reset via clear_refs)."""
-    def read(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-        raise KeyError(key)
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    start = read("VmRSS:")
-    fn()
-    return read("VmHWM:") - start
-
-
 @cpu_only
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
 @pytest.mark.parametrize("fn", list(FUSED))
@@ -295,8 +280,8 @@ def test_fused_path_never_allocates_n_by_n(fn):
         f(xr, y, backend=backend).backward()
 
     step("cpu")
-    fused = _peak_extra_bytes(lambda: step("cpu"))
-    reference = _peak_extra_bytes(lambda: step("reference"))
+    fused = peak_extra_bytes(lambda: step("cpu"))
+    reference = peak_extra_bytes(lambda: step("reference"))
     assert fused < nxn / 4, (fused, nxn)
     assert reference > nxn, (reference, nxn)
 

@@ -18,6 +18,7 @@ from dml_kernels import _pairs, _registry
 from dml_kernels.backends.cpp import loader
 from dml_kernels._pairs import PackedPairMask
 from patterns import DISTANCE_CASES, DISTANCES, PATTERNS, dist_kw, make
+from memory import peak_extra_bytes  # noqa: E402
 
 F = dk.functional
 _WHY = loader.unavailable_reason("cpu")
@@ -553,22 +554,6 @@ def test_public_api_compiles_fullgraph_on_the_cpu_backend():
 # --------------------------------------------------------------------------------------- memory
 
 
-def _peak_extra_bytes(fn):
-    """Peak resident memory above the level at the start of fn() (Linux: VmHWM reset via clear_refs)."""
-    def read(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-        raise KeyError(key)
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak RSS to the current RSS
-    start = read("VmRSS:")
-    fn()
-    return read("VmHWM:") - start
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
 def test_fused_path_never_allocates_n_by_n():
     """N=4096, D=64 fp32, MS with mining, forward + backward: peak extra memory stays far below one N×N fp32
@@ -583,8 +568,8 @@ def test_fused_path_never_allocates_n_by_n():
         F.multi_similarity_loss(xr, y, epsilon=0.1, backend=backend).backward()
 
     step("cpu")  # warm-up: thread pools, allocator caches
-    fused = _peak_extra_bytes(lambda: step("cpu"))
-    reference = _peak_extra_bytes(lambda: step("reference"))
+    fused = peak_extra_bytes(lambda: step("cpu"))
+    reference = peak_extra_bytes(lambda: step("reference"))
     assert fused < nxn / 8, f"fused path peak extra {fused / 2**20:.1f} MiB"
     assert reference > nxn, f"the check cannot fail: reference peak extra only {reference / 2**20:.1f} MiB"
 
@@ -604,7 +589,7 @@ def test_proxy_losses_never_allocate_n_by_c():
 
     for name in ("proxy_nca_loss", "proxy_anchor_loss"):
         step(name, "cpu")
-        fused = _peak_extra_bytes(lambda: step(name, "cpu"))
+        fused = peak_extra_bytes(lambda: step(name, "cpu"))
         assert fused < nxc / 8, f"{name}: fused path peak extra {fused / 2**20:.1f} MiB"
-    reference = _peak_extra_bytes(lambda: step("proxy_nca_loss", "reference"))
+    reference = peak_extra_bytes(lambda: step("proxy_nca_loss", "reference"))
     assert reference > nxc, f"the check cannot fail: reference peak extra only {reference / 2**20:.1f} MiB"

@@ -11,6 +11,7 @@ from dml_kernels import _registry
 from dml_kernels.backends.reference import pairwise_similarity
 from dml_kernels.distances import Distance
 from dml_kernels.evaluation import AccuracyCalculator, FusedKNN, KMeans, knn
+from memory import peak_extra_bytes  # noqa: E402
 
 BACKENDS = ["reference", "cpu", "triton"]
 DISTANCES = [Distance("cosine", True), Distance("dot", False), Distance("euclidean", True),
@@ -133,22 +134,6 @@ def test_triton_knn_large_k_is_unsupported():
 # ------------------------------------------------------------------------------------------------ memory
 
 
-def _peak_extra_bytes(fn):
-    """Peak resident memory above the level at the start of fn() (Linux: VmHWM reset via clear_refs)."""
-    def read(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-        raise KeyError(key)
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    start = read("VmRSS:")
-    fn()
-    return read("VmHWM:") - start
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
 def test_cpu_knn_never_allocates_n_by_m():
     """N = M = 65,536, D = 8, fp32: the dense matrix would be 16 GiB; the cpu op's peak extra memory stays
@@ -160,7 +145,7 @@ def test_cpu_knn_never_allocates_n_by_m():
         n = 65536
         x = torch.randn(n, 8)
         out = {}
-        peak = _peak_extra_bytes(lambda: out.update(r=knn(x, None, 4, backend="cpu")))
+        peak = peak_extra_bytes(lambda: out.update(r=knn(x, None, 4, backend="cpu")))
         assert peak < 64 * 2**20, f"cpu knn peak extra {peak / 2**20:.0f} MiB at N=M={n}"
         values, idx = out["r"]
         assert idx.shape == (n, 4) and bool((idx != torch.arange(n)[:, None]).all())
@@ -169,7 +154,7 @@ def test_cpu_knn_never_allocates_n_by_m():
         d[torch.arange(len(rows)), rows] = math.inf
         assert torch.equal(torch.topk(d, 4, largest=False).indices, idx[rows])
         small = torch.randn(4096, 8)
-        dense = _peak_extra_bytes(lambda: knn(small, None, 4, backend="reference"))
+        dense = peak_extra_bytes(lambda: knn(small, None, 4, backend="reference"))
         assert dense > 4096 * 4096 * 4, f"the check cannot fail: dense peak extra only {dense / 2**20:.0f} MiB"
     finally:
         torch.set_num_threads(threads)

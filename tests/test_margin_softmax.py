@@ -19,6 +19,7 @@ from pytorch_metric_learning import losses as pl  # noqa: E402
 from pytorch_metric_learning import miners as pm  # noqa: E402
 from pytorch_metric_learning import reducers as pr  # noqa: E402
 from pytorch_metric_learning import regularizers as preg  # noqa: E402
+from memory import peak_extra_bytes  # noqa: E402
 
 F = dk.functional
 HAS_CPU = loader.unavailable_reason("cpu") is None
@@ -274,21 +275,6 @@ def test_errors():
         dk.losses.SphereFaceLoss(5, 3, margin=0.5)
 
 
-def _peak_extra_bytes(fn):
-    def read(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-        raise KeyError(key)
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    start = read("VmRSS:")
-    fn()
-    return read("VmHWM:") - start
-
-
 @needs_cpu
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
 def test_fused_margin_losses_never_allocate_b_by_c():
@@ -309,9 +295,9 @@ def test_fused_margin_losses_never_allocate_b_by_c():
 
     for name, mod in mods.items():
         step(mod, "cpu")
-        fused = _peak_extra_bytes(lambda: step(mod, "cpu"))
+        fused = peak_extra_bytes(lambda: step(mod, "cpu"))
         assert fused < bxc / 8, f"{name}: fused path peak extra {fused / 2**20:.1f} MiB"
-    reference = _peak_extra_bytes(lambda: step(mods["ArcFaceLoss"], "reference"))
+    reference = peak_extra_bytes(lambda: step(mods["ArcFaceLoss"], "reference"))
     assert reference > bxc, f"the check cannot fail: reference peak extra only {reference / 2**20:.1f} MiB"
 
 
