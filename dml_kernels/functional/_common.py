@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import _registry
 from .. import reducers as _reducers
-from .._pairs import PackedPairMask, dense_from_indices, indices_to_pairs
+from .._pairs import PackedPairMask, dense_from_indices, indices_to_pairs, indices_to_triplets
 from .._validation import check_embeddings, check_indices_tuple, check_labels, check_ref
 
 
@@ -56,6 +56,16 @@ def _pair_list(indices_tuple, n, m, device, check_inputs):
         indices_tuple = indices_tuple.to(device).to_indices()
     pairs = indices_to_pairs(check_indices_tuple(indices_tuple, n, m, check_values=check_inputs, device=device))
     return pairs, False, all(len(t) <= 1 for t in pairs)
+
+
+def _triplet_list(indices_tuple, n, m, device, check_inputs):
+    """indices_tuple for a triplet-based loss → (a, p, n) index tensors (a PML pair 4-tuple becomes every
+    (a, p, n) sharing its anchor, as PML's ``convert_to_triplets``), or None without a tuple."""
+    if indices_tuple is None:
+        return None
+    if isinstance(indices_tuple, PackedPairMask):
+        indices_tuple = indices_tuple.to(device).to_indices()
+    return indices_to_triplets(check_indices_tuple(indices_tuple, n, m, check_values=check_inputs, device=device))
 
 
 def _call(op, backend, x, *args, **kwargs):

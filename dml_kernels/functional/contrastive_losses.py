@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from .._pairs import PackedPairMask, indices_to_triplets
+from .._pairs import PackedPairMask
 from .._validation import check_indices_tuple
 from ..distances import parse_distance
-from ._common import _loss, _matrix_pairs, _num_refs, _pair_list, _prepare
+from ._common import _loss, _matrix_pairs, _num_refs, _pair_list, _prepare, _triplet_list
 
 
 def check_temperature(value, name="temperature"):
@@ -173,13 +173,8 @@ def margin_loss(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_l
     labels, ref, ref_labels = _prepare(embeddings, labels, ref_emb, ref_labels, check_inputs,
                                        labels_required=indices_tuple is None)
     dist = parse_distance(distance, normalize_embeddings, default="euclidean")
-    triplets = None
-    if indices_tuple is not None:
-        n, m = embeddings.shape[0], _num_refs(embeddings, ref)
-        if isinstance(indices_tuple, PackedPairMask):
-            indices_tuple = indices_tuple.to(embeddings.device).to_indices()
-        triplets = indices_to_triplets(check_indices_tuple(indices_tuple, n, m, check_values=check_inputs,
-                                                           device=embeddings.device))
+    triplets = _triplet_list(indices_tuple, embeddings.shape[0], _num_refs(embeddings, ref), embeddings.device,
+                             check_inputs)
     return _loss("margin_loss", backend, embeddings, labels, ref, ref_labels, beta, margin=float(margin),
                  nu=float(nu), learn_beta=bool(learn_beta), distance=dist, triplets=triplets, reducer=reducer,
                  extra=_extra)

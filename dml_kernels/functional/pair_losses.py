@@ -4,10 +4,10 @@ Every loss takes ``reducer=`` (a reducer of ``dk.reducers`` or PML's; default: P
 computed by the fused op); ``_extra`` is internal (the loss modules' regularizer terms)."""
 from __future__ import annotations
 
-from .._pairs import PackedPairMask, indices_to_pairs, indices_to_triplets
+from .._pairs import PackedPairMask, indices_to_pairs
 from .._validation import check_indices_tuple
 from ..distances import parse_distance
-from ._common import _loss, _matrix_pairs, _num_refs, _pair_list, _prepare
+from ._common import _loss, _matrix_pairs, _num_refs, _pair_list, _prepare, _triplet_list
 
 
 def multi_similarity_loss(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *,
@@ -103,13 +103,8 @@ def triplet_margin_loss(embeddings, labels=None, indices_tuple=None, ref_emb=Non
     labels, ref, ref_labels = _prepare(embeddings, labels, ref_emb, ref_labels, check_inputs,
                                        labels_required=indices_tuple is None)
     dist = parse_distance(distance, normalize_embeddings, default="euclidean")
-    triplets = None
-    if indices_tuple is not None:
-        n, m = embeddings.shape[0], _num_refs(embeddings, ref)
-        if isinstance(indices_tuple, PackedPairMask):
-            indices_tuple = indices_tuple.to(embeddings.device).to_indices()
-        triplets = indices_to_triplets(check_indices_tuple(indices_tuple, n, m, check_values=check_inputs,
-                                                           device=embeddings.device))
+    triplets = _triplet_list(indices_tuple, embeddings.shape[0], _num_refs(embeddings, ref), embeddings.device,
+                             check_inputs)
     return _loss("triplet_margin_loss", backend, embeddings, labels, ref, ref_labels, margin=float(margin),
                  swap=bool(swap), smooth_loss=bool(smooth_loss), mining=mining, distance=dist, triplets=triplets,
                  reducer=reducer, extra=_extra)
