@@ -227,6 +227,14 @@ class Distance:
         """PML's ``distance.margin(x, y)``: ``x - y`` for a distance, ``y - x`` for a similarity."""
         return y - x if self.is_similarity else x - y
 
+    def as_module(self) -> BaseDistance:
+        """The distance class PML would use for this distance (the matrix computed as PML computes it)."""
+        if self.name == "cosine":
+            return CosineSimilarity()
+        if self.name == "dot":
+            return DotProductSimilarity(normalize_embeddings=self.normalize)
+        return LpDistance(normalize_embeddings=self.normalize, power=2 if self.squared else 1)
+
 
 _OURS = (CosineSimilarity, DotProductSimilarity, LpDistance)
 _HINT = ("supported: CosineSimilarity(), DotProductSimilarity(), LpDistance(p=2, power=1 or 2) (dml_kernels' or "

@@ -145,3 +145,15 @@ def test_miners_match_pml_as_sets(pattern, dist):
     a = dk.miners.BatchHardMiner(distance=dist, backend="reference")(x, y)
     b = pm.BatchHardMiner(distance=dist)(x, y)
     assert [t.tolist() for t in a] == [t.tolist() for t in b]
+
+
+@pytest.mark.parametrize("name", ["ProxyNCALoss", "ProxyAnchorLoss"])
+def test_get_logits_float32_as_pml_computes_it(name):
+    """get_logits with the default backend="auto" is computed as PML computes it (PML's own ProxyAnchor test
+    compares it with atol 1e-8 in float32, which the fused cpu path's rounding exceeds)."""
+    torch.manual_seed(0)
+    ours = getattr(dk.losses, name)(40, 128)
+    theirs = getattr(pl, name)(40, 128)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(64, 128)
+    torch.testing.assert_close(ours.get_logits(x), theirs.get_logits(x), rtol=0, atol=1e-8)
