@@ -29,7 +29,7 @@ uniform_histogram_mining             (x, labels, ref, ref_labels, *, num_bins, p
 packaged_triplets_mining             (x) -> (a, p, n)
 multi_similarity_loss                (x, labels, ref, ref_labels, *, alpha, beta, base, epsilon, distance, pairs, pair_rule)
 generalized_lifted_structure_loss    (x, labels, ref, ref_labels, *, neg_margin, pos_margin, distance, pairs, pair_rule)
-lifted_structure_loss                (x, labels, *, neg_margin, pos_margin, distance, pairs, pair_rule)
+lifted_structure_loss                (x, labels, *, neg_margin, pos_margin, distance, pairs, pair_rule, ref=None, ref_labels=None)
 contrastive_loss                     (x, labels, ref, ref_labels, *, pos_margin, neg_margin, distance, pairs, pair_rule)
 n_pairs_loss                         (x, labels, *, distance, pairs)
 triplet_margin_loss                  (x, labels, ref, ref_labels, *, margin, swap, smooth_loss, mining, distance, triplets)

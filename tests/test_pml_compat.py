@@ -157,3 +157,25 @@ def test_get_logits_float32_as_pml_computes_it(name):
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(64, 128)
     torch.testing.assert_close(ours.get_logits(x), theirs.get_logits(x), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("pattern", ["random", "pairs", "all_same", "all_distinct"])
+@pytest.mark.parametrize("m", [5, 9, 14])
+def test_lifted_structure_with_ref_emb_matches_pml(pattern, m):
+    """PML's LiftedStructureLoss with ref_emb: for a positive pair (query i, reference k) the negatives are those
+    of query i and of *query* k (none when k >= N) — computed as PML computes it (values and both gradients)."""
+    x, y = make(pattern, n=9, d=6)
+    g = torch.Generator().manual_seed(m)
+    r = torch.randn(m, 6, dtype=torch.float64, generator=g)
+    ry = torch.randint(0, max(1, int(y.max()) + 1), (m,), generator=g)
+    vals, grads = [], []
+    for fn in (dk.losses.LiftedStructureLoss(neg_margin=1.2, pos_margin=0.1), pl.LiftedStructureLoss(neg_margin=1.2,
+                                                                                                   pos_margin=0.1)):
+        xx, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
+        v = fn(xx, y, None, rr, ry)
+        vals.append(v.detach())
+        grads.append(torch.autograd.grad(v, (xx, rr), allow_unused=True))
+    torch.testing.assert_close(vals[0], vals[1], **TOL)
+    for ours, theirs, t in zip(*grads, (x, r)):
+        zero = torch.zeros_like(t)  # an unused input (no pair at all) has no gradient on either side
+        torch.testing.assert_close(zero if ours is None else ours, zero if theirs is None else theirs, **TOL)

@@ -115,9 +115,11 @@ def test_ref_emb_not_supported(loss):
         fn(X, Y, None, X.clone(), Y.clone())
 
 
-def test_lifted_ref_emb_not_implemented():
-    with pytest.raises(NotImplementedError, match="LiftedStructureLoss does not support ref_emb"):
-        dk.losses.LiftedStructureLoss(backend="reference")(X, Y, None, X.clone(), Y.clone())
+def test_lifted_ref_emb_on_a_fused_backend_is_unsupported():
+    """LiftedStructureLoss with ref_emb runs on the reference (tests/test_pml_compat.py); a fused backend named
+    explicitly says it has no reference-set form."""
+    with pytest.raises(dk.Unsupported, match="no reference-set form"):
+        dk.losses.LiftedStructureLoss(backend="cpu")(X.float(), Y, None, X.float().clone(), Y.clone())
 
 
 @pytest.mark.parametrize("distance", ["manhattan", "cos", 3])

@@ -48,16 +48,6 @@ def _compare_xbm(ours, theirs, steps, mask=None, outer=None, tol=TOL):
         _same_state(ours, theirs)
 
 
-def _lifted_gap(name, fn):
-    """dk's LiftedStructureLoss does not take ref_emb yet (issue 11 item 5), where PML computes a value."""
-    try:
-        fn()
-    except NotImplementedError as e:
-        if name == "LiftedStructureLoss" and "ref_emb" in str(e):
-            pytest.xfail("dk LiftedStructureLoss with ref_emb: not implemented yet")
-        raise
-
-
 XBM_INNER = ["ContrastiveLoss", "MultiSimilarityLoss", "GeneralizedLiftedStructureLoss", "TripletMarginLoss"]
 
 
@@ -227,7 +217,7 @@ def test_self_supervised_equals_pml(name, symmetric):
         b.backward()
         torch.testing.assert_close(xa.grad, xb.grad, **TOL)
         torch.testing.assert_close(ra.grad, rb.grad, **TOL)
-    _lifted_gap(name, check)
+    check()
 
 
 def test_self_supervised_support_list():
@@ -247,7 +237,7 @@ def test_xbm_ours_and_pmls_around_every_supported_dk_loss(name):
     for wrapper in (dk.losses.CrossBatchMemory, pl.CrossBatchMemory):
         ours = wrapper(_dk(name), D, MEM)
         theirs = pl.CrossBatchMemory(getattr(pl, name)(), D, MEM)
-        _lifted_gap(name, lambda: _compare_xbm(ours, theirs, _steps()))
+        _compare_xbm(ours, theirs, _steps())
 
 
 @pytest.mark.parametrize("name", SSL_ALL)
@@ -258,7 +248,7 @@ def test_pml_self_supervised_around_dk_losses(name):
             a = pl.SelfSupervisedLoss(_dk(name), symmetric=symmetric)(x, r)
             b = pl.SelfSupervisedLoss(getattr(pl, name)(), symmetric=symmetric)(x, r)
             torch.testing.assert_close(a, b, **TOL)
-        _lifted_gap(name, check)
+        check()
 
 
 def test_pml_multiple_losses_around_dk_losses():

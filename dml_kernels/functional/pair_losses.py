@@ -43,17 +43,18 @@ def generalized_lifted_structure_loss(embeddings, labels=None, indices_tuple=Non
 def lifted_structure_loss(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *,
                           neg_margin=1, pos_margin=0, distance=None, normalize_embeddings=True, backend="auto",
                           check_inputs=True, reducer=None, _extra=None):
-    """PML's LiftedStructureLoss, exact in O(B²) via per-row negative LSEs. No ``ref_emb``."""
-    if ref_emb is not None or ref_labels is not None:
-        raise NotImplementedError("LiftedStructureLoss does not support ref_emb (PML mixes query and reference "
-                                  "indices there); use GeneralizedLiftedStructureLoss")
-    labels, _, _ = _prepare(embeddings, labels, None, None, check_inputs, labels_required=indices_tuple is None)
+    """PML's LiftedStructureLoss, exact in O(B²) via per-row negative LSEs. With ``ref_emb`` it computes what PML
+    computes: for a positive pair (query i, reference k) the negatives are those of query i and of *query* k
+    (PML compares the reference index with query anchors; none when k ≥ N) — on the reference backend."""
+    labels, ref, ref_labels = _prepare(embeddings, labels, ref_emb, ref_labels, check_inputs,
+                                       labels_required=indices_tuple is None)
     dist = parse_distance(distance, normalize_embeddings, default="euclidean")
-    n = embeddings.shape[0]
-    pairs, pair_rule, few = _pair_list(indices_tuple, n, n, embeddings.device, check_inputs)
+    n, m = embeddings.shape[0], _num_refs(embeddings, ref)
+    pairs, pair_rule, few = _pair_list(indices_tuple, n, m, embeddings.device, check_inputs)
+    refs = {} if ref is None else dict(ref=ref, ref_labels=ref_labels)  # the fused backends are self-mode only
     return _loss("lifted_structure_loss", backend, embeddings, labels, neg_margin=float(neg_margin),
                  pos_margin=float(pos_margin), distance=dist, pairs=pairs, pair_rule=pair_rule, reducer=reducer,
-                 extra=_extra, few=few)
+                 extra=_extra, few=few, **refs)
 
 
 def contrastive_loss(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *, pos_margin=0,

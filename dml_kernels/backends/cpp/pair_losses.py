@@ -62,8 +62,11 @@ def contrastive_loss(x, labels, ref, ref_labels, *, pos_margin, neg_margin, dist
 
 
 @_cpu_only
-def lifted_structure_loss(x, labels, *, neg_margin, pos_margin, distance, pairs=None, pair_rule=True):
+def lifted_structure_loss(x, labels, *, neg_margin, pos_margin, distance, pairs=None, pair_rule=True, ref=None,
+                          ref_labels=None):
     """Exact in O(N²): per-row negative LSEs A_i (pair_reduce), then one pass over the positive pairs."""
+    if ref is not None:
+        raise Unsupported("the C++ lifted_structure_loss has no reference-set form")
     if pairs is not None:
         raise Unsupported("the C++ lifted_structure_loss takes no explicit pairs (PML counts duplicates)")
     _need(x, "lifted_pos")

@@ -71,29 +71,37 @@ def _pair_lists(labels, ref_labels, pairs, device):
     return a1, p, a2, n
 
 
-def lifted_structure_loss(x, labels, *, neg_margin, pos_margin, distance: Distance, pairs=None, pair_rule=True):
+def lifted_structure_loss(x, labels, *, neg_margin, pos_margin, distance: Distance, pairs=None, pair_rule=True,
+                          ref=None, ref_labels=None):
     """Mean over ordered positive pairs (i,j) of ½ relu(log(Σ_{N_i} e^{v} + Σ_{N_j} e^{v}) + margin(D_ij, m_p))²,
-    v = margin(m_n, D); the log term is 0 when both negative sets are empty. Self mode only.
+    v = margin(m_n, D); the log term is 0 when both negative sets are empty. With ``ref``, j is a reference
+    index and N_j the negative pairs of *query* j (PML compares the reference index with query anchors): none
+    when j ≥ N.
     """
-    mat = pairwise_similarity(x, None, distance=distance)
-    a1, p, a2, n = _pair_lists(labels, None, pairs, x.device)
+    mat = pairwise_similarity(x, ref, distance=distance)
+    a1, p, a2, n = _pair_lists(labels, ref_labels if ref is not None else None, pairs, x.device)
     count = torch.zeros_like(mat)  # multiplicity of each negative pair (PML counts duplicates)
     count.index_put_((a2, n), torch.ones_like(a2, dtype=mat.dtype), accumulate=True)
     has_neg = count > 0
     v = distance.margin(neg_margin, mat) + count.where(has_neg, 1).log()
     row_lse = masked_logsumexp(v, has_neg)  # A_i (0 if no negatives; masked below)
-    row_has = has_neg.any(1)
-    # Pair term: LSE over the union of the two anchors' negatives = logaddexp(A_i, A_j) (one set if i == j).
-    two = torch.stack([row_lse[a1], row_lse[p]], 1)
-    two_mask = torch.stack([row_has[a1], row_has[p] & (p != a1)], 1)
-    pair_term = masked_logsumexp(two, two_mask)
-    per_pair = F.relu(pair_term + distance.margin(mat[a1, p], pos_margin)) ** 2 / 2
+    per_pair = F.relu(lifted_pair_term(row_lse, has_neg.any(1), a1, p) + distance.margin(mat[a1, p], pos_margin)) ** 2 / 2
     if len(a1) == 0 or len(a2) == 0:
         return (x * 0).sum()
     loss = per_pair.mean()
     if pair_rule and len(a1) <= 1 and len(a2) <= 1:
         return (x * 0).sum()
     return loss
+
+
+def lifted_pair_term(row_lse, row_has, a1, p):
+    """LSE over the union of the negative pairs anchored at query a1 and at query p = logaddexp(A_a1, A_p) —
+    one set if p == a1; no second set where p is not a query index (p ≥ N, with a reference set)."""
+    nq = row_lse.shape[0]
+    pq = p.clamp(max=nq - 1)
+    two = torch.stack([row_lse[a1], row_lse[pq]], 1)
+    two_mask = torch.stack([row_has[a1], row_has[pq] & (p < nq) & (p != a1)], 1)
+    return masked_logsumexp(two, two_mask)
 
 
 def _avg_nonzero(losses, x):

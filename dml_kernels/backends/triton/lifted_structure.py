@@ -151,7 +151,10 @@ class Lifted(pair_engine.PairLossImpl):
         return g.reshape(1) * aux
 
 
-def lifted_structure_loss(x, labels, *, neg_margin, pos_margin, distance, pairs=None, pair_rule=True):
+def lifted_structure_loss(x, labels, *, neg_margin, pos_margin, distance, pairs=None, pair_rule=True, ref=None,
+                          ref_labels=None):
+    if ref is not None:
+        raise pair_engine.Unsupported("the triton lifted_structure_loss has no reference-set form")
     if pairs is not None:
         raise pair_engine.Unsupported("the triton lifted_structure_loss has no explicit-pair form")
     return pair_engine.fused_loss(Lifted(neg_margin, pos_margin, pair_rule), x, labels, None, None, distance)
