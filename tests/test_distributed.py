@@ -135,6 +135,9 @@ def _all_checks(rank, world, out_dir, uneven):
     os.makedirs(sub, exist_ok=True)
     _cross_batch_memory(rank, world, sub, uneven)
     if not uneven:
+        sub = os.path.join(out_dir, "no_local_positives")
+        os.makedirs(sub, exist_ok=True)
+        _no_local_positives(rank, world, sub)
         sub = os.path.join(out_dir, "pml")
         os.makedirs(sub, exist_ok=True)
         _against_pml(rank, world, sub)
@@ -204,6 +207,21 @@ def _cross_batch_memory(rank, world, out_dir, uneven):
         values.append((loss.detach(), torch.autograd.grad(loss, x)[0]))
     torch.save(dict(values=values, memory=xbm.embedding_memory.clone(), labels=xbm.label_memory.clone(),
                     idx=xbm.queue_idx, filled=xbm.has_been_filled), os.path.join(out_dir, f"{rank}.pt"))
+
+
+NO_LOCAL_POSITIVES = [torch.tensor([0, 0, 1, 1, 2]), torch.tensor([0, 1, 5, 6, 7])]  # rank 1: all distinct
+
+
+def _no_local_positives(rank, world, out_dir):
+    """Rank 1's local batch has no positive pair of its own (its 0 and 1 pair up with rank 0's rows only)."""
+    inputs, _ = _batches(world, uneven=False)
+    res = {}
+    for efficient in (False, True):
+        x = inputs[rank].clone().requires_grad_()
+        loss = DistributedLossWrapper(dk.losses.ContrastiveLoss(backend="reference"), efficient=efficient)(
+            x, NO_LOCAL_POSITIVES[rank])
+        res[efficient] = (loss.detach(), torch.autograd.grad(loss, x)[0])
+    torch.save(res, os.path.join(out_dir, f"{rank}.pt"))
 
 
 def _raising_rank(rank, world):
@@ -373,6 +391,25 @@ def test_cross_batch_memory_queues_are_identical_on_every_rank(world, uneven, ra
         for (v, g), (wv, wg) in zip(got["values"], want):
             torch.testing.assert_close(v, world * wv, **TOL)
             torch.testing.assert_close(g, world * wg[starts[r]: starts[r] + sizes[r]], **TOL)
+
+
+def test_a_rank_without_local_positives(ran):
+    """Rank 1's batch has no positive pair of its own: both modes still equal one process's computation."""
+    world = 2
+    inputs, _ = _batches(world, uneven=False)
+    x = torch.cat(inputs).requires_grad_()
+    y = torch.cat(NO_LOCAL_POSITIVES)
+    loss_fn = dk.losses.ContrastiveLoss(backend="reference")
+    want = loss_fn(x, y)
+    (gw,) = torch.autograd.grad(want, x)
+    per_rank = [loss_fn(x[s: s + 5], y[s: s + 5], _pairs_but_self(y[s: s + 5], y, s, 5), x, y) for s in (0, 5)]
+    (ge,) = torch.autograd.grad(sum(per_rank), x)
+    for r in range(world):
+        res = torch.load(ran[(world, False)] / "no_local_positives" / f"{r}.pt")
+        torch.testing.assert_close(res[False][0], world * want.detach(), **TOL)
+        torch.testing.assert_close(res[False][1], world * gw[5 * r: 5 * r + 5], **TOL)
+        torch.testing.assert_close(res[True][0], world * per_rank[r].detach(), **TOL)
+        torch.testing.assert_close(res[True][1], ge[5 * r: 5 * r + 5], **TOL)
 
 
 def test_a_failing_rank_does_not_hang():
