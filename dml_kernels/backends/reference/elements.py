@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ...distances import Distance
 from .class_losses import proxy_logits
 from .mining import batch_hard_indices, multi_similarity_select
-from .pair_losses import _masks, _pair_lists, lifted_pair_term
+from .pair_losses import _masks, _pair_lists, lifted_pair_losses
 from .similarity import masked_log1p_sum_exp, masked_logsumexp, pair_masks, pairwise_similarity
 
 
@@ -75,16 +75,10 @@ def lifted_structure_loss_elements(x, labels, *, neg_margin, pos_margin, distanc
     """Per ordered positive pair (i, j): ½ relu(LSE over the negative pairs anchored at i or j of
     margin(m_n, D) + margin(D_ij, m_p))² (duplicated negative pairs count), as ``pos_pair`` elements; j is a
     reference index with ``ref`` (see ``pair_losses.lifted_structure_loss``)."""
-    mat = pairwise_similarity(x, ref, distance=distance)
-    a1, p, a2, n = _pair_lists(labels, ref_labels if ref is not None else None, pairs, x.device)
+    losses, a1, p, a2 = lifted_pair_losses(x, labels, neg_margin=neg_margin, pos_margin=pos_margin,
+                                           distance=distance, pairs=pairs, ref=ref, ref_labels=ref_labels)
     if (pair_rule and _few(len(a1), len(a2))) or len(a1) == 0 or len(a2) == 0:
         return zero_losses("loss")
-    count = torch.zeros_like(mat)  # multiplicity of each negative pair
-    count.index_put_((a2, n), torch.ones_like(a2, dtype=mat.dtype), accumulate=True)
-    has_neg = count > 0
-    row_lse = masked_logsumexp(distance.margin(neg_margin, mat) + count.where(has_neg, 1).log(), has_neg)
-    pair_term = lifted_pair_term(row_lse, has_neg.any(1), a1, p)
-    losses = F.relu(pair_term + distance.margin(mat[a1, p], pos_margin)) ** 2 / 2
     return {"loss": _entry(losses, (a1, p), "pos_pair")}
 
 

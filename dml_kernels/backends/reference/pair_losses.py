@@ -78,20 +78,26 @@ def lifted_structure_loss(x, labels, *, neg_margin, pos_margin, distance: Distan
     index and N_j the negative pairs of *query* j (PML compares the reference index with query anchors): none
     when j ≥ N.
     """
+    per_pair, a1, p, a2 = lifted_pair_losses(x, labels, neg_margin=neg_margin, pos_margin=pos_margin,
+                                             distance=distance, pairs=pairs, ref=ref, ref_labels=ref_labels)
+    if len(a1) == 0 or len(a2) == 0 or (pair_rule and len(a1) <= 1 and len(a2) <= 1):
+        return (x * 0).sum()
+    return per_pair.mean()
+
+
+def lifted_pair_losses(x, labels, *, neg_margin, pos_margin, distance: Distance, pairs=None, ref=None,
+                       ref_labels=None):
+    """(loss of every ordered positive pair, its anchors a1, its positives p, the negative pairs' anchors a2):
+    the elements of :func:`lifted_structure_loss` (also the ``pos_pair`` entries of its loss dict)."""
     mat = pairwise_similarity(x, ref, distance=distance)
     a1, p, a2, n = _pair_lists(labels, ref_labels if ref is not None else None, pairs, x.device)
     count = torch.zeros_like(mat)  # multiplicity of each negative pair (PML counts duplicates)
     count.index_put_((a2, n), torch.ones_like(a2, dtype=mat.dtype), accumulate=True)
     has_neg = count > 0
     v = distance.margin(neg_margin, mat) + count.where(has_neg, 1).log()
-    row_lse = masked_logsumexp(v, has_neg)  # A_i (0 if no negatives; masked below)
-    per_pair = F.relu(lifted_pair_term(row_lse, has_neg.any(1), a1, p) + distance.margin(mat[a1, p], pos_margin)) ** 2 / 2
-    if len(a1) == 0 or len(a2) == 0:
-        return (x * 0).sum()
-    loss = per_pair.mean()
-    if pair_rule and len(a1) <= 1 and len(a2) <= 1:
-        return (x * 0).sum()
-    return loss
+    row_lse = masked_logsumexp(v, has_neg)  # A_i (0 if no negatives; masked in the pair term)
+    per_pair = F.relu(lifted_pair_term(row_lse, has_neg.any(1), a1, p) + distance.margin(mat[a1, p], pos_margin))
+    return per_pair ** 2 / 2, a1, p, a2
 
 
 def lifted_pair_term(row_lse, row_has, a1, p):
