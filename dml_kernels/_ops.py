@@ -79,6 +79,10 @@ draw from torch's global RNG exactly as PML does (same calls, sizes and order: o
 For the miners from ``pair_margin_mining`` on, the reference also takes as ``distance`` a distance object
 the engines cannot express (SNRDistance, LpDistance(p=1), ...), calling it as is; a fused backend raises
 ``Unsupported`` for anything but a ``Distance``.
+PML's embedding losses (``dml_kernels/functional/embedding_losses.py``, reference only): ``angular_loss`` (x,
+labels, ref, ref_labels, *, alpha (radians), pairs); ``instance_loss`` (x, labels, *, gamma); ``manifold_loss`` (x,
+None, proxies, meta_classes, *, lambdaC, alpha, margin, inverse_dtype, distance) (proxies K×D, meta_classes (N,));
+``vicreg_loss`` (x, None, ref, *, invariance_lambda, variance_mu, covariance_v, eps) (ref: the other view, N×D).
 """
 OPS = ("pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_mask", "batch_hard_mining",
        "triplet_margin_mining", "multi_similarity_loss", "generalized_lifted_structure_loss",
@@ -98,3 +102,5 @@ OPS += tuple(f"{n}{e}" for n in ("normalized_softmax_loss", "cosface_loss", "arc
                                      "large_margin_softmax_loss", "sphereface_loss") for e in ("", "_elements"))
 OPS += tuple(f"{n}{e}" for n in ("subcenter_arcface_loss", "soft_triple_loss", "p2sgrad_loss")
              for e in ("", "_elements"))
+OPS += tuple(f"{n}{e}" for n in ("angular_loss", "instance_loss", "manifold_loss", "vicreg_loss")
+             for e in ("", "_elements"))  # PML's embedding losses

@@ -38,3 +38,5 @@ __all__ += ["circle_loss", "tuplet_margin_loss", "intra_pair_variance_loss", "si
 __all__ += ["normalized_softmax_loss", "cosface_loss", "arcface_loss", "large_margin_softmax_loss",
             "sphereface_loss"]
 __all__ += ["subcenter_arcface_loss", "soft_triple_loss", "p2sgrad_loss"]
+from .embedding_losses import angular_loss, instance_loss, manifold_loss, vicreg_loss  # noqa: E402
+__all__ += ["angular_loss", "instance_loss", "manifold_loss", "vicreg_loss"]

@@ -143,3 +143,9 @@ def _loss(op, backend, x, labels, *args, reducer=None, extra=None, few=False, **
     for name, value in extra.items():
         loss_dict[name] = {"losses": value, "indices": None, "reduction_type": "already_reduced"}
     return reducer(loss_dict, x, labels)
+
+
+# PML's embedding losses (AngularLoss, InstanceLoss, ManifoldLoss, VICRegLoss)
+LOSS_REDUCTION.update({op: (("loss",), "MeanReducer") for op in ("angular_loss", "instance_loss", "manifold_loss")})
+LOSS_REDUCTION["vicreg_loss"] = (("invariance_loss", "variance_loss1", "variance_loss2", "covariance_loss"),
+                                 "MeanReducer")

@@ -28,3 +28,5 @@ __all__ += ["NTXentLoss", "SupConLoss", "NCALoss"]
 __all__ += ["CircleLoss", "TupletMarginLoss", "IntraPairVarianceLoss", "SignalToNoiseRatioContrastiveLoss", "ThresholdConsistentMarginLoss", "MarginLoss"]
 __all__ += ["NormalizedSoftmaxLoss", "CosFaceLoss", "ArcFaceLoss", "LargeMarginSoftmaxLoss", "SphereFaceLoss"]
 __all__ += ["SubCenterArcFaceLoss", "SoftTripleLoss", "P2SGradLoss"]
+from .embedding_losses import AngularLoss, InstanceLoss, ManifoldLoss, VICRegLoss  # noqa: E402
+__all__ += ["AngularLoss", "InstanceLoss", "ManifoldLoss", "VICRegLoss"]

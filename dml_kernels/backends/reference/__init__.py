@@ -50,3 +50,8 @@ from ..._registry import register  # noqa: E402
 
 for _name in __all__:  # the reference backend: every function here is the op of the same name
     register(_name, "reference")(globals()[_name])
+
+from . import embedding_losses as _embedding_losses  # noqa: E402 - Angular, Instance, Manifold, VICReg
+
+for _name in _embedding_losses.__all__:
+    register(_name, "reference")(getattr(_embedding_losses, _name))
