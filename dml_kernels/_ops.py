@@ -52,6 +52,8 @@ sphereface_loss                      (x, labels, W, *, margin (int), scale, weig
 subcenter_arcface_loss               (x, labels, W, *, margin (radians), scale, sub_centers, weights); W is D×(C·K)
 soft_triple_loss                     (x, labels, fc, *, centers_per_class, la, gamma, margin, distance, weights)
 p2sgrad_loss                         (x, labels, weight); weight D×C, used as given
+proxy_gml_loss                       (x, labels, proxies, *, proxies_per_class, top_k, weight_lambda, class_mask,
+                                     release_eps, distance); proxies D×(C·N) (reference/proxy_gml.py: equations, ties)
 proxy_nca_row_stats                  (x, labels, proxies, *, softmax_scale, distance) -> (target, has_target, rest, has_rest) (N,)
 proxy_anchor_class_terms             (x, labels, proxies, *, margin, alpha, distance) -> (pos_term, has_pos, neg_term) (C,)
 knn                                  (x, ref, *, k, distance, exclude_self) -> (values N×k, indices N×k int64)
@@ -104,3 +106,4 @@ OPS += tuple(f"{n}{e}" for n in ("subcenter_arcface_loss", "soft_triple_loss", "
              for e in ("", "_elements"))
 OPS += tuple(f"{n}{e}" for n in ("angular_loss", "instance_loss", "manifold_loss", "vicreg_loss")
              for e in ("", "_elements"))  # PML's embedding losses
+OPS += ("proxy_gml_loss", "proxy_gml_loss_elements")  # ProxyGML (seed 002 §5.3)

@@ -40,3 +40,5 @@ __all__ += ["normalized_softmax_loss", "cosface_loss", "arcface_loss", "large_ma
 __all__ += ["subcenter_arcface_loss", "soft_triple_loss", "p2sgrad_loss"]
 from .embedding_losses import angular_loss, instance_loss, manifold_loss, vicreg_loss  # noqa: E402
 __all__ += ["angular_loss", "instance_loss", "manifold_loss", "vicreg_loss"]
+from .proxy_gml import proxy_gml_loss  # noqa: E402
+__all__ += ["proxy_gml_loss"]

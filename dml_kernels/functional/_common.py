@@ -149,3 +149,7 @@ def _loss(op, backend, x, labels, *args, reducer=None, extra=None, few=False, **
 LOSS_REDUCTION.update({op: (("loss",), "MeanReducer") for op in ("angular_loss", "instance_loss", "manifold_loss")})
 LOSS_REDUCTION["vicreg_loss"] = (("invariance_loss", "variance_loss1", "variance_loss2", "covariance_loss"),
                                  "MeanReducer")
+
+
+# ProxyGML (seed 002 §5.3): "loss" per row, "reg_loss" (weight_lambda·reg) per proxy; the mean of each
+LOSS_REDUCTION["proxy_gml_loss"] = (("loss", "reg_loss"), "MeanReducer")

@@ -30,3 +30,5 @@ __all__ += ["NormalizedSoftmaxLoss", "CosFaceLoss", "ArcFaceLoss", "LargeMarginS
 __all__ += ["SubCenterArcFaceLoss", "SoftTripleLoss", "P2SGradLoss"]
 from .embedding_losses import AngularLoss, InstanceLoss, ManifoldLoss, VICRegLoss  # noqa: E402
 __all__ += ["AngularLoss", "InstanceLoss", "ManifoldLoss", "VICRegLoss"]
+from .proxy_gml import ProxyGMLLoss  # noqa: E402
+__all__ += ["ProxyGMLLoss"]

@@ -55,3 +55,5 @@ from . import embedding_losses as _embedding_losses  # noqa: E402 - Angular, Ins
 
 for _name in _embedding_losses.__all__:
     register(_name, "reference")(getattr(_embedding_losses, _name))
+
+from . import proxy_gml  # noqa: E402,F401 - ProxyGML (seed 002 §5.3); the module registers its ops
