@@ -179,3 +179,51 @@ def test_lifted_structure_with_ref_emb_matches_pml(pattern, m):
     for ours, theirs, t in zip(*grads, (x, r)):
         zero = torch.zeros_like(t)  # an unused input (no pair at all) has no gradient on either side
         torch.testing.assert_close(zero if ours is None else ours, zero if theirs is None else theirs, **TOL)
+
+
+def _construct(cls, module):
+    """An instance built from the required arguments only (small values)."""
+    import inspect
+    kw = {n: 5 for n, p in inspect.signature(cls.__init__).parameters.items()
+          if n != "self" and p.default is inspect.Parameter.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if cls.__name__ in ("CosFaceLoss", "ArcFaceLoss", "SubCenterArcFaceLoss"):  # PML's take them through *args
+        kw = dict(num_classes=5, embedding_size=5)
+    return getattr(module, cls.__name__)(**kw)
+
+
+def _distance_key(d):
+    return type(d).__name__, d.normalize_embeddings, d.p, d.power, d.is_inverted
+
+
+def _classes_with_a_distance():
+    out = []
+    for pml_module, ours in ((pl, dk.losses), (pm, dk.miners)):
+        for name in sorted(dir(pml_module)):
+            cls = getattr(pml_module, name)
+            if isinstance(cls, type) and hasattr(ours, name) and hasattr(cls, "get_default_distance") \
+                    and name not in ("BaseMetricLossFunction", "BaseMiner", "GenericPairLoss"):
+                out.append((pml_module, ours, name))
+    return out
+
+
+@pytest.mark.parametrize("pml_module,ours,name", _classes_with_a_distance(),
+                         ids=[c[2] for c in _classes_with_a_distance()])
+def test_default_distance_object_is_pmls(pml_module, ours, name):
+    """``loss.distance`` / ``miner.distance`` is PML's default distance object (same class and attributes): PML
+    programs read it, e.g. ``TripletMarginMiner(distance=loss.distance)``."""
+    theirs = _construct(getattr(pml_module, name), pml_module)
+    mine = _construct(getattr(pml_module, name), ours)
+    assert _distance_key(mine.distance) == _distance_key(theirs.distance)
+    assert _distance_key(mine.get_default_distance()) == _distance_key(theirs.get_default_distance())
+
+
+def test_miner_built_from_the_losss_distance_matches_pml():
+    """The PML idiom ``miner = TripletMarginMiner(distance=loss.distance)`` with a cosine loss: the miner mines on
+    cosine similarity (a loss whose ``distance`` were None would leave the miner on its own default, L2)."""
+    torch.manual_seed(3)
+    x, y = make("random", 24, 8, torch.float64)
+    theirs_loss, mine_loss = pl.MultiSimilarityLoss(), dk.losses.MultiSimilarityLoss(backend="reference")
+    theirs = pm.TripletMarginMiner(margin=0.2, distance=theirs_loss.distance)(x, y)
+    mine = dk.miners.TripletMarginMiner(margin=0.2, distance=mine_loss.distance, backend="reference")(x, y)
+    assert sorted(zip(*[t.tolist() for t in mine])) == sorted(zip(*[t.tolist() for t in theirs]))
+    same_loss(lambda *a: mine_loss(*a), lambda *a: theirs_loss(*a), x, y, mine)

@@ -12,8 +12,36 @@ from __future__ import annotations
 
 from torch import nn
 
+from .. import distances as _distances
 from .. import reducers as _reducers
 from ..functional._common import LOSS_REDUCTION, default_reducer
+
+
+# PML's ``get_default_distance()`` of each loss class (found along the class's MRO, so a subclass inherits it);
+# a loss not listed uses CosineSimilarity, as PML's BaseMetricLossFunction does.
+PML_DEFAULT_DISTANCE = {
+    "ContrastiveLoss": ("LpDistance", {}),
+    "GeneralizedLiftedStructureLoss": ("LpDistance", {}),
+    "LiftedStructureLoss": ("LpDistance", {}),
+    "MarginLoss": ("LpDistance", {}),
+    "TripletMarginLoss": ("LpDistance", {}),
+    "P2SGradLoss": ("LpDistance", {}),
+    "NCALoss": ("LpDistance", {"power": 2}),
+    "ProxyNCALoss": ("LpDistance", {"power": 2}),
+    "NPairsLoss": ("DotProductSimilarity", {}),
+    "NormalizedSoftmaxLoss": ("DotProductSimilarity", {}),
+    "SignalToNoiseRatioContrastiveLoss": ("SNRDistance", {}),
+}
+
+
+def default_distance(cls, normalize_embeddings=True):
+    """A new instance of PML's default distance object for loss (or miner) class ``cls`` (dml_kernels' class of
+    the same name); ``normalize_embeddings`` (dml_kernels' keyword) is passed where the class takes it."""
+    name, kwargs = next((PML_DEFAULT_DISTANCE[c.__name__] for c in cls.__mro__ if c.__name__ in PML_DEFAULT_DISTANCE),
+                        ("CosineSimilarity", {}))
+    if name != "CosineSimilarity":
+        kwargs = dict(kwargs, normalize_embeddings=normalize_embeddings)
+    return getattr(_distances, name)(**kwargs)
 
 
 def _check_regularizer(regularizer, what):
@@ -41,8 +69,11 @@ class _MetricLoss(nn.Module):
                                       "not implemented yet; use the PML class for them")
         _check_regularizer(embedding_regularizer, "embedding_regularizer")
         _check_regularizer(weight_regularizer, "weight_regularizer")
-        self.distance = distance
+        self.collect_stats = False
         self.normalize_embeddings = normalize_embeddings
+        # As in PML, ``self.distance`` is always a distance object: the one given, or the loss's default
+        # (PML programs read it, e.g. ``TripletMarginMiner(distance=loss.distance)``). A string is kept as given.
+        self.distance = self.get_default_distance() if distance is None else distance
         self.backend = backend
         self.check_inputs = check_inputs
         self.weight_regularizer = weight_regularizer
@@ -64,6 +95,9 @@ class _MetricLoss(nn.Module):
         if self.embedding_regularizer is not None:
             names.append("embedding_reg_loss")
         return names
+
+    def get_default_distance(self):
+        return default_distance(type(self), self.normalize_embeddings)
 
     def get_default_reducer(self):
         return default_reducer(self._op)

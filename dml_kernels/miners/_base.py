@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import _registry
-from ..distances import Distance, parse_distance
+from ..distances import CosineSimilarity, Distance, LpDistance, parse_distance
 from .._validation import check_embeddings, check_labels, check_ref
 
 
@@ -23,9 +23,18 @@ class _Miner(nn.Module):
         if collect_stats:
             raise NotImplementedError(f"{type(self).__name__}(collect_stats=True): PML's recorded statistics are "
                                       "not implemented by dml_kernels' miners")
-        self.distance, self.normalize_embeddings = distance, normalize_embeddings
+        # As in PML, ``self.distance`` is always a distance object: the one given or PML's default for this miner
+        # (LpDistance; CosineSimilarity for MultiSimilarityMiner). A string is kept as given.
+        self.normalize_embeddings = normalize_embeddings
+        self.distance = self.get_default_distance() if distance is None else distance
         self.backend, self.check_inputs = backend, check_inputs
         self.collect_stats = False
+
+    def get_default_distance(self):
+        """PML's ``get_default_distance()``: a new instance of this miner's default distance object."""
+        if self._default_distance == "cosine":
+            return CosineSimilarity()
+        return LpDistance(normalize_embeddings=self.normalize_embeddings)
 
     def _common(self):
         return dict(distance=self.distance, normalize_embeddings=self.normalize_embeddings, backend=self.backend,
