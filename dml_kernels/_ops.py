@@ -85,6 +85,10 @@ PML's embedding losses (``dml_kernels/functional/embedding_losses.py``, referenc
 labels, ref, ref_labels, *, alpha (radians), pairs); ``instance_loss`` (x, labels, *, gamma); ``manifold_loss`` (x,
 None, proxies, meta_classes, *, lambdaC, alpha, margin, inverse_dtype, distance) (proxies K×D, meta_classes (N,));
 ``vicreg_loss`` (x, None, ref, *, invariance_lambda, variance_mu, covariance_v, eps) (ref: the other view, N×D).
+``language_guidance_loss`` (x, labels, lang, *, temperature, language_shift, direction, mask_same_class): seed
+002 eq. 29 (``lang`` (B, K, D_L), a constant; labels None unless mask_same_class); ``class_densities`` (x,
+labels, *, num_classes, normalize) -> (C,) eq. 5 of seed 001; ``density_adaptivity_loss`` (x, labels, alpha, *,
+num_classes, original_densities, eta, normalize): eq. 6/8 of seed 001 (dml_kernels/functional/seed_methods.py).
 """
 OPS = ("pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_mask", "batch_hard_mining",
        "triplet_margin_mining", "multi_similarity_loss", "generalized_lifted_structure_loss",
@@ -107,3 +111,4 @@ OPS += tuple(f"{n}{e}" for n in ("subcenter_arcface_loss", "soft_triple_loss", "
 OPS += tuple(f"{n}{e}" for n in ("angular_loss", "instance_loss", "manifold_loss", "vicreg_loss")
              for e in ("", "_elements"))  # PML's embedding losses
 OPS += ("proxy_gml_loss", "proxy_gml_loss_elements")  # ProxyGML (seed 002 §5.3)
+OPS += ("language_guidance_loss", "class_densities", "density_adaptivity_loss")  # the seeds' regularisers

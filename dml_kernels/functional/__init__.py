@@ -42,3 +42,5 @@ from .embedding_losses import angular_loss, instance_loss, manifold_loss, vicreg
 __all__ += ["angular_loss", "instance_loss", "manifold_loss", "vicreg_loss"]
 from .proxy_gml import proxy_gml_loss  # noqa: E402
 __all__ += ["proxy_gml_loss"]
+from .seed_methods import class_densities, density_adaptivity_loss, language_guidance_loss  # noqa: E402
+__all__ += ["language_guidance_loss", "density_adaptivity_loss", "class_densities"]

@@ -32,3 +32,5 @@ from .embedding_losses import AngularLoss, InstanceLoss, ManifoldLoss, VICRegLos
 __all__ += ["AngularLoss", "InstanceLoss", "ManifoldLoss", "VICRegLoss"]
 from .proxy_gml import ProxyGMLLoss  # noqa: E402
 __all__ += ["ProxyGMLLoss"]
+from .seed_methods import DensityAdaptivityLoss, LanguageGuidanceLoss  # noqa: E402
+__all__ += ["LanguageGuidanceLoss", "DensityAdaptivityLoss"]

@@ -46,6 +46,10 @@ __all__ += ["pair_margin_mining", "batch_easy_hard_mining", "distance_weighted_m
             "hdc_mining", "uniform_histogram_mining", "packaged_triplets_mining"]
 __all__ += _MARGIN_SOFTMAX_OPS
 
+from .seed_methods import __all__ as _SEED_OPS  # noqa: E402
+from .seed_methods import *  # noqa: F401,F403,E402 - language guidance, DML-DA (seeds 002 §6.1, 001)
+__all__ += _SEED_OPS
+
 from ..._registry import register  # noqa: E402
 
 for _name in __all__:  # the reference backend: every function here is the op of the same name
