@@ -57,6 +57,12 @@ proxy_gml_loss                       (x, labels, proxies, *, proxies_per_class, 
 proxy_nca_row_stats                  (x, labels, proxies, *, softmax_scale, distance) -> (target, has_target, rest, has_rest) (N,)
 proxy_anchor_class_terms             (x, labels, proxies, *, margin, alpha, distance) -> (pos_term, has_pos, neg_term) (C,)
 knn                                  (x, ref, *, k, distance, exclude_self) -> (values N×k, indices N×k int64)
+direction_triplet_margin_loss        (x, labels, ref, ref_labels, *, margin, gamma, swap, smooth_loss, mining, distance,
+                                     triplets); + γ (seed 002 eq. 33, dml_kernels/functional/direction.py)
+direction_multi_similarity_loss      (x, labels, ref, ref_labels, *, alpha, beta, base, gamma, epsilon, distance, pairs,
+                                     pair_rule); + γ on the negative term (eq. 34)
+direction_proxy_nca_loss             (x, labels, proxies, *, softmax_scale, gamma, exclude_positive, distance, weights)
+                                     + γ on the denominator terms (eq. 35)
 <loss>_elements                      (the arguments of the loss op <loss>) -> PML's loss dict (reference only, for now)
 
 ``pairs``: None (all label pairs), a PackedPairMask (matrix-based losses: MS, generalized lifted), or a

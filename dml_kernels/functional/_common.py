@@ -102,6 +102,9 @@ LOSS_REDUCTION = {
     "threshold_consistent_margin_loss": (("loss",), "MeanReducer"),
     "margin_loss": (("margin_loss", "beta_reg_loss"), "DivisorReducer"),
 }
+# the direction-regularised losses (seed 002 eq. 33–35) reduce as the losses they regularise
+LOSS_REDUCTION.update({f"direction_{op}": LOSS_REDUCTION[op]
+                       for op in ("triplet_margin_loss", "multi_similarity_loss", "proxy_nca_loss")})
 
 
 def default_reducer(op):

@@ -77,19 +77,29 @@ class ProxyNCALoss(_ProxyLoss):
     _default_distance = "squared_euclidean"
     _op = "proxy_nca_loss"
 
-    def __init__(self, num_classes, embedding_size, softmax_scale=1, *, exclude_positive=False, **kwargs):
+    def __init__(self, num_classes, embedding_size, softmax_scale=1, *, exclude_positive=False, direction_gamma=0,
+                 **kwargs):
         super().__init__(num_classes, embedding_size, **kwargs)
         self.softmax_scale, self.exclude_positive = softmax_scale, exclude_positive
+        self.direction_gamma = direction_gamma  # ≠ 0: the direction regulariser (seed 002 eq. 35)
 
     def reset_parameters(self):
         nn.init.normal_(self.proxies)  # PML's default weight_init_func for ProxyNCALoss
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if self.process_group is not None and self.direction_gamma:
+            raise ValueError("ProxyNCALoss(direction_gamma=...) with process_group= (sharded proxies) is not "
+                             "implemented; use one of them")
         if self.process_group is not None:
             from ..distributed import sharded_proxy_nca_loss
 
             return self._sharded(sharded_proxy_nca_loss, embeddings, labels, indices_tuple, ref_emb, ref_labels,
                                  softmax_scale=self.softmax_scale, exclude_positive=self.exclude_positive)
+        if self.direction_gamma:
+            return F.direction_proxy_nca_loss(
+                embeddings, labels, self._proxies_for(embeddings), indices_tuple, ref_emb, ref_labels,
+                direction_gamma=self.direction_gamma, softmax_scale=self.softmax_scale,
+                exclude_positive=self.exclude_positive, **self._common(), **self._reduction(embeddings, self.proxies))
         return F.proxy_nca_loss(embeddings, labels, self._proxies_for(embeddings), indices_tuple, ref_emb, ref_labels,
                                 softmax_scale=self.softmax_scale, exclude_positive=self.exclude_positive,
                                 **self._common(), **self._reduction(embeddings, self.proxies))

@@ -11,11 +11,17 @@ class MultiSimilarityLoss(_MetricLoss):
 
     _op = "multi_similarity_loss"
 
-    def __init__(self, alpha=2, beta=50, base=0.5, *, epsilon=None, **kwargs):
+    def __init__(self, alpha=2, beta=50, base=0.5, *, epsilon=None, direction_gamma=0, **kwargs):
         super().__init__(**kwargs)
         self.alpha, self.beta, self.base, self.epsilon = alpha, beta, base, epsilon
+        self.direction_gamma = direction_gamma  # ≠ 0: the direction regulariser (seed 002 eq. 34)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if self.direction_gamma:
+            return F.direction_multi_similarity_loss(
+                embeddings, labels, indices_tuple, ref_emb, ref_labels, direction_gamma=self.direction_gamma,
+                alpha=self.alpha, beta=self.beta, base=self.base, epsilon=self.epsilon, **self._common(),
+                **self._reduction(embeddings))
         return F.multi_similarity_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels, alpha=self.alpha,
                                        beta=self.beta, base=self.base, epsilon=self.epsilon, **self._common(),
                                        **self._reduction(embeddings))
@@ -73,12 +79,19 @@ class TripletMarginLoss(_MetricLoss):
     _op = "triplet_margin_loss"
 
     def __init__(self, margin=0.05, swap=False, smooth_loss=False, triplets_per_anchor="all", *, mining=None,
-                 **kwargs):
+                 direction_gamma=0, **kwargs):
         super().__init__(**kwargs)
         self.margin, self.swap, self.smooth_loss = margin, swap, smooth_loss
         self.triplets_per_anchor, self.mining = triplets_per_anchor, mining
+        self.direction_gamma = direction_gamma  # ≠ 0: the direction regulariser (seed 002 eq. 33)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if self.direction_gamma:
+            return F.direction_triplet_margin_loss(
+                embeddings, labels, indices_tuple, ref_emb, ref_labels, direction_gamma=self.direction_gamma,
+                margin=self.margin, swap=self.swap, smooth_loss=self.smooth_loss,
+                triplets_per_anchor=self.triplets_per_anchor, mining=self.mining, **self._common(),
+                **self._reduction(embeddings))
         return F.triplet_margin_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels, margin=self.margin,
                                      swap=self.swap, smooth_loss=self.smooth_loss,
                                      triplets_per_anchor=self.triplets_per_anchor, mining=self.mining,

@@ -50,6 +50,10 @@ from .seed_methods import __all__ as _SEED_OPS  # noqa: E402
 from .seed_methods import *  # noqa: F401,F403,E402 - language guidance, DML-DA (seeds 002 §6.1, 001)
 __all__ += _SEED_OPS
 
+from .direction import __all__ as _DIRECTION_OPS  # noqa: E402
+from .direction import *  # noqa: F401,F403,E402 - the direction-regularised losses (seed 002 eq. 33–35)
+__all__ += _DIRECTION_OPS
+
 from ..._registry import register  # noqa: E402
 
 for _name in __all__:  # the reference backend: every function here is the op of the same name
