@@ -118,3 +118,5 @@ OPS += tuple(f"{n}{e}" for n in ("angular_loss", "instance_loss", "manifold_loss
              for e in ("", "_elements"))  # PML's embedding losses
 OPS += ("proxy_gml_loss", "proxy_gml_loss_elements")  # ProxyGML (seed 002 §5.3)
 OPS += ("language_guidance_loss", "class_densities", "density_adaptivity_loss")  # the seeds' regularisers
+OPS += tuple(f"direction_{n}{e}" for n in ("triplet_margin_loss", "multi_similarity_loss", "proxy_nca_loss")
+             for e in ("", "_elements"))

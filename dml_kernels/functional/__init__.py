@@ -44,3 +44,6 @@ from .proxy_gml import proxy_gml_loss  # noqa: E402
 __all__ += ["proxy_gml_loss"]
 from .seed_methods import class_densities, density_adaptivity_loss, language_guidance_loss  # noqa: E402
 __all__ += ["language_guidance_loss", "density_adaptivity_loss", "class_densities"]
+from .direction import (direction_multi_similarity_loss, direction_proxy_nca_loss,  # noqa: E402
+                        direction_triplet_margin_loss)
+__all__ += ["direction_triplet_margin_loss", "direction_multi_similarity_loss", "direction_proxy_nca_loss"]
