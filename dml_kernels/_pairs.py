@@ -155,3 +155,40 @@ def n_pairs_block(labels):
     rows = torch.argsort((~is_anchor).to(torch.int32), stable=True)[:h]
     cols = torch.argsort((~is_positive).to(torch.int32), stable=True)[:h]
     return rows, cols, is_anchor[rows], is_positive[cols]
+
+
+def random_triplets(labels, ref_labels, per_anchor):
+    """PML's ``triplets_per_anchor=<int>``: for each anchor, ``per_anchor`` random (positive, negative) pairs,
+    drawn from torch's global CPU generator with PML's calls, sizes and order (one seed gives PML's triplets).
+
+    Label by label (sorted), every anchor of the label gets ``per_anchor`` positives drawn uniformly from its
+    label's references (itself excluded in self mode, ``ref_labels=None``) and as many negatives drawn
+    uniformly from the other labels' references; a label with too few positives (< 2 in self mode, < 1 with
+    references) or no negative is skipped. A host sync (the counts depend on the labels), as in PML.
+    """
+    if isinstance(per_anchor, bool) or not isinstance(per_anchor, int) or per_anchor < 0:
+        raise ValueError(f"triplets_per_anchor must be 'all' or a non-negative int, got {per_anchor!r}")
+    self_mode = ref_labels is None
+    refs = labels if self_mode else ref_labels
+    a_all, p_all, n_all = [], [], []
+    for label in torch.unique(labels):
+        pos = torch.nonzero(refs == label).flatten()
+        anchors = pos if self_mode else torch.nonzero(labels == label).flatten()
+        neg = torch.nonzero(refs != label).flatten()
+        if len(pos) < (2 if self_mode else 1) or len(neg) == 0:
+            continue
+        count = len(anchors) * per_anchor
+        choices = pos.expand(len(anchors), len(pos))
+        if self_mode:  # each anchor's positives are its label's other samples, in index order
+            keep = ~torch.eye(len(anchors), dtype=torch.bool, device=pos.device)
+            choices = choices[keep].view(len(anchors), len(anchors) - 1)
+        p_pick = torch.randint(0, choices.shape[1], (count,))
+        a_row = torch.arange(len(anchors)).repeat_interleave(per_anchor)
+        n_pick = torch.randint(0, len(neg), (count,))
+        a_all.append(anchors[a_row.to(anchors.device)])
+        p_all.append(choices[a_row.to(pos.device), p_pick.to(pos.device)])
+        n_all.append(neg[n_pick.to(neg.device)])
+    if not a_all:
+        empty = torch.empty(0, dtype=torch.long, device=labels.device)
+        return empty, empty.clone(), empty.clone()
+    return tuple(torch.cat(t).to(device=labels.device, dtype=torch.long) for t in (a_all, p_all, n_all))

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .._pairs import PackedPairMask
+from .._pairs import PackedPairMask, random_triplets
 from .._validation import check_indices_tuple
 from ..distances import parse_distance
 from ._common import _loss, _matrix_pairs, _num_refs, _pair_list, _prepare, _triplet_list
@@ -167,14 +167,13 @@ def margin_loss(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_l
                 backend="auto", check_inputs=True, reducer=None, _extra=None):
     """PML's MarginLoss over all triplets (or the given ones): Σ (relu(d_ap − β + m) + relu(β − d_an + m)) /
     (number of nonzero terms), plus ν·β when ``learn_beta``. ``beta``: a (1,) or (num_classes,) tensor."""
-    if triplets_per_anchor != "all":
-        raise NotImplementedError("triplets_per_anchor other than 'all' (random triplet sampling) is not "
-                                  "implemented; pass an indices_tuple")
     labels, ref, ref_labels = _prepare(embeddings, labels, ref_emb, ref_labels, check_inputs,
                                        labels_required=indices_tuple is None)
     dist = parse_distance(distance, normalize_embeddings, default="euclidean")
     triplets = _triplet_list(indices_tuple, embeddings.shape[0], _num_refs(embeddings, ref), embeddings.device,
                              check_inputs)
+    if triplets is None and triplets_per_anchor != "all":  # PML's random sampling, torch's global RNG
+        triplets = random_triplets(labels, ref_labels if ref is not None else None, triplets_per_anchor)
     return _loss("margin_loss", backend, embeddings, labels, ref, ref_labels, beta, margin=float(margin),
                  nu=float(nu), learn_beta=bool(learn_beta), distance=dist, triplets=triplets, reducer=reducer,
                  extra=_extra)

@@ -4,7 +4,7 @@ Every loss takes ``reducer=`` (a reducer of ``dk.reducers`` or PML's; default: P
 computed by the fused op); ``_extra`` is internal (the loss modules' regularizer terms)."""
 from __future__ import annotations
 
-from .._pairs import PackedPairMask, indices_to_pairs
+from .._pairs import PackedPairMask, indices_to_pairs, random_triplets
 from .._validation import check_indices_tuple
 from ..distances import parse_distance
 from ._common import _loss, _matrix_pairs, _num_refs, _pair_list, _prepare, _triplet_list
@@ -93,12 +93,12 @@ def n_pairs_loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_label
 def triplet_margin_loss(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *, margin=0.05,
                         swap=False, smooth_loss=False, triplets_per_anchor="all", mining=None, distance=None,
                         normalize_embeddings=True, backend="auto", check_inputs=True, reducer=None, _extra=None):
-    """PML's TripletMarginLoss over all triplets (never the N×M×M set), or ``mining="batch_hard"``."""
-    if triplets_per_anchor != "all":
-        raise NotImplementedError("triplets_per_anchor other than 'all' (random triplet sampling) is not "
-                                  "implemented; use mining='batch_hard' or pass an indices_tuple")
+    """PML's TripletMarginLoss over all triplets (never the N×M×M set), ``triplets_per_anchor`` random ones per
+    anchor (PML's sampling, torch's global RNG), or ``mining="batch_hard"``."""
     if mining not in (None, "batch_hard"):
         raise ValueError(f"mining must be None or 'batch_hard', got {mining!r}")
+    if mining is not None and triplets_per_anchor != "all":
+        raise ValueError("pass either mining= or triplets_per_anchor=, not both")
     if mining is not None and indices_tuple is not None:
         raise ValueError("pass either mining= or indices_tuple=, not both")
     labels, ref, ref_labels = _prepare(embeddings, labels, ref_emb, ref_labels, check_inputs,
@@ -106,6 +106,8 @@ def triplet_margin_loss(embeddings, labels=None, indices_tuple=None, ref_emb=Non
     dist = parse_distance(distance, normalize_embeddings, default="euclidean")
     triplets = _triplet_list(indices_tuple, embeddings.shape[0], _num_refs(embeddings, ref), embeddings.device,
                              check_inputs)
+    if triplets is None and triplets_per_anchor != "all":
+        triplets = random_triplets(labels, ref_labels if ref is not None else None, triplets_per_anchor)
     return _loss("triplet_margin_loss", backend, embeddings, labels, ref, ref_labels, margin=float(margin),
                  swap=bool(swap), smooth_loss=bool(smooth_loss), mining=mining, distance=dist, triplets=triplets,
                  reducer=reducer, extra=_extra)
