@@ -34,3 +34,6 @@ from .proxy_gml import ProxyGMLLoss  # noqa: E402
 __all__ += ["ProxyGMLLoss"]
 from .seed_methods import DensityAdaptivityLoss, LanguageGuidanceLoss  # noqa: E402
 __all__ += ["LanguageGuidanceLoss", "DensityAdaptivityLoss"]
+# PML's public base classes and mixins, for losses written against PML's API (not in __all__: abstract)
+from .base_classes import (BaseLossWrapper, BaseMetricLossFunction, EmbeddingRegularizerMixin,  # noqa: E402,F401
+                           GenericPairLoss, WeightMixin, WeightRegularizerMixin)

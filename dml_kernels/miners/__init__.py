@@ -15,3 +15,4 @@ from .triplet_miners import (
 __all__ = ["MultiSimilarityMiner", "BatchHardMiner", "TripletMarginMiner", "PairMarginMiner", "BatchEasyHardMiner",
            "DistanceWeightedMiner", "AngularMiner", "HDCMiner", "UniformHistogramMiner",
            "EmbeddingsAlreadyPackagedAsTriplets"]
+from .base_miner import BaseMiner  # noqa: E402,F401 - PML's base class for miners written against its API (abstract)
