@@ -7,8 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as tnf
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dml_kernels as dk
+from dml_kernels import _registry
+from memory import peak_extra_bytes, requires_clear_refs
 from patterns import PATTERNS
 
 F = dk.functional
@@ -112,12 +115,19 @@ def _kw(v):
                 direction=v.get("direction", "backward"), mask_same_class=v.get("mask", False))
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("pattern", list(PATTERNS))
-def test_reference_equals_naive_loops(pattern, variant):
+def _naive_cases():
+    """Every label pattern × variant on the reference; on triton every pattern with two variants, and every
+    variant on one pattern (the interpreter is slow)."""
+    cases = [("reference", p, v) for p in PATTERNS for v in VARIANTS]
+    cases += [("triton", p, v) for p in PATTERNS for v in ("seed", "release")]
+    return cases + [("triton", "random", v) for v in VARIANTS if v not in ("seed", "release")]
+
+
+@pytest.mark.parametrize("backend,pattern,variant", _naive_cases())
+def test_equals_naive_loops(backend, pattern, variant):
     v = VARIANTS[variant]
     x, y, lang = inputs(pattern, n=7, jitter=0.3)
-    ours = value_and_grad(lambda e: F.language_guidance_loss(e, y, lang, backend="reference", **_kw(v)), x)
+    ours = value_and_grad(lambda e: F.language_guidance_loss(e, y, lang, backend=backend, **_kw(v)), x)
     naive = value_and_grad(lambda e: naive_language_guidance(e, y, lang, v.get("temperature", 1.0),
                                                              v.get("shift", 1.0), v.get("direction", "backward"),
                                                              v.get("mask", False)), x)
@@ -216,3 +226,110 @@ def test_errors_name_the_argument():
         dk.losses.LanguageGuidanceLoss(weight=math.nan)
     with pytest.raises(ValueError, match="direction"):
         dk.losses.LanguageGuidanceLoss(direction="both")
+
+
+# ----------------------------------------------------------------------------- the fused Triton form (interpreter)
+
+
+def _compare(backend_a, backend_b, x, y, lang, tol=TOL, **kw):
+    got = value_and_grad(lambda e: F.language_guidance_loss(e, y, lang, backend=backend_a, **kw), x)
+    want = value_and_grad(lambda e: F.language_guidance_loss(e.double(), y, lang.double(), backend=backend_b,
+                                                             **kw), x)
+    assert_same([t.double() for t in got], [t.double() for t in want], tol)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("k", [None, 3])
+def test_triton_equals_reference_odd_shapes(variant, k):
+    """B = 37, D = 19 (several 16-row tiles, ragged edges), D_L = 6 (or K = 3 × 6), float64, 1e-9."""
+    x, y, lang = inputs("random", n=37, d=19, k=k, jitter=0.3)
+    _compare("triton", "reference", x, y, lang, **_kw(VARIANTS[variant]))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_triton_low_precision(dtype, tol):
+    """fp32 / fp16 / bf16 operands (fp32 accumulation) against the float64 reference on the rounded inputs."""
+    x, y, lang = inputs("random", n=21, d=16, jitter=0.3)
+    x, lang = x.to(dtype), lang.to(dtype)
+    got = value_and_grad(lambda e: F.language_guidance_loss(e, y, lang, mask_same_class=True, backend="triton"), x)
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype
+    _compare("triton", "reference", x, y, lang, tol=dict(rtol=tol, atol=tol * float(got[0])),
+             mask_same_class=True)
+
+
+def test_gradcheck_triton():
+    x, y, lang = inputs("random", n=6, d=3, k=2, jitter=0.3)
+    for kw in ({}, dict(direction="forward", mask_same_class=True, temperature=0.7)):
+        assert torch.autograd.gradcheck(lambda e: F.language_guidance_loss(e, y, lang, backend="triton", **kw),
+                                        (x.clone().requires_grad_(),))
+
+
+def test_triton_registered_and_not_chosen_on_cpu_by_auto():
+    assert _registry.implemented("language_guidance_loss")[:2] == ["reference", "triton"]
+    assert "triton" not in _registry.auto_candidates("cpu")
+
+
+def test_triton_inputs_untouched_and_double_backward_refused():
+    x, y, lang = inputs("random", n=7, k=2)
+    copies = [t.clone() for t in (x, y, lang)]
+    xl = x.clone().requires_grad_()
+    F.language_guidance_loss(xl, y, lang, mask_same_class=True, backend="triton").backward()
+    for t, c in zip((xl.detach(), y, lang), copies):
+        assert torch.equal(t, c)
+    out = F.language_guidance_loss(xl, y, lang, backend="triton")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out, xl, create_graph=True)
+
+
+class _Watch(TorchDispatchMode):
+    """The largest tensor any aten op returns, and every op that syncs with the host."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique")
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.syncs = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if str(func).startswith(self.SYNCING):
+            self.syncs.append(str(func))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_no_batch_by_batch_tensor_and_no_host_sync(backend):
+    """fp32, B = 128, D = 3, K = 2: a B×B matrix takes 64 KiB; the fused path's largest tensor stays under 1/8 of
+    that (x, the language rows, four row statistics) and nothing syncs (check_inputs=False). The reference forms
+    B×B matrices: the same check fails there."""
+    x, y, lang = inputs("random", n=128, d=3, k=2, jitter=0.3)
+    x, lang = x.float().requires_grad_(), lang.float()
+    with _Watch() as watch:
+        F.language_guidance_loss(x, y, lang, mask_same_class=True, backend=backend, check_inputs=False).backward()
+    fits = watch.largest < 128 * 128 * 4 // 8 and not watch.syncs
+    assert fits == (backend == "triton"), (watch.largest, watch.syncs)
+
+
+@requires_clear_refs
+def test_peak_memory_fused_vs_reference(monkeypatch):
+    """Peak resident memory of forward + backward, fp32, B = 1024, D = 8, D_L = 8: the reference holds several
+    B×B matrices (4 MiB each); the fused path holds O(B·D). Larger interpreter tiles keep it fast."""
+    from dml_kernels.backends.triton import language_guidance as lg
+    monkeypatch.setattr(lg, "INTERPRETER_BLOCKS", [128, 128])
+    x, y, lang = inputs("random", n=1024, d=8, jitter=0.3)
+    lang = torch.cat([lang, lang], 1)[:, :8]
+    x, lang = x.float(), lang.float()
+    matrix = 1024 * 1024 * 4
+
+    def run(backend, n=1024):
+        xl = x[:n].clone().requires_grad_()
+        F.language_guidance_loss(xl, y[:n], lang[:n], mask_same_class=True, backend=backend,
+                                 check_inputs=False).backward()
+
+    run("triton", 16)  # load / warm up the kernels outside the measurement
+    fused, ref = peak_extra_bytes(lambda: run("triton")), peak_extra_bytes(lambda: run("reference"))
+    assert ref > 3 * matrix, ref  # the same bound fails on the reference
+    assert fused < matrix // 2, fused

@@ -19,3 +19,4 @@ Map (the same in every backend package):
 import triton  # noqa: F401  (a clear ImportError if triton is missing)
 
 from . import class_losses, knn, pair_losses, similarity  # noqa: F401,E402
+from . import language_guidance  # noqa: F401,E402 - language-guidance distillation (seed 002 eq. 29), two dot tiles per tile
