@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dml_kernels as dk
 from dml_kernels import _registry
@@ -124,11 +125,12 @@ def _fn(y, n, k, lam, opts, backend="reference"):
                                          **opts)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
-def test_reference_equals_naive_loops(case):
+def test_equals_naive_loops(case, backend):
     b, c, n, d, k, lam, opts = case
     x, y, P = data(b, c, n, d, seed=b * 100 + c)
-    ours = grads(_fn(y, n, k, lam, opts), x, P)
+    ours = grads(_fn(y, n, k, lam, opts, backend), x, P)
     naive = grads(lambda x, P: naive_proxy_gml(x, y, P, n, k, lam, normalize=opts.get("normalize_embeddings", True),
                                                class_mask=opts.get("class_mask", "selected"),
                                                release_eps=opts.get("release_eps", False)), x, P)
@@ -186,13 +188,14 @@ def tie_data(dtype=torch.float64):
     return x, y, P, n
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k", [3, 4, 5, 6])
-def test_ties_equal_naive(k):
+def test_ties_equal_naive(k, backend):
     x, y, P, n = tie_data()
     s = R.similarities(x, P, dk.distances.parse_distance(None, True, default="dot"))
     assert (s[:, 3] == s[:, 5]).all() and (s[:, 5] == s[:, 7]).all()  # the ties are exact
     ours = grads(lambda x, P: F.proxy_gml_loss(x, y, P, proxies_per_class=n, top_k=k, weight_lambda=0.3,
-                                               backend="reference"), x, P)
+                                               backend=backend), x, P)
     assert_same(ours, grads(lambda x, P: naive_proxy_gml(x, y, P, n, k, 0.3), x, P))
 
 
@@ -287,3 +290,158 @@ def test_inputs_untouched(backend):
     F.proxy_gml_loss(xl, y, pl, proxies_per_class=3, top_k=7, backend=backend).backward()
     for t, c in zip((xl.detach(), y, pl.detach()), copies):
         assert torch.equal(t, c)
+
+
+# ----------------------------------------------------------------------------------------- Triton (interpreter)
+
+needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable")
+
+
+@pytest.fixture
+def tuning():
+    from dml_kernels.backends.triton import proxy_gml as TG
+    saved = dict(TG.TUNING)
+    yield TG.TUNING
+    TG.TUNING.clear()
+    TG.TUNING.update(saved)
+
+
+# (B, C, N, D, K, tuning): odd B and C (not tile multiples), N not a power of 2 (padded slots), N = 1, N = 16
+# (one class per tile), several tiles per row, K' = 0, every other proxy selected, wider tiles
+TRITON_CASES = [
+    (19, 7, 3, 20, 9, {}),
+    (33, 13, 3, 5, 11, {"block_w": 32}),
+    (17, 6, 1, 37, 4, {}),
+    (9, 3, 16, 6, 20, {}),
+    (21, 5, 5, 8, 5, {}),                          # K = N: own class only
+    (21, 5, 2, 8, 10, {}),                         # K = C·N
+    (40, 9, 2, 16, 7, {"block_b": 32, "block_k": 16, "block_d": 16}),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("opts", [{}, {"release_eps": True, "class_mask": "nonzero", "normalize_embeddings": False},
+                                  {"weight_lambda": 0.0}])
+@pytest.mark.parametrize("case", TRITON_CASES, ids=[str(i) for i in range(len(TRITON_CASES))])
+def test_triton_equals_reference(case, opts, tuning):
+    b, c, n, d, k, tune = case
+    tuning.update(tune)
+    x, y, P = data(b, c, n, d, seed=b + c)
+    if c > b:
+        y = torch.randint(0, c // 2, (b,))  # half the classes absent
+    kw = {"proxies_per_class": n, "top_k": k, "weight_lambda": 0.3, **opts}
+    got = grads(lambda x, P: F.proxy_gml_loss(x, y, P, backend="triton", **kw), x, P)
+    assert_same(got, grads(lambda x, P: F.proxy_gml_loss(x, y, P, backend="reference", **kw), x, P))
+
+
+@needs_triton
+def test_triton_ties_across_tiles(tuning):
+    """Exact ties at the K-th value spread over several class tiles (duplicated proxy columns): the kernel
+    keeps the lower index, as the reference."""
+    tuning.update(block_w=16)
+    b, c, n, d = 18, 12, 4, 5
+    x, y, P = data(b, c, n, d, seed=4)
+    P = P.clone()
+    for dst in (9, 17, 26, 33, 47):  # copies of proxy 1 in classes 2, 4, 6, 8, 11
+        P[:, dst] = P[:, 1]
+    y = torch.arange(b) % c
+    y[y == 0] = 3  # no row of class 0: proxy 1 and its copies compete as other-class candidates
+    s = R.similarities(x, P, dk.distances.parse_distance(None, True, default="dot"))
+    assert (s[:, 9] == s[:, 1]).all() and (s[:, 47] == s[:, 1]).all()
+    for k in (n + 1, n + 3, n + 6):
+        fn = lambda be: (lambda x, P: F.proxy_gml_loss(x, y, P, proxies_per_class=n, top_k=k,  # noqa: E731
+                                                       weight_lambda=0.0, backend=be))
+        got, want = grads(fn("triton"), x, P), grads(fn("reference"), x, P)
+        assert_same(got, want)
+        assert_same(got, grads(lambda x, P: naive_proxy_gml(x, y, P, n, k, 0.0), x, P))
+
+
+@needs_triton
+def test_triton_gradcheck():
+    x, y, P = data(3, 2, 2, 3, seed=8)
+    x.requires_grad_()
+    P.requires_grad_()
+    fn = lambda x, P: F.proxy_gml_loss(x, y, P, proxies_per_class=2, top_k=3, weight_lambda=0.4,  # noqa: E731
+                                       backend="triton")
+    assert torch.autograd.gradcheck(fn, (x, P))
+
+
+@needs_triton
+def test_triton_float32_close_to_reference():
+    x, y, P = data(19, 7, 3, 20, dtype=torch.float32, seed=2)
+    kw = dict(proxies_per_class=3, top_k=9, weight_lambda=0.3)
+    got = grads(lambda x, P: F.proxy_gml_loss(x, y, P, backend="triton", **kw), x, P)
+    want = grads(lambda x, P: F.proxy_gml_loss(x, y, P, backend="reference", **kw), x, P)
+    assert got[0].dtype == torch.float32
+    assert_same(got, want, rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+def test_triton_unsupported_k_falls_back(monkeypatch):
+    from dml_kernels.backends.triton import proxy_gml as TG
+    x, y, P = data(5, 40, 4, 6)
+    with pytest.raises(_registry.Unsupported, match="registers"):
+        F.proxy_gml_loss(x, y, P, proxies_per_class=4, top_k=4 + TG.MAX_OTHER + 1, backend="triton")
+    monkeypatch.setattr(_registry, "auto_candidates", lambda device_type: ("triton", "reference"))
+    monkeypatch.setattr(_registry, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        got = F.proxy_gml_loss(x, y, P, proxies_per_class=4, top_k=4 + TG.MAX_OTHER + 1, backend="auto")
+    assert torch.equal(got, F.proxy_gml_loss(x, y, P, proxies_per_class=4, top_k=4 + TG.MAX_OTHER + 1,
+                                             backend="reference"))
+
+
+class _Watch(TorchDispatchMode):
+    """The largest tensor (bytes) any aten op returns, and the ops that sync with the host."""
+    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique")
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.syncs = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if str(func).startswith(self.SYNCING):
+            self.syncs.append(str(func))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if torch.is_tensor(t):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+@needs_triton
+def test_no_batch_by_proxy_buffer_and_no_sync(tuning):
+    """Forward + backward (both gradients, regulariser included) never allocate B×(C·N) elements and never
+    sync; the same watch sees the reference's B×(C·N) buffers, so it can fail."""
+    tuning.update(block_b=32, block_w=64)
+    b, c, n, d = 64, 96, 4, 4  # B·C·N = 24576 elements vs the largest legitimate buffer C·N·D = 1536
+    x, y, P = data(b, c, n, d)
+
+    def watched(backend):
+        xx, pp = x.clone().requires_grad_(), P.clone().requires_grad_()
+        with _Watch() as w:
+            F.proxy_gml_loss(xx, y, pp, proxies_per_class=n, top_k=n + 6, backend=backend,
+                             check_inputs=False).backward()
+        return w
+
+    assert watched("reference").largest >= b * c * n * 8
+    w = watched("triton")
+    assert w.largest <= max(b, c * n) * d * 8, w.largest
+    assert not w.syncs, w.syncs
+
+
+@needs_triton
+def test_no_tensor_to_python_conversions(monkeypatch):
+    """CPU stand-in for CUDA's sync check: with check_inputs=False nothing turns a tensor into a Python value."""
+    x, y, P = data(10, 6, 3, 8)
+    xx, pp = x.clone().requires_grad_(), P.clone().requires_grad_()
+    calls = []
+    names = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist")
+    for name in names:
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, (lambda o, nm: lambda self, *a, **k: (calls.append(nm),
+                                                                                      o(self, *a, **k))[1])(orig, name))
+    F.proxy_gml_loss(xx, y, pp, proxies_per_class=3, top_k=7, backend="triton", check_inputs=False).backward()
+    assert calls == []
+    F.proxy_gml_loss(x, y, P, proxies_per_class=3, top_k=7, backend="triton")  # validation converts: detector works
+    monkeypatch.undo()
+    assert calls

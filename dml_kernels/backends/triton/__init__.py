@@ -14,9 +14,12 @@ Map (the same in every backend package):
   (``multi_similarity.py``, ``lifted_structure.py``, ``contrastive.py``, ``n_pairs.py``, ``triplet.py``).
 * ``class_losses.py`` — the class-weight family (ProxyNCA, Proxy Anchor): autograd Functions + launches.
 * ``knn.py``          — the k-NN op of ``dk.evaluation``: a similarity tile and a running per-row top-k.
+* ``proxy_gml.py``    — ProxyGML on the class engine: a per-row top-K selection pass, grouped-column class
+  sums and an online LSE over the active classes, backward by recomputation.
 * ``aot_check.py``    — compiles every kernel variant for a GPU architecture without a GPU.
 """
 import triton  # noqa: F401  (a clear ImportError if triton is missing)
 
 from . import class_losses, knn, pair_losses, similarity  # noqa: F401,E402
 from . import language_guidance  # noqa: F401,E402 - language-guidance distillation (seed 002 eq. 29), two dot tiles per tile
+from . import proxy_gml  # noqa: F401,E402 - ProxyGML on the class engine (selection, grouped sums, LSE)
