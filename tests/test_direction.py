@@ -412,27 +412,106 @@ def test_inputs_untouched():
 
 @pytest.mark.parametrize("backend", sorted(set(backends(OPS[0])) | set(backends(OPS[1])) | set(backends(OPS[2]))))
 def test_gradcheck(backend):
-    x, y = make("random", n=6, d=3)
+    x, y = make("random", n=5, d=2)
     x.requires_grad_()
-    ref = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    ry = torch.randint(0, 3, (5,))
-    p = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    ry = torch.tensor([0, 1, 2, 1])
+    p = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
     F = dk.functional
     checks = []
     if backend in backends(OPS[0]):
-        checks += [lambda e, r: F.direction_triplet_margin_loss(e, y, None, r, ry, direction_gamma=0.5, margin=0.4,
-                                                                backend=backend),
-                   lambda e, r: F.direction_triplet_margin_loss(e, y, direction_gamma=0.5, margin=0.4,
-                                                                mining="batch_hard", backend=backend) + 0 * r.sum()]
+        checks += [(lambda e, r: F.direction_triplet_margin_loss(e, y, None, r, ry, direction_gamma=0.5, margin=0.4,
+                                                                 backend=backend), ref),
+                   (lambda e: F.direction_triplet_margin_loss(e, y, direction_gamma=0.5, margin=0.4, backend=backend),
+                    None),
+                   (lambda e: F.direction_triplet_margin_loss(e, y, direction_gamma=0.5, margin=0.4,
+                                                              mining="batch_hard", backend=backend), None)]
     if backend in backends(OPS[1]):
-        checks += [lambda e, r: F.direction_multi_similarity_loss(e, y, None, r, ry, direction_gamma=0.5, beta=5,
-                                                                  backend=backend),
-                   lambda e, r: F.direction_multi_similarity_loss(e, y, direction_gamma=0.5, beta=5, epsilon=0.1,
-                                                                  backend=backend) + 0 * r.sum()]
+        checks += [(lambda e, r: F.direction_multi_similarity_loss(e, y, None, r, ry, direction_gamma=0.5, beta=5,
+                                                                   backend=backend), ref),
+                   (lambda e: F.direction_multi_similarity_loss(e, y, direction_gamma=0.5, beta=5, epsilon=0.1,
+                                                                backend=backend), None)]
     if backend in backends(OPS[2]):
-        checks += [lambda e, pp: F.direction_proxy_nca_loss(e, y, pp, direction_gamma=0.5, softmax_scale=2,
-                                                            backend=backend)]
-    for i, fn in enumerate(checks):
-        second = p if i == len(checks) - 1 and backend in backends(OPS[2]) else ref
-        assert torch.autograd.gradcheck(fn, (x, second), eps=1e-6, atol=1e-7), i
+        checks += [(lambda e, pp: F.direction_proxy_nca_loss(e, y, pp, direction_gamma=0.5, softmax_scale=2,
+                                                             backend=backend), p)]
+    for i, (fn, second) in enumerate(checks):
+        if backend != "reference" and second is ref:
+            continue  # the reference-set gradients are compared with the naive loops' above (interpreter time)
+        inputs = (x,) if second is None else (x, second)
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7), i
 
+
+# ------------------------------------------------------------------------------------------ fused: memory, syncs
+
+
+class _Watch(TorchDispatchMode):
+    """The largest tensor (bytes) any aten op returns, and every op that syncs with the host. Under the
+    interpreter the kernels' arguments are copied as byte buffers: those count too."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
+               "aten.item")
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.largest_op, self.syncs = 0, None, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if name.startswith(self.SYNCING):
+            self.syncs.append(name)
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if torch.is_tensor(t) and t.numel() * t.element_size() > self.largest:
+                self.largest, self.largest_op = t.numel() * t.element_size(), name
+        return out
+
+
+FUSED = {  # name: (op, call(x, y, second, backend)); N = 64 queries, M = 64 references or classes, D = 2, fp32
+    "triplet_all": (OPS[0], lambda x, y, r, ry, b: dk.functional.direction_triplet_margin_loss(
+        x, y, None, r, ry, direction_gamma=0.3, margin=0.2, backend=b, check_inputs=False)),
+    "triplet_batch_hard": (OPS[0], lambda x, y, r, ry, b: dk.functional.direction_triplet_margin_loss(
+        x, y, None, r, ry, direction_gamma=0.3, mining="batch_hard", backend=b, check_inputs=False)),
+    "ms": (OPS[1], lambda x, y, r, ry, b: dk.functional.direction_multi_similarity_loss(
+        x, y, None, r, ry, direction_gamma=0.3, backend=b, check_inputs=False)),
+    "ms_mined": (OPS[1], lambda x, y, r, ry, b: dk.functional.direction_multi_similarity_loss(
+        x, y, None, r, ry, direction_gamma=0.3, epsilon=0.1, backend=b, check_inputs=False)),
+    "proxy_nca": (OPS[2], lambda x, y, p, _ry, b: dk.functional.direction_proxy_nca_loss(
+        x, y, p, direction_gamma=0.3, backend=b, check_inputs=False)),
+}
+
+
+def _watch(name, backend, with_ref):
+    op, call = FUSED[name]
+    n, m = (32, 32) if name == "triplet_all" else (64, 64)
+    x = torch.randn(n, 2, device=DEVICE, requires_grad=True)
+    y = torch.randint(0, 6, (n,), device=DEVICE)
+    second = ry = None
+    if name == "proxy_nca" or with_ref:
+        second = torch.randn(m, 2, device=DEVICE, requires_grad=True)
+        ry = torch.randint(0, 6, (m,), device=DEVICE)
+    with _Watch() as watch:
+        call(x, y, second, ry, backend).backward()
+    assert x.grad is not None and (second is None or second.grad is not None)
+    return watch, n * (m if (second is not None) else n) * 4
+
+
+@pytest.mark.parametrize("name,with_ref", [("triplet_all", False), ("triplet_all", True), ("triplet_batch_hard", True),
+                                           ("ms", False), ("ms_mined", True), ("proxy_nca", False)])
+def test_fused_no_pairwise_buffer_and_no_host_sync(name, with_ref):
+    """The fused forms allocate O((N+M)·D) plus O(N + M) statistics — never N×M (B×C), never N×M×M — and never
+    sync with the host, forward and backward. The limit is an eighth of one fp32 N×M matrix."""
+    op, _ = FUSED[name]
+    fused = [b for b in backends(op) if b != "reference"]
+    if not fused:
+        pytest.skip(f"no fused backend registers {op} here")
+    for backend in fused:
+        watch, nm_bytes = _watch(name, backend, with_ref)
+        assert watch.largest < nm_bytes // 8, (backend, watch.largest, watch.largest_op)
+        assert not watch.syncs, (backend, watch.syncs)
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_memory_watch_fails_on_the_reference(name):
+    """The watch is not vacuous: the reference forms the N×M (B×C) matrix."""
+    watch, nm_bytes = _watch(name, "reference", False)
+    assert watch.largest >= nm_bytes // 8

@@ -21,5 +21,6 @@ Map (the same in every backend package):
 import triton  # noqa: F401  (a clear ImportError if triton is missing)
 
 from . import class_losses, knn, pair_losses, similarity  # noqa: F401,E402
+from . import direction  # noqa: F401,E402 - the direction-regularised losses (seed 002 eq. 33–35)
 from . import language_guidance  # noqa: F401,E402 - language-guidance distillation (seed 002 eq. 29), two dot tiles per tile
 from . import proxy_gml  # noqa: F401,E402 - ProxyGML on the class engine (selection, grouped sums, LSE)
