@@ -95,6 +95,13 @@ None, proxies, meta_classes, *, lambdaC, alpha, margin, inverse_dtype, distance)
 002 eq. 29 (``lang`` (B, K, D_L), a constant; labels None unless mask_same_class); ``class_densities`` (x,
 labels, *, num_classes, normalize) -> (C,) eq. 5 of seed 001; ``density_adaptivity_loss`` (x, labels, alpha, *,
 num_classes, original_densities, eta, normalize): eq. 6/8 of seed 001 (dml_kernels/functional/seed_methods.py).
+The ranking / histogram family (``dml_kernels/functional/ranking_losses.py``; all self mode but DSM):
+``fastap_loss`` (x, labels, *, num_bins, distance, weights); ``histogram_loss`` (x, labels, *, delta, distance,
+triplets); ``pnp_loss`` (x, labels, *, b, alpha, anneal, variant, distance); ``ranked_list_loss`` (x, labels, *,
+margin, Tn, imbalance, alpha, Tp, distance); ``smooth_ap_loss`` (x, labels, *, temperature, distance, weights)
+(a float32 loss, as PML's); ``dynamic_soft_margin_loss`` (x, labels, ref, ref_labels, hist, *, min_val, num_bins,
+momentum, distance, triplets) -> (loss, new histogram (num_bins,), not detached); its ``_elements`` op returns
+(loss dict, new histogram).
 """
 OPS = ("pairwise_similarity", "multi_similarity_thresholds", "multi_similarity_mask", "batch_hard_mining",
        "triplet_margin_mining", "multi_similarity_loss", "generalized_lifted_structure_loss",
@@ -120,3 +127,5 @@ OPS += ("proxy_gml_loss", "proxy_gml_loss_elements")  # ProxyGML (seed 002 §5.3
 OPS += ("language_guidance_loss", "class_densities", "density_adaptivity_loss")  # the seeds' regularisers
 OPS += tuple(f"direction_{n}{e}" for n in ("triplet_margin_loss", "multi_similarity_loss", "proxy_nca_loss")
              for e in ("", "_elements"))
+OPS += tuple(f"{n}{e}" for n in ("fastap_loss", "histogram_loss", "pnp_loss", "ranked_list_loss",
+                                     "dynamic_soft_margin_loss", "smooth_ap_loss") for e in ("", "_elements"))

@@ -47,3 +47,7 @@ __all__ += ["language_guidance_loss", "density_adaptivity_loss", "class_densitie
 from .direction import (direction_multi_similarity_loss, direction_proxy_nca_loss,  # noqa: E402
                         direction_triplet_margin_loss)
 __all__ += ["direction_triplet_margin_loss", "direction_multi_similarity_loss", "direction_proxy_nca_loss"]
+from .ranking_losses import (dynamic_soft_margin_loss, fastap_loss, histogram_loss, pnp_loss,  # noqa: E402
+                             ranked_list_loss, smooth_ap_loss)
+__all__ += ["fastap_loss", "histogram_loss", "pnp_loss", "ranked_list_loss", "dynamic_soft_margin_loss",
+            "smooth_ap_loss"]

@@ -156,3 +156,10 @@ LOSS_REDUCTION["vicreg_loss"] = (("invariance_loss", "variance_loss1", "variance
 
 # ProxyGML (seed 002 §5.3): "loss" per row, "reg_loss" (weight_lambda·reg) per proxy; the mean of each
 LOSS_REDUCTION["proxy_gml_loss"] = (("loss", "reg_loss"), "MeanReducer")
+
+
+# the ranking / histogram family; HistogramLoss, PNPLoss and DynamicSoftMarginLoss are already reduced (any reducer
+# but DoNothing passes them through); SmoothAPLoss's entry is "ap_loss" (its sub_loss_names() still say "loss")
+LOSS_REDUCTION.update({op: (("loss",), "MeanReducer") for op in ("fastap_loss", "histogram_loss", "pnp_loss",
+                                                                 "ranked_list_loss", "dynamic_soft_margin_loss")})
+LOSS_REDUCTION["smooth_ap_loss"] = (("ap_loss",), "MeanReducer")

@@ -37,3 +37,6 @@ __all__ += ["LanguageGuidanceLoss", "DensityAdaptivityLoss"]
 # PML's public base classes and mixins, for losses written against PML's API (not in __all__: abstract)
 from .base_classes import (BaseLossWrapper, BaseMetricLossFunction, EmbeddingRegularizerMixin,  # noqa: E402,F401
                            GenericPairLoss, WeightMixin, WeightRegularizerMixin)
+from .ranking_losses import (DynamicSoftMarginLoss, FastAPLoss, HistogramLoss, PNPLoss,  # noqa: E402
+                             RankedListLoss, SmoothAPLoss)
+__all__ += ["FastAPLoss", "HistogramLoss", "PNPLoss", "RankedListLoss", "DynamicSoftMarginLoss", "SmoothAPLoss"]

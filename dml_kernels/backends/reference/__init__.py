@@ -54,6 +54,10 @@ from .direction import __all__ as _DIRECTION_OPS  # noqa: E402
 from .direction import *  # noqa: F401,F403,E402 - the direction-regularised losses (seed 002 eq. 33–35)
 __all__ += _DIRECTION_OPS
 
+from .ranking_losses import __all__ as _RANKING_OPS  # noqa: E402
+from .ranking_losses import *  # noqa: F401,F403,E402 - the ranking / histogram family and its element ops
+__all__ += _RANKING_OPS
+
 from ..._registry import register  # noqa: E402
 
 for _name in __all__:  # the reference backend: every function here is the op of the same name
