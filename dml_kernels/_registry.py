@@ -114,13 +114,27 @@ def get_impl(op: str, backend: str, device_type: str):
     return fn
 
 
+def _reference_only(kwargs):
+    """Why only the reference backend can run a call with these arguments (None: any backend can): a
+    ``distance`` the engines cannot express (``dk.distances.CustomDistance``: p != 2, SNR, a user subclass)."""
+    distance = kwargs.get("distance")
+    if getattr(distance, "name", None) == "custom":
+        return f"the distance {distance.module!r} is computed on the reference backend only"
+    return None
+
+
 def call(op: str, backend: str, device_type: str, *args, **kwargs):
     """Run ``op`` on ``backend`` (or the best available one for ``backend='auto'``)."""
+    only_reference = _reference_only(kwargs)
     if backend != "auto":
+        if only_reference and backend != "reference":
+            raise Unsupported(f"{op} on backend={backend!r}: {only_reference}; use backend='reference' or 'auto'")
         return get_impl(op, backend, device_type)(*args, **kwargs)
     skipped = []
     for candidate in auto_candidates(device_type):
         why = unavailable_reason(candidate, device_type)
+        if why is None and only_reference and candidate != "reference":
+            why = only_reference
         fn = _IMPLS.get((op, candidate))
         if why is None and fn is None:
             why = "no implementation of this op"

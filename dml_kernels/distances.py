@@ -15,8 +15,11 @@
   - ``"squared_euclidean"`` D = ‖x − r‖₂²
 
   Distance objects (ours or PML's) map to it by their attributes: ``CosineSimilarity()``,
-  ``DotProductSimilarity()``, ``LpDistance(p=2, power=1 | 2)``. Anything else — ``p`` ≠ 2, other powers,
-  ``SNRDistance``, ``BatchedDistance``, a user subclass — is a ``ValueError`` naming what is supported.
+  ``DotProductSimilarity()``, ``LpDistance(p=2, power=1 | 2)``.
+* :class:`CustomDistance`: any other distance object (``p`` ≠ 2, other powers, ``SNRDistance``, a user
+  subclass overriding ``compute_mat``), kept as it is. The fused engines cannot express it: the registry
+  skips every backend but the reference for it (``backend="auto"`` falls back with the one-time warning), and
+  the reference calls the object for its matrix, as PML does.
 """
 from __future__ import annotations
 
@@ -236,17 +239,54 @@ class Distance:
         return LpDistance(normalize_embeddings=self.normalize, power=2 if self.squared else 1)
 
 
+@dataclass(frozen=True, eq=False)
+class CustomDistance:
+    """A distance object the engines cannot express, for the reference backend: ``module(x, ref)`` is the
+    matrix (PML's call), ``margin`` / ``is_similarity`` / ``normalize`` read from the object; any other
+    attribute is the object's."""
+    module: object
+    name = "custom"
+    squared = False
+
+    @property
+    def normalize(self) -> bool:
+        return bool(self.module.normalize_embeddings)
+
+    @property
+    def is_similarity(self) -> bool:
+        return bool(self.module.is_inverted)
+
+    def margin(self, x, y):
+        return self.module.margin(x, y)
+
+    def __call__(self, query, ref=None):
+        return self.module(query, ref)
+
+    def __getattr__(self, name):  # is_inverted, p, power, maybe_normalize, ... (only called for missing ones)
+        if name == "module":
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
+    def __repr__(self):
+        return f"CustomDistance({self.module!r})"
+
+
+def is_custom(distance) -> bool:
+    return isinstance(distance, CustomDistance)
+
+
 _OURS = (CosineSimilarity, DotProductSimilarity, LpDistance)
-_HINT = ("supported: CosineSimilarity(), DotProductSimilarity(), LpDistance(p=2, power=1 or 2) (dml_kernels' or "
-         "PML's), or the strings " + ", ".join(SUPPORTED) + "; other distances (p != 2, other powers, SNRDistance, "
-         "custom subclasses) are not implemented by dml_kernels' losses yet — use the PML class for them")
+_HINT = ("supported: a distance object (dml_kernels' or PML's: CosineSimilarity(), DotProductSimilarity(), "
+         "LpDistance(p=2, power=1 or 2) on the fused engines, any other on the reference backend), or the strings "
+         + ", ".join(SUPPORTED))
 
 
 def parse_distance(distance, normalize_embeddings=True, *, default: str) -> Distance:
-    """Turn a string, ``None`` (the loss's PML default) or a distance object (ours or PML's) into a Distance."""
+    """Turn a string, ``None`` (the loss's PML default) or a distance object (ours or PML's) into a Distance, or
+    a :class:`CustomDistance` for an object the engines cannot express."""
     if distance is None:
         distance = default
-    if isinstance(distance, Distance):
+    if isinstance(distance, (Distance, CustomDistance)):
         return distance
     if isinstance(distance, str):
         if distance not in SUPPORTED:
@@ -255,7 +295,19 @@ def parse_distance(distance, normalize_embeddings=True, *, default: str) -> Dist
             raise TypeError(f"normalize_embeddings must be a bool, got {type(normalize_embeddings).__name__}")
         # PML's CosineSimilarity forces normalisation on.
         return Distance(distance, True if distance == "cosine" else normalize_embeddings)
-    return _from_object(distance)
+    try:
+        return _from_object(distance)
+    except ValueError:
+        if _is_distance_object(distance):
+            return CustomDistance(distance)
+        raise
+
+
+def _is_distance_object(obj) -> bool:
+    """Callable like PML's distances (a matrix from ``obj(query, ref)``: not a BatchedDistance, which calls a
+    function per chunk), with the attributes the losses read."""
+    return (callable(obj) and type(obj).__name__ != "BatchedDistance" and isinstance(getattr(obj, "is_inverted", None), bool)
+            and isinstance(getattr(obj, "normalize_embeddings", None), bool) and callable(getattr(obj, "margin", None)))
 
 
 def _from_object(obj) -> Distance:
@@ -285,4 +337,4 @@ def _from_object(obj) -> Distance:
 
 
 __all__ = ["BaseDistance", "CosineSimilarity", "DotProductSimilarity", "LpDistance", "SNRDistance",
-           "BatchedDistance", "Distance", "parse_distance", "SUPPORTED"]
+           "BatchedDistance", "Distance", "CustomDistance", "parse_distance", "SUPPORTED"]

@@ -5,7 +5,7 @@ import torch
 
 import dml_kernels as dk
 from dml_kernels import distances as dd
-from dml_kernels.distances import Distance, parse_distance
+from dml_kernels.distances import CustomDistance, Distance, parse_distance
 
 pml = pytest.importorskip("pytorch_metric_learning")
 from pytorch_metric_learning import distances as pd  # noqa: E402
@@ -121,12 +121,13 @@ def test_parse_ours_and_pml_alike(make, expected):
     lambda m: m.SNRDistance(), lambda m: m.CosineSimilarity(power=2), lambda m: m.CosineSimilarity(p=1),
     lambda m: m.DotProductSimilarity(p=1),
 ], ids=["p1", "power3", "p3", "snr", "cos-power2", "cos-p1", "dot-p1"])
-def test_unsupported_objects_raise_clearly(make):
+def test_objects_the_engines_cannot_express_are_custom(make):
+    """Kept as they are (CustomDistance), computed by the reference backend as PML computes them."""
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 2
     for mod in (dd, pd):
-        with pytest.raises(ValueError, match="is not supported.*CosineSimilarity"):
-            parse_distance(make(mod), default="cosine")
-        with pytest.raises(ValueError, match="is not supported"):
-            dk.losses.ContrastiveLoss(distance=make(mod), backend="reference")(torch.randn(6, 4), torch.arange(6) % 2)
+        assert isinstance(parse_distance(make(mod), default="cosine"), CustomDistance)
+        a = dk.losses.ContrastiveLoss(distance=make(mod), backend="reference")(x, y)
+        torch.testing.assert_close(a, pl.ContrastiveLoss(distance=make(pd))(x, y), rtol=1e-9, atol=1e-12)
 
 
 def test_subclass_of_ours_is_not_taken_for_its_base():
@@ -134,8 +135,10 @@ def test_subclass_of_ours_is_not_taken_for_its_base():
         def compute_mat(self, q, r):
             return 2 * super().compute_mat(q, r)
 
-    with pytest.raises(ValueError, match="Scaled.*is not supported"):
-        parse_distance(Scaled(), default="cosine")
+    d = parse_distance(Scaled(), default="cosine")
+    assert isinstance(d, CustomDistance) and isinstance(d.module, Scaled)
+    with pytest.raises(ValueError, match="is not supported"):
+        parse_distance(object(), default="cosine")
 
 
 @pytest.mark.parametrize("name, kw", [("CosineSimilarity", {}), ("LpDistance", {}), ("LpDistance", dict(power=2)),

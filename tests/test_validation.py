@@ -128,11 +128,14 @@ def test_unsupported_distance_string(distance):
         dk.losses.MultiSimilarityLoss(distance=distance, backend="reference")(X, Y)
 
 
-def test_unsupported_distance_objects():
+def test_distance_objects_the_engines_cannot_express_run_on_the_reference_only():
     pd = pytest.importorskip("pytorch_metric_learning.distances")
     for obj in (pd.LpDistance(p=1), pd.LpDistance(power=3), pd.SNRDistance(), pd.CosineSimilarity(power=2)):
-        with pytest.raises(ValueError, match="is not supported"):
-            dk.losses.ContrastiveLoss(distance=obj, backend="reference")(X, Y)
+        dk.losses.ContrastiveLoss(distance=obj, backend="reference")(X, Y)
+        with pytest.raises(dk.Unsupported, match="reference backend only"):
+            dk.losses.ContrastiveLoss(distance=obj, backend="triton")(X, Y)
+    with pytest.raises(ValueError, match="distance"):
+        dk.losses.ContrastiveLoss(distance=object(), backend="reference")(X, Y)
 
 
 @pytest.mark.parametrize("bad, msg", [
@@ -190,7 +193,7 @@ def test_bad_constructor_arguments():
         dk.miners.TripletMarginMiner(type_of_triplets="medium")
     with pytest.raises(ValueError, match="mining must be None or 'batch_hard'"):
         dk.losses.TripletMarginLoss(mining="semihard", backend="reference")(X, Y)
-    with pytest.raises(NotImplementedError, match="triplets_per_anchor"):
-        dk.losses.TripletMarginLoss(triplets_per_anchor=5, backend="reference")(X, Y)
+    with pytest.raises(ValueError, match="triplets_per_anchor"):
+        dk.losses.TripletMarginLoss(triplets_per_anchor=-5, backend="reference")(X, Y)
     with pytest.raises(ValueError, match="exclude_positive=True needs at least 2 classes"):
         dk.losses.ProxyNCALoss(1, 4, exclude_positive=True, backend="reference").double()(X, torch.zeros(6).long())

@@ -8,12 +8,18 @@ from ...distances import Distance
 
 
 def normalize_rows(x: torch.Tensor, distance: Distance) -> torch.Tensor:
-    """PML's ``F.normalize(x, p=2, dim=1)`` (eps 1e-12) when the distance normalises, else ``x``."""
+    """PML's ``F.normalize(x, p=2, dim=1)`` (eps 1e-12) when the distance normalises, else ``x`` (a
+    ``CustomDistance``: the object's own ``maybe_normalize``, e.g. its p-norm)."""
+    if distance.name == "custom":
+        return distance.maybe_normalize(x)
     return F.normalize(x, p=2, dim=1) if distance.normalize else x
 
 
 def pairwise_similarity(x: torch.Tensor, ref: torch.Tensor | None = None, *, distance: Distance) -> torch.Tensor:
-    """N×M matrix of similarities (cosine/dot) or distances (euclidean/squared_euclidean)."""
+    """N×M matrix of similarities (cosine/dot) or distances (euclidean/squared_euclidean); a
+    ``CustomDistance`` (an object the engines cannot express) is called as PML calls it."""
+    if distance.name == "custom":
+        return distance(x, ref)
     ref = x if ref is None else ref
     q, r = normalize_rows(x, distance), normalize_rows(ref, distance)
     if distance.is_similarity:
