@@ -13,6 +13,7 @@ Map (the same in every backend package):
 * ``pair_losses.py``  — registers the pair family; each loss's epilogue is its own file
   (``multi_similarity.py``, ``lifted_structure.py``, ``contrastive.py``, ``n_pairs.py``, ``triplet.py``).
 * ``class_losses.py`` — the class-weight family (ProxyNCA, Proxy Anchor): autograd Functions + launches.
+* ``reduction_stats.py`` — per-row statistics of contrastive / triplet elements for a non-default reducer.
 * ``knn.py``          — the k-NN op of ``dk.evaluation``: a similarity tile and a running per-row top-k.
 * ``aot_check.py``    — compiles every kernel variant for a GPU architecture without a GPU.
 """
@@ -20,3 +21,4 @@ import triton  # noqa: F401  (a clear ImportError if triton is missing)
 
 from . import class_losses, knn, pair_losses, similarity  # noqa: F401,E402
 from . import language_guidance  # noqa: F401,E402 - language-guidance distillation (seed 002 eq. 29), two dot tiles per tile
+from . import reduction_stats  # noqa: F401,E402  (per-row reduction statistics: <loss>_row_stats)
