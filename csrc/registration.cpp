@@ -35,4 +35,16 @@ TORCH_LIBRARY(dml_kernels, m) {
         "float pos_margin) -> (Tensor, Tensor)");
   m.def("triplet_all_backward(Tensor grad_total, Tensor q, Tensor? r, Tensor labels, Tensor? ref_labels, int dist, "
         "float margin) -> (Tensor, Tensor)");
+  // Per-row reduction statistics (SPEC §7; cpu/stats_ops.cpp): per anchor row, Σ l, Σ l·[lo < l < hi] and their
+  // counts of the pair hinges l = relu(a(v − c)) (rows: pos Σ, pos band Σ, neg Σ, neg band Σ; counts int64 alike)
+  // or of the triplet elements relu(violation) over every valid triplet (rows: Σ, band Σ). ±inf = unbounded.
+  m.def("hinge_stats(Tensor q, Tensor? r, Tensor labels, Tensor? ref_labels, int dist, float pa, float pc, "
+        "float na, float nc, float pos_low, float pos_high, float neg_low, float neg_high) -> (Tensor, Tensor)");
+  m.def("hinge_stats_backward(Tensor grad_sums, Tensor q, Tensor? r, Tensor labels, Tensor? ref_labels, int dist, "
+        "float pa, float pc, float na, float nc, float pos_low, float pos_high, float neg_low, float neg_high, "
+        "bool need_r) -> (Tensor, Tensor)");
+  m.def("triplet_stats(Tensor q, Tensor? r, Tensor labels, Tensor? ref_labels, int dist, float margin, float low, "
+        "float high) -> (Tensor, Tensor)");
+  m.def("triplet_stats_backward(Tensor grad_sums, Tensor q, Tensor? r, Tensor labels, Tensor? ref_labels, int dist, "
+        "float margin, float low, float high) -> (Tensor, Tensor)");
 }

@@ -64,6 +64,8 @@ direction_multi_similarity_loss      (x, labels, ref, ref_labels, *, alpha, beta
 direction_proxy_nca_loss             (x, labels, proxies, *, softmax_scale, gamma, exclude_positive, distance, weights)
                                      + γ on the denominator terms (eq. 35)
 <loss>_elements                      (the arguments of the loss op <loss>) -> PML's loss dict (reference only, for now)
+contrastive_loss_row_stats           (the arguments of contrastive_loss but pair_rule; *, bands) -> (sums (4, N), counts (4, N))
+triplet_margin_loss_row_stats        (the arguments of triplet_margin_loss; *, bands) -> (sums (2, N), counts (2, N))
 
 ``pairs``: None (all label pairs), a PackedPairMask (matrix-based losses: MS, generalized lifted), or a
 PML 4-tuple (a1, p, a2, n) with duplicates that count (pair-based: lifted, contrastive); ``(a, p)`` for
@@ -74,6 +76,10 @@ negative pair → 0" on the pairs used, counted on the device. ``triplets``: Non
 ``{name: {"losses", "indices", "reduction_type", ["divisor"]}}``, for a non-default ``reducer=``.
 ``proxy_nca_row_stats`` / ``proxy_anchor_class_terms``: a class shard's statistics for the class-sharded
 losses of ``dk.distributed`` (labels outside [0, C) belong to other shards: no target / a negative here).
+``<loss>_row_stats``: per anchor row, for each sub-loss j of pair / triplet elements l (contrastive: pos, neg),
+``sums[2j:2j+2]`` = (Σ l, Σ l·[low < l < high]) (differentiable) and ``counts[2j:2j+2]`` = (#, #[low < l < high])
+(int64), ``bands[j] = (low, high)`` (None = unbounded): the statistics a reducer is computed from
+(``reducers.stats_plan``; SPEC §7) without forming the elements. PML's ≤1-pair rule is applied by the caller.
 ``knn``: the k nearest references of every query (no gradient), best first — largest similarity or smallest
 distance — equal values ordered by the smaller reference index (the tie rule every backend keeps exactly);
 ``values`` are the similarities / distances in x's dtype. ``ref=None``: the references are the queries and
@@ -129,3 +135,4 @@ OPS += tuple(f"direction_{n}{e}" for n in ("triplet_margin_loss", "multi_similar
              for e in ("", "_elements"))
 OPS += tuple(f"{n}{e}" for n in ("fastap_loss", "histogram_loss", "pnp_loss", "ranked_list_loss",
                                      "dynamic_soft_margin_loss", "smooth_ap_loss") for e in ("", "_elements"))
+OPS += ("contrastive_loss_row_stats", "triplet_margin_loss_row_stats")

@@ -380,3 +380,108 @@ def reduces_like_default(reducer, names, extra_names, default_kind):
         return all(_reduces_like(r, default_kind) for r in pick[:len(names)]) \
             and all(_passes_through(r) for r in pick[len(names):])
     return not extra_names and len(names) == 1 and _reduces_like(reducer, default_kind)
+
+
+# ---- Reductions as statistics (SPEC §7): which per-row statistics a reducer needs, and its value from them ----
+#
+# A fused ``<loss>_row_stats`` op returns, for each sub-loss of pair or triplet elements l (grouped by their
+# anchor row i), ``sums`` = (Σ_i l, Σ_i l·[low < l < high]) and ``counts`` = (#_i, #_i[low < l < high]) — four
+# O(N) vectors; ``band`` = (low, high) is the reducer's ThresholdReducer band (None = unbounded). The functions
+# below are the reducers above, applied to those statistics: :func:`stats_plan` says whether (and how) a reducer
+# is expressible, :func:`reduce_row_stats` computes its value without a host sync.
+
+def _default_aggregation(func):
+    import sys
+    pml = sys.modules.get("pytorch_metric_learning.reducers.per_anchor_reducer")
+    return func is aggregation_func or (pml is not None and func is getattr(pml, "aggregation_func", None))
+
+
+def _entry_plan(reducer, element_type, per_anchor_ok):
+    """How one sub-loss entry of ``element_type`` ("pair" or "triplet") is reduced by ``reducer`` from row
+    statistics: ("mean",), ("sum",), ("band", low, high), ("per_anchor", inner plan), ("per_anchor_triplet",)
+    (PML raises for triplets) — or None when it is not expressible (the elements path)."""
+    kind = _kind(reducer)
+    if kind is None or getattr(reducer, "collect_stats", False):
+        return None
+    if kind == "MeanReducer":
+        return ("mean",)
+    if kind == "SumReducer":
+        return ("sum",)
+    if kind in ("ThresholdReducer", "AvgNonZeroReducer"):
+        return ("band", reducer.low, reducer.high)
+    if kind == "PerAnchorReducer" and _default_aggregation(reducer.aggregation_func):
+        if element_type == "triplet":
+            return ("per_anchor_triplet",)
+        inner = _entry_plan(reducer.reducer, "element", False)
+        if per_anchor_ok and inner is not None and inner[0] in ("mean", "sum", "band"):
+            return ("per_anchor", inner)
+    return None
+
+
+def stats_plan(reducer, names, extra_names, element_type, *, per_anchor_ok=True):
+    """One plan (see :func:`_entry_plan`) per sub-loss in ``names`` if ``reducer`` (as :func:`for_loss` left it)
+    reduces the loss entries from per-row statistics and passes the already-reduced ``extra_names`` through;
+    else None. ``per_anchor_ok``: the pairs are the label pairs of the batch (PerAnchorReducer's B×B grouping
+    of explicit pairs, which drops duplicates, or of pairs into a reference set, stays on the elements path)."""
+    if reducer is None:
+        return None
+    if _kind(reducer) == "MultipleReducers":
+        if getattr(reducer, "collect_stats", False):
+            return None
+        inner = reducer.reducers
+        pick = [inner[n] if n in inner else reducer.default_reducer for n in list(names) + list(extra_names)]
+        if not all(_passes_through(r) for r in pick[len(names):]):
+            return None
+        plans = [_entry_plan(r, element_type, per_anchor_ok) for r in pick[:len(names)]]
+    elif not extra_names and len(names) == 1:
+        plans = [_entry_plan(reducer, element_type, per_anchor_ok)]
+    else:
+        return None
+    return None if any(p is None for p in plans) else plans
+
+
+def plan_band(plan):
+    """The (low, high) band the op must count for ``plan`` ((None, None) when it needs none)."""
+    return (plan[1], plan[2]) if plan[0] == "band" else (None, None)
+
+
+def _band_mean(values, low, high, zero):
+    """ThresholdReducer on materialised O(N) values, on the device: mean of low < v < high, else ``zero``."""
+    keep = torch.ones_like(values, dtype=torch.bool)
+    if low is not None:
+        keep &= values > low
+    if high is not None:
+        keep &= values < high
+    count = keep.sum()
+    return torch.where(count > 0, values.where(keep, 0).sum() / count.clamp_min(1), zero)
+
+
+def reduce_row_stats(plan, sums, counts, zero):
+    """The value ``plan``'s reducer gives the entry whose per-row statistics are ``sums`` (2, N) and ``counts``
+    (2, N) (see above); ``zero`` is PML's graph-attached zero loss, returned when the entry has no element (PML's
+    zero loss 0). No host sync, except for PerAnchorReducer on triplets (PML raises when there is one)."""
+    total = counts[0].sum()
+    kind = plan[0]
+    if kind == "mean":
+        value = sums[0].sum() / total.clamp_min(1)
+    elif kind == "sum":
+        value = sums[0].sum()
+    elif kind == "band":
+        band = counts[1].sum()
+        value = torch.where(band > 0, sums[1].sum() / band.clamp_min(1), zero)
+    elif kind == "per_anchor":  # PML's aggregation_func: each anchor's mean over its pairs (0 if none)
+        per_anchor = torch.where(counts[0] > 0, sums[0] / counts[0].clamp_min(1), 0)
+        inner = plan[1]
+        if inner[0] == "mean":
+            value = per_anchor.mean()
+        elif inner[0] == "sum":
+            value = per_anchor.sum()
+        else:
+            value = _band_mean(per_anchor, inner[1], inner[2], zero)
+    elif kind == "per_anchor_triplet":
+        if int(total) > 0:
+            raise NotImplementedError("Triplet reduction not supported")
+        return zero
+    else:
+        raise ValueError(f"unknown reduction plan {plan!r}")
+    return torch.where(total > 0, value, zero)

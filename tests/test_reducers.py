@@ -397,7 +397,9 @@ def test_default_reducer_given_explicitly_runs_the_fused_path(name, mod):
 def test_fused_backend_refuses_a_non_default_reducer(name, backend):
     kwargs, _ = LOSSES[name]
     x, y = make("random", n=8, d=5, dtype=torch.float32)
-    loss = getattr(dk.losses, name)(backend=backend, reducer=dr.SumReducer(), **kwargs)
+    # (Mean, Sum, AvgNonZero, Threshold, PerAnchor of contrastive / triplet run fused: tests/test_fused_reducers.py)
+    reducer = dr.SumReducer() if name == "ProxyAnchorLoss" else dr.ClassWeightedReducer(WEIGHTS.clone())
+    loss = getattr(dk.losses, name)(backend=backend, reducer=reducer, **kwargs)
     with pytest.raises(dk.Unsupported, match="computed on the reference backend for now.*backend='reference'"):
         loss(x, y % NUM_CLASSES)
 
@@ -405,13 +407,14 @@ def test_fused_backend_refuses_a_non_default_reducer(name, backend):
 def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
     monkeypatch.setattr(_registry, "_WARNED", set())
     x, y = make("random", n=10, d=5)
-    loss = dk.losses.ContrastiveLoss(reducer=dr.SumReducer())
+    loss = dk.losses.ContrastiveLoss(reducer=dr.ClassWeightedReducer(WEIGHTS.clone()))
     with pytest.warns(RuntimeWarning, match="falling back to the reference backend"):
-        got = loss(x, y)
+        got = loss(x, y % NUM_CLASSES)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        loss(x, y)  # announced once
-    torch.testing.assert_close(got, pl.ContrastiveLoss(reducer=pr.SumReducer())(x, y), **TOL)
+        loss(x, y % NUM_CLASSES)  # announced once
+    torch.testing.assert_close(got, pl.ContrastiveLoss(reducer=pr.ClassWeightedReducer(WEIGHTS.clone()))(
+        x, y % NUM_CLASSES), **TOL)
 
 
 def test_functional_reducer():

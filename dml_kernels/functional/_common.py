@@ -2,6 +2,8 @@
 PML's reduction (``reducer=``, regularizer entries)."""
 from __future__ import annotations
 
+import torch
+
 from .. import _registry
 from .. import reducers as _reducers
 from .._pairs import PackedPairMask, dense_from_indices, indices_to_pairs, indices_to_triplets
@@ -107,6 +109,11 @@ LOSS_REDUCTION.update({f"direction_{op}": LOSS_REDUCTION[op]
                        for op in ("triplet_margin_loss", "multi_similarity_loss", "proxy_nca_loss")})
 
 
+# op: the element type of its sub-losses, for the ops with a ``<op>_row_stats`` op (a non-default reducer is
+# computed from per-row statistics when ``reducers.stats_plan`` can express it; SPEC §7).
+ROW_STATS = {"contrastive_loss": "pair", "triplet_margin_loss": "triplet"}
+
+
 def default_reducer(op):
     """A new instance of ``op``'s PML default reducer."""
     return getattr(_reducers, LOSS_REDUCTION[op][1])()
@@ -133,6 +140,10 @@ def _loss(op, backend, x, labels, *args, reducer=None, extra=None, few=False, **
         for value in extra.values():
             loss = loss + value.to(loss.dtype).reshape(())
         return loss
+    if op in ROW_STATS and not few:
+        loss = _row_stats_loss(op, backend, x, labels, args, kwargs, reducer, names, extra)
+        if loss is not None:
+            return loss
     if few:
         loss_dict = {name: {"losses": 0, "indices": None, "reduction_type": "already_reduced"} for name in names}
     else:
@@ -143,6 +154,7 @@ def _loss(op, backend, x, labels, *args, reducer=None, extra=None, few=False, **
                 f"{op} with reducer={_reducers.describe(reducer)}: a reduction other than the loss's default "
                 f"({default_kind}) is computed on the reference backend for now, and backend={backend!r} "
                 "cannot run it; use backend='reference' or 'auto'") from e
+        _warn_elements(op, reducer, loss_dict)
     for name, value in extra.items():
         loss_dict[name] = {"losses": value, "indices": None, "reduction_type": "already_reduced"}
     return reducer(loss_dict, x, labels)
@@ -163,3 +175,41 @@ LOSS_REDUCTION["proxy_gml_loss"] = (("loss", "reg_loss"), "MeanReducer")
 LOSS_REDUCTION.update({op: (("loss",), "MeanReducer") for op in ("fastap_loss", "histogram_loss", "pnp_loss",
                                                                  "ranked_list_loss", "dynamic_soft_margin_loss")})
 LOSS_REDUCTION["smooth_ap_loss"] = (("ap_loss",), "MeanReducer")
+
+
+def _row_stats_loss(op, backend, x, labels, args, kwargs, reducer, names, extra):
+    """The loss from ``<op>_row_stats`` when ``reducer`` is expressible in per-row statistics, else None."""
+    kwargs = dict(kwargs)
+    pair_rule = kwargs.pop("pair_rule", False)
+    explicit = kwargs.get("pairs") is not None or kwargs.get("triplets") is not None
+    ref = args[1] if len(args) > 1 else None
+    plans = _reducers.stats_plan(reducer, names, list(extra), ROW_STATS[op], per_anchor_ok=not explicit and ref is None)
+    if plans is None:
+        return None
+    bands = tuple(_reducers.plan_band(p) for p in plans)
+    sums, counts = _call(f"{op}_row_stats", backend, x, labels, *args, bands=bands, **kwargs)
+    zero = _zero(x)
+    values = [_reducers.reduce_row_stats(p, sums[2 * j:2 * j + 2], counts[2 * j:2 * j + 2], zero)
+              for j, p in enumerate(plans)]
+    loss = values[0] if len(values) == 1 and not extra else sum(v.to(x.dtype).reshape(()) for v in values)
+    if pair_rule:  # PML's ≤1-pair rule: every sub-loss is its zero loss
+        few_pairs = (counts[0].sum() <= 1) & (counts[2].sum() <= 1)
+        loss = torch.where(few_pairs, zero.to(loss.dtype), loss)
+    for value in extra.values():
+        loss = loss + value.to(loss.dtype).reshape(())
+    return loss
+
+
+def _warn_elements(op, reducer, loss_dict):
+    """Once per op: the reducer made us form the loss's pair / triplet elements, and how much memory they took."""
+    kinds = {"pos_pair", "neg_pair", "triplet"}
+    entries = [e for e in loss_dict.values() if e.get("reduction_type") in kinds and torch.is_tensor(e.get("losses"))]
+    if not entries:
+        return
+    size = sum(t.numel() * t.element_size() for e in entries
+               for t in (e["losses"], *e["indices"]) if torch.is_tensor(t))
+    _registry._warn_once(("elements", op), (
+        f"{op} with reducer={_reducers.describe(reducer)} forms its pair / triplet elements "
+        f"({sum(len(e['losses']) for e in entries)} elements, {size} bytes with their indices; the memory grows "
+        "with the number of pairs / triplets); the fused ops reduce Mean, Sum, AvgNonZero, Threshold and "
+        "PerAnchor reducers from per-row statistics instead"))

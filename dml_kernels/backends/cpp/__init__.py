@@ -11,7 +11,9 @@ Map (the same in every backend package; the engines themselves are C++, in ``csr
 * ``contrastive_losses.py`` — NCA, SupCon, NTXent on ``pair_reduce`` (+ O(N) row terms).
 * ``margin_softmax.py`` — NormalizedSoftmax, CosFace, ArcFace, LargeMargin, SphereFace (one ``pair_reduce``:
   target logit and the LSE of the rest per row, then the margin in O(B)), P2SGrad.
+* ``row_stats.py``    — per-row reduction statistics of contrastive / triplet elements for a non-default reducer.
 * ``evaluation.py``   — k-nearest neighbours in O(block × chunk) memory (torch.mm + top-k merge, no C++).
 """
 from . import class_losses, contrastive_losses, evaluation, margin_softmax, pair_losses, similarity  # noqa: F401
+from . import row_stats  # noqa: F401,E402  (per-row reduction statistics: hinge_stats, triplet_stats)
 from .loader import unavailable_reason  # noqa: F401  (the registry's availability hook)

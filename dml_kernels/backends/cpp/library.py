@@ -136,3 +136,51 @@ def register_python_side():
         return (dq, dr if need_r else None) + (None,) * 12
 
     lib.register_autograd("dml_kernels::pair_reduce", reduce_backward, setup_context=reduce_setup)
+
+    # ---- per-row reduction statistics (hinge_stats, triplet_stats): sums are differentiable, counts are not
+    @lib.register_fake("dml_kernels::hinge_stats")
+    def _(q, r, labels, ref_labels, dist, pa, pc, na, nc, plo, phi, nlo, nhi):
+        return q.new_empty(4, q.shape[0]), q.new_empty(4, q.shape[0], dtype=torch.long)
+
+    @lib.register_fake("dml_kernels::hinge_stats_backward")
+    def _(grad, q, r, labels, ref_labels, dist, pa, pc, na, nc, plo, phi, nlo, nhi, need_r):
+        return q.new_empty(q.shape), q.new_empty((0, q.shape[1]) if r is None or not need_r else r.shape)
+
+    def hinge_setup(ctx, inputs, output):
+        q, r, labels, ref_labels = inputs[:4]
+        ctx.params = inputs[4:]
+        ctx.has_r = r is not None
+        ctx.save_for_backward(q, r, labels, ref_labels)
+
+    def hinge_backward(ctx, g_sums, _g_counts):
+        refuse_double_backward("hinge_stats")
+        q, r, labels, ref_labels = ctx.saved_tensors
+        need_r = ctx.has_r and ctx.needs_input_grad[1]
+        dq, dr = torch.ops.dml_kernels.hinge_stats_backward(
+            g_sums, q, r if ctx.has_r else None, labels, ref_labels if ctx.has_r else None, *ctx.params, need_r)
+        return (dq, dr if need_r else None) + (None,) * 11
+
+    lib.register_autograd("dml_kernels::hinge_stats", hinge_backward, setup_context=hinge_setup)
+
+    @lib.register_fake("dml_kernels::triplet_stats")
+    def _(q, r, labels, ref_labels, dist, margin, low, high):
+        return q.new_empty(2, q.shape[0]), q.new_empty(2, q.shape[0], dtype=torch.long)
+
+    @lib.register_fake("dml_kernels::triplet_stats_backward")
+    def _(grad, q, r, labels, ref_labels, dist, margin, low, high):
+        return q.new_empty(q.shape), q.new_empty((0, q.shape[1]) if r is None else r.shape)
+
+    def tstats_setup(ctx, inputs, output):
+        q, r, labels, ref_labels = inputs[:4]
+        ctx.params = inputs[4:]
+        ctx.has_r = r is not None
+        ctx.save_for_backward(q, r, labels, ref_labels)
+
+    def tstats_backward(ctx, g_sums, _g_counts):
+        refuse_double_backward("triplet_stats")
+        q, r, labels, ref_labels = ctx.saved_tensors
+        dq, dr = torch.ops.dml_kernels.triplet_stats_backward(
+            g_sums, q, r if ctx.has_r else None, labels, ref_labels if ctx.has_r else None, *ctx.params)
+        return (dq, dr if ctx.has_r else None) + (None,) * 6
+
+    lib.register_autograd("dml_kernels::triplet_stats", tstats_backward, setup_context=tstats_setup)

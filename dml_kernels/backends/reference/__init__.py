@@ -32,6 +32,8 @@ from .elements import *  # noqa: F401,F403 - the <loss>_elements ops (loss dicts
 from .margin_softmax import __all__ as _MARGIN_SOFTMAX_OPS
 from .margin_softmax import *  # noqa: F401,F403 - the margin-softmax family and its element ops
 from .evaluation import knn
+from .row_stats import __all__ as _ROW_STATS_OPS
+from .row_stats import *  # noqa: F401,F403 - per-row reduction statistics (<loss>_row_stats)
 from .similarity import pairwise_similarity
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ += _CONTRASTIVE_OPS
 __all__ += ["pair_margin_mining", "batch_easy_hard_mining", "distance_weighted_mining", "angular_mining",
             "hdc_mining", "uniform_histogram_mining", "packaged_triplets_mining"]
 __all__ += _MARGIN_SOFTMAX_OPS
+__all__ += _ROW_STATS_OPS
 
 from .seed_methods import __all__ as _SEED_OPS  # noqa: E402
 from .seed_methods import *  # noqa: F401,F403,E402 - language guidance, DML-DA (seeds 002 §6.1, 001)
