@@ -497,3 +497,30 @@ def test_clear_errors():
     with pytest.raises(ValueError, match=r"sample_rate must be in \(0, 1\]"):
         sharded_margin_softmax_loss(torch.randn(3, D), torch.arange(3), torch.randn(D, 3), loss="cosface_loss",
                                     num_classes=3, sample_rate=0)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
+def test_fused_row_stats_never_allocate_b_by_shard():
+    """B=1024 rows against a shard of 8192 classes (one B×C fp32 matrix = 32 MiB), with a column mask, forward +
+    backward: the cpu op stays far below one B×C matrix; the reference exceeds it."""
+    from memory import peak_extra_bytes
+
+    b, c, d = 1024, 8192, 8
+    x0, w0 = torch.randn(b, d), torch.randn(d, c)
+    labels = torch.randint(-c, 2 * c, (b,))
+    columns = torch.rand(c) < 0.5
+    bxc = b * c * 4
+
+    def step(backend, op, params):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        t, _, rest, _ = _registry.call("margin_softmax_row_stats", backend, "cpu", x, labels, w, loss=op,
+                                       columns=columns, **params)
+        (t + rest).sum().backward()
+
+    for name in FUSED:
+        op, _, params, _ = FAMILY[name]
+        step("cpu", op, params)
+        fused = peak_extra_bytes(lambda: step("cpu", op, params))
+        assert fused < bxc / 8, f"{name}: fused peak extra {fused / 2**20:.1f} MiB"
+    reference = peak_extra_bytes(lambda: step("reference", "cosface_loss", FAMILY["cosface"][2]))
+    assert reference > bxc, f"the check cannot fail: reference peak extra only {reference / 2**20:.1f} MiB"

@@ -13,7 +13,9 @@ the positives of the global batch plus random negatives of each shard, int(sampl
 drawn on the device from a generator seeded from (``sample_seed``, rank, ``self.sample_step``), the step counting
 the calls: the same seed, step and labels give the same classes. ``dk.distributed.gather_full_state_dict`` /
 ``load_full_state_dict`` move between the shards and PML's full state_dict. ``get_logits`` of a sharded loss
-gives the logits of this rank's classes.
+gives the logits of this rank's classes. Under DDP the backbone's gradients are averaged over the ranks, so it
+receives 1/W of the global loss's gradient while the shards receive theirs: a backbone learning rate W times the
+weight's reproduces single-process training (tests/test_distributed_margin_softmax.py).
 
 Dtype: W becomes float64 (in place, once) for float64 embeddings, as PML's; it is never cast in place for
 fp16 / bf16 embeddings (PML casts it permanently).
