@@ -56,6 +56,8 @@ proxy_gml_loss                       (x, labels, proxies, *, proxies_per_class, 
                                      release_eps, distance); proxies D×(C·N) (reference/proxy_gml.py: equations, ties)
 proxy_nca_row_stats                  (x, labels, proxies, *, softmax_scale, distance) -> (target, has_target, rest, has_rest) (N,)
 proxy_anchor_class_terms             (x, labels, proxies, *, margin, alpha, distance) -> (pos_term, has_pos, neg_term) (C,)
+margin_softmax_row_stats             (x, labels, W, *, loss, columns=None, **params of the loss op) -> (target, has_target,
+                                     rest, has_rest) (N,); W D×(C·K) a class shard, columns None or bool (C,)
 knn                                  (x, ref, *, k, distance, exclude_self) -> (values N×k, indices N×k int64)
 direction_triplet_margin_loss        (x, labels, ref, ref_labels, *, margin, gamma, swap, smooth_loss, mining, distance,
                                      triplets); + γ (seed 002 eq. 33, dml_kernels/functional/direction.py)
@@ -80,6 +82,9 @@ losses of ``dk.distributed`` (labels outside [0, C) belong to other shards: no t
 ``sums[2j:2j+2]`` = (Σ l, Σ l·[low < l < high]) (differentiable) and ``counts[2j:2j+2]`` = (#, #[low < l < high])
 (int64), ``bands[j] = (low, high)`` (None = unbounded): the statistics a reducer is computed from
 (``reducers.stats_plan``; SPEC §7) without forming the elements. PML's ≤1-pair rule is applied by the caller.
+``margin_softmax_row_stats``: the same for the margin-softmax family (``loss`` one of the seven softmax loss ops):
+the target logit with the loss's margin applied on the shard owning the target class, and the LSE of the shard's
+other logits (only the classes of ``columns``: Partial FC's sampled classes).
 ``knn``: the k nearest references of every query (no gradient), best first — largest similarity or smallest
 distance — equal values ordered by the smaller reference index (the tie rule every backend keeps exactly);
 ``values`` are the similarities / distances in x's dtype. ``ref=None``: the references are the queries and
@@ -136,3 +141,4 @@ OPS += tuple(f"direction_{n}{e}" for n in ("triplet_margin_loss", "multi_similar
 OPS += tuple(f"{n}{e}" for n in ("fastap_loss", "histogram_loss", "pnp_loss", "ranked_list_loss",
                                      "dynamic_soft_margin_loss", "smooth_ap_loss") for e in ("", "_elements"))
 OPS += ("contrastive_loss_row_stats", "triplet_margin_loss_row_stats")
+OPS += ("margin_softmax_row_stats",)

@@ -27,11 +27,25 @@ statistics with the fused kernels, and O(B_global) values are merged across rank
 the unsharded loss of the global batch. ``shard_rows`` / ``gather_full_weight`` move between a PML-shaped
 full weight and the shards.
 
+The margin-softmax family (``process_group=`` on NormalizedSoftmax, CosFace, ArcFace, LargeMarginSoftmax,
+SphereFace, SubCenterArcFace, SoftTriple, P2SGrad; ``sharded_margin_softmax_loss`` / ``sharded_p2sgrad_loss``):
+the weight has PML's D×C·K layout, so a shard is the block of columns of the rank's classes
+(``shard_columns``; ``gather_full_weight(..., dim=1)``). Each rank computes per row of the global batch the
+target logit (margin applied, on the rank owning the target class) and the LSE of its shard's other logits
+(op ``margin_softmax_row_stats``), merged with an all-reduce MAX and one all-reduce SUM of 2·B_global values.
+``sample_rate=`` (Partial FC): every positive class plus random negatives of the shard, drawn on the device
+(``sample_classes``). ``gather_full_state_dict`` / ``load_full_state_dict`` convert a sharded module's
+state_dict to / from PML's full one (both families).
+
 Modules: ``collectives.py`` (all-gather and all-reduce with autograd), ``wrappers.py``, ``sharded.py``.
 """
 from .collectives import all_gather, all_reduce_sum, is_distributed
 from .sharded import gather_full_weight, shard_range, shard_rows, sharded_proxy_anchor_loss, sharded_proxy_nca_loss
 from .wrappers import DistributedLossWrapper, DistributedMinerWrapper
+from .sharded import (gather_full_state_dict, load_full_state_dict, sample_classes, sample_generator, shard_columns,
+                      sharded_margin_softmax_loss, sharded_p2sgrad_loss)
 
 __all__ = ["DistributedLossWrapper", "DistributedMinerWrapper", "all_gather", "all_reduce_sum", "is_distributed",
            "shard_range", "shard_rows", "gather_full_weight", "sharded_proxy_nca_loss", "sharded_proxy_anchor_loss"]
+__all__ += ["shard_columns", "sample_classes", "sample_generator", "sharded_margin_softmax_loss", "sharded_p2sgrad_loss",
+            "gather_full_state_dict", "load_full_state_dict"]

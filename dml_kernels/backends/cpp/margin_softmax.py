@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..reference.margin_softmax import arcface_target, cosface_target, large_margin_target
+from ..._registry import Unsupported
 from .common import _DIST, _LSE, _NormalizeRows, _both, _kernel_dtype, _need, _out
 
 
@@ -119,5 +120,61 @@ def p2sgrad_loss(x, labels, weight):
     return _out((sq.sum() - 2 * target.sum() + n) / (n * c), x)
 
 
+# ----------------------------------------------------------------- statistics of one class shard (distributed)
+
+
+def _shard_inputs(x, W, loss, p):
+    """(q, r, dist code, scale of the non-target logits) fed to pair_reduce for one class shard."""
+    dt = _kernel_dtype(x)
+    if loss == "normalized_softmax_loss":
+        q, r = x.to(dt), _columns(W, dt, True)
+        if p["distance"].normalize:
+            q, r = _NormalizeRows.apply(q, 1e-12), _NormalizeRows.apply(r, 1e-12)
+        sg = 1.0 if p["distance"].is_similarity else -1.0
+        return q, r, _DIST[p["distance"].name], sg / p["temperature"]
+    if loss in ("cosface_loss", "arcface_loss"):
+        return _NormalizeRows.apply(x.to(dt), 1e-12), _columns(W, dt, True), 0, p["scale"]
+    return x.to(dt), _columns(W, dt, loss == "sphereface_loss"), 0, p["scale"]
+
+
+@_both
+def margin_softmax_row_stats(x, labels, W, *, loss, columns=None, **p):
+    """One class shard's per-row statistics (the reference's contract) with one pair_reduce: the target's raw
+    value is the "positive" LSE (scale 1, one pair), the other classes' logits the "negative" LSE; classes outside
+    ``columns`` are in neither set (the kernel's column mask). The margin is an O(B) torch expression."""
+    if loss not in ("normalized_softmax_loss", "cosface_loss", "arcface_loss", "large_margin_softmax_loss",
+                    "sphereface_loss"):
+        raise Unsupported(f"the C++ margin_softmax_row_stats has no {loss!r} (grouped columns): reference only")
+    _need(x, "pair_reduce")
+    if W.shape[1] == 0:  # an empty shard (C < world size): nothing here, still graph-attached
+        z = (x * 0).sum(1) + (W * 0).sum()
+        none = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        return z, none, z, none
+    q, r, code, scale = _shard_inputs(x, W, loss, p)
+    classes = torch.arange(r.shape[0], device=x.device)
+    mask = None if columns is None else columns.to(device=x.device, dtype=torch.bool).contiguous()
+    raw, rest, _, cnt = torch.ops.dml_kernels.pair_reduce(
+        q, r, labels, classes, None, None, code, _LSE, 1.0, 0.0, scale, 0.0, None, mask)
+    has_target = cnt[0] > 0
+    raw = torch.where(has_target, raw, 0)  # rows without a target here: a finite margin gradient, then zeroed
+    index = torch.where(has_target, labels, 0)
+    if loss == "normalized_softmax_loss":
+        target = scale * raw  # ±similarity / T
+    elif loss in ("cosface_loss", "arcface_loss"):
+        target = scale * (cosface_target if loss == "cosface_loss" else arcface_target)(raw, p["margin"])
+    else:  # raw = x·w_y (LargeMargin) or x·ŵ_y (SphereFace); t is PML's cosine
+        norm = torch.linalg.vector_norm(q, dim=1)
+        if loss == "large_margin_softmax_loss":
+            norm = norm * torch.linalg.vector_norm(r, dim=1)[index]
+        t = torch.where(has_target, raw / norm.clamp_min(1e-12), 0)
+        target = large_margin_target(t, p["margin"]) * norm * scale
+    target = torch.where(has_target, target, 0)
+    return _row(target, x), has_target, _row(rest, x), cnt[1] > 0
+
+
+def _row(v, x):
+    return v if x.dtype in (torch.float16, torch.bfloat16) else v.to(x.dtype)
+
+
 __all__ = ["normalized_softmax_loss", "cosface_loss", "arcface_loss", "large_margin_softmax_loss",
-           "sphereface_loss", "p2sgrad_loss"]
+           "sphereface_loss", "p2sgrad_loss", "margin_softmax_row_stats"]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ...distances import Distance
-from .similarity import pairwise_similarity
+from .similarity import masked_logsumexp, pairwise_similarity
 
 
 def _cosine(x, W):
@@ -192,6 +192,71 @@ def p2sgrad_loss(x, labels, weight):
     return p2sgrad_loss_elements(x, labels, weight)["loss"]["losses"]
 
 
+# ----------------------------------------------------------------- statistics of one class shard (distributed)
+
+
+def _shard_class_values(loss, x, W, p):
+    """(N×C logits of the shard's classes as ``loss`` forms its non-target logits, the N×C values its target
+    transform takes: the cosine, the similarity, or SoftTriple's relaxed similarity)."""
+    if loss == "normalized_softmax_loss":
+        logits = normalized_softmax_logits(x, W, temperature=p["temperature"], distance=p["distance"])
+        return logits, logits
+    if loss == "soft_triple_loss":
+        sim = soft_triple_logits(x, W, centers_per_class=p["centers_per_class"], gamma=p["gamma"],
+                                 distance=p["distance"])
+        return p["la"] * sim, sim
+    if loss == "subcenter_arcface_loss":
+        cos = subcenter_cosine(x, W, p["sub_centers"])
+        return cos * p["scale"], cos
+    return margin_logits(_KINDS[loss], x, None, W, margin=p["margin"], scale=p["scale"]), _cosine(x, W)
+
+
+_KINDS = {"cosface_loss": "cosface", "arcface_loss": "arcface", "large_margin_softmax_loss": "large_margin",
+          "sphereface_loss": "sphereface"}
+ROW_STATS_LOSSES = ("normalized_softmax_loss", "cosface_loss", "arcface_loss", "large_margin_softmax_loss",
+                    "sphereface_loss", "subcenter_arcface_loss", "soft_triple_loss")
+
+
+def margin_target_logit(loss, t, x, w_norm, p):
+    """The target logit of ``loss`` from the target's raw value ``t`` (N,) — PML's margin transform and scale.
+    ``w_norm``: the target column norms (LargeMarginSoftmax only)."""
+    if loss == "normalized_softmax_loss":
+        return t
+    if loss == "soft_triple_loss":
+        return p["la"] * (t - p["margin"])
+    if loss == "cosface_loss":
+        return p["scale"] * cosface_target(t, p["margin"])
+    if loss in ("arcface_loss", "subcenter_arcface_loss"):
+        return p["scale"] * arcface_target(t, p["margin"])
+    psi = large_margin_target(t, p["margin"]) * torch.linalg.vector_norm(x, dim=1) * p["scale"]
+    return psi * w_norm if loss == "large_margin_softmax_loss" else psi
+
+
+def margin_softmax_row_stats(x, labels, W, *, loss, columns=None, **params):
+    """Per row, over the classes of ``W`` (a shard, D×(C·K); labels outside [0, C) have no target here;
+    ``columns``: None or a bool (C,) of the classes taking part, as targets too): (the target logit with ``loss``'s margin, or 0;
+    has_target; the LSE of the other taking-part classes' logits, or 0; has_rest). ``params``: the keyword
+    arguments of the loss op ``loss`` (without ``weights``)."""
+    if loss not in ROW_STATS_LOSSES:
+        raise ValueError(f"margin_softmax_row_stats: unknown loss {loss!r}; one of {ROW_STATS_LOSSES}")
+    if W.shape[1] == 0:  # an empty shard (C < world size): nothing here, still graph-attached
+        z = (x * 0).sum(1) + (W * 0).sum()
+        none = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        return z, none, z, none
+    logits, raw = _shard_class_values(loss, x, W, params)
+    is_target = torch.arange(logits.shape[1], device=x.device).unsqueeze(0) == labels.unsqueeze(1)
+    if columns is not None:  # a class outside the columns takes no part, as a target either
+        is_target = is_target & columns.unsqueeze(0)
+    has_target = is_target.any(1)
+    index = torch.where(has_target, labels, 0)
+    # rows without a target here take t = 0 (a finite margin gradient), then are zeroed
+    t = torch.where(has_target, raw.gather(1, index.unsqueeze(1)).squeeze(1), 0)
+    w_norm = torch.linalg.vector_norm(W.to(x.dtype), dim=0)[index] if loss == "large_margin_softmax_loss" else None
+    target = torch.where(has_target, margin_target_logit(loss, t, x, w_norm, params), 0)
+    rest_mask = ~is_target if columns is None else ~is_target & columns.unsqueeze(0)
+    return target, has_target, masked_logsumexp(logits, rest_mask), rest_mask.any(1)
+
+
 LOSSES = ["normalized_softmax_loss", "cosface_loss", "arcface_loss", "large_margin_softmax_loss", "sphereface_loss",
           "subcenter_arcface_loss", "soft_triple_loss", "p2sgrad_loss"]
-__all__ = LOSSES + [f"{name}_elements" for name in LOSSES]
+__all__ = LOSSES + [f"{name}_elements" for name in LOSSES] + ["margin_softmax_row_stats"]
