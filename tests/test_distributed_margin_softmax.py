@@ -64,8 +64,9 @@ MODULES = {
     "SubCenterArcFaceLoss": (dict(scale=4, sub_centers=2), 2),
     "SoftTripleLoss": (dict(centers_per_class=2, la=5), 2),
 }
-SAMPLED = [("cosface", "cpu"), ("subcenter", "reference")]
-SAMPLE_C, SAMPLE_RATE = 90, 0.1  # a shard draws fewer classes than it holds (k < its classes)
+# 90 classes: a shard draws fewer classes than it holds; 12: it draws them all (a mask only), 0 negatives per shard
+SAMPLED = [("cosface", "cpu", 90), ("subcenter", "reference", 90), ("cosface", "reference", 12)]
+SAMPLE_C, SAMPLE_RATE = 90, 0.1
 
 
 def _free_port():
@@ -167,12 +168,12 @@ def _modules(rank, world, xs, ys, res, pml_states):
 
 def _sampled(rank, world, xs, ys, res):
     """Partial FC: the functions with an explicit generator, and the module over two steps."""
-    for name, backend in SAMPLED:
+    for name, backend, num_classes in SAMPLED:
         k = FAMILY[name][1]
-        shard = shard_columns(_full_weight(SAMPLE_C, k), group_size=k)
-        fn = _sharded_fn(name, backend, SAMPLE_C, sample_rate=SAMPLE_RATE,
+        shard = shard_columns(_full_weight(num_classes, k), group_size=k)
+        fn = _sharded_fn(name, backend, num_classes, sample_rate=SAMPLE_RATE,
                          generator=sample_generator(7, rank, 0, "cpu"))
-        res[("sampled", name)] = _value_and_grads(fn, xs[rank], ys[rank] % 2, shard)
+        res[("sampled", name, backend, num_classes)] = _value_and_grads(fn, xs[rank], ys[rank] % 2, shard)
     for seed_copy in (0, 1):  # two modules with one seed: the same draws
         module = dk.losses.CosFaceLoss(SAMPLE_C, D, margin=0.35, scale=4, process_group=dist.group.WORLD,
                                        sample_rate=SAMPLE_RATE, sample_seed=7, backend="cpu").double()
@@ -308,19 +309,18 @@ def test_modules_with_process_group_equal_pml_on_the_global_batch(world, uneven,
         _check_rank(ran[(world, uneven)][r][("module", cls_name)], want, gx, gw, r, world, starts, sizes, 7, k)
 
 
-def _sampled_reference(name, x, y, full, world, seed, step):
+def _sampled_reference(name, x, y, full, world, seed, step, num_classes=SAMPLE_C):
     """The unsharded loss restricted to the union of the classes every rank samples (recomputed here with the
     documented generator), as a loss of the full weight (the classes not drawn get a zero gradient)."""
     k = FAMILY[name][1]
     union = []
     for r in range(world):
-        lo, hi = shard_range(SAMPLE_C, rank=r, world_size=world)
+        lo, hi = shard_range(num_classes, rank=r, world_size=world)
         if hi > lo:
             classes, taking_part = sample_classes(y - lo, hi - lo, SAMPLE_RATE,
                                                   generator=sample_generator(seed, r, step, "cpu"))
             union += [lo + int(c) for c, t in zip(classes, taking_part) if t]
-    assert set(y.tolist()) <= set(union) and len(union) < SAMPLE_C  # the positives, and a strict subset
-    assert all(len(sample_classes(y, n, SAMPLE_RATE)[0]) < n for n in (SAMPLE_C // world,))  # k < shard size
+    assert set(y.tolist()) <= set(union) and len(union) < num_classes  # the positives, and a strict subset
     position = {c: i for i, c in enumerate(union)}
     cols = torch.tensor([c * k + j for c in union for j in range(k)])
     x, full = x.clone().requires_grad_(), full.clone().requires_grad_()
@@ -329,13 +329,16 @@ def _sampled_reference(name, x, y, full, world, seed, step):
 
 
 @pytest.mark.parametrize("world,uneven", CONFIGS)
-@pytest.mark.parametrize("name,backend", SAMPLED)
-def test_sampled_loss_is_the_loss_over_the_sampled_classes(world, uneven, name, backend, ran):
+@pytest.mark.parametrize("name,backend,num_classes", SAMPLED)
+def test_sampled_loss_is_the_loss_over_the_sampled_classes(world, uneven, name, backend, num_classes, ran):
     x, y, sizes, starts = _global(world, uneven)
     k = FAMILY[name][1]
-    want, gx, gw = _sampled_reference(name, x, y % 2, _full_weight(SAMPLE_C, k), world, 7, 0)
+    per_shard = -(-num_classes // world)
+    assert (len(sample_classes(y % 2, per_shard, SAMPLE_RATE)[0]) < per_shard) == (num_classes == 90)
+    want, gx, gw = _sampled_reference(name, x, y % 2, _full_weight(num_classes, k), world, 7, 0, num_classes)
     for r in range(world):
-        _check_rank(ran[(world, uneven)][r][("sampled", name)], want, gx, gw, r, world, starts, sizes, SAMPLE_C, k)
+        _check_rank(ran[(world, uneven)][r][("sampled", name, backend, num_classes)], want, gx, gw, r, world, starts,
+                    sizes, num_classes, k)
 
 
 @pytest.mark.parametrize("world,uneven", CONFIGS)

@@ -17,6 +17,8 @@ from patterns import PATTERNS
 F = dk.functional
 TOL = dict(rtol=1e-9, atol=1e-9)
 NUM_CLASSES = 200
+_CPU_WHY = _registry.unavailable_reason("cpu", "cpu")
+NEEDS_CPU = pytest.mark.skipif(_CPU_WHY is not None, reason=f"cpu backend unavailable: {_CPU_WHY}")
 
 
 def language_table(k=None, dim=6, seed=7):
@@ -120,6 +122,7 @@ def _naive_cases():
     variant on one pattern (the interpreter is slow)."""
     cases = [("reference", p, v) for p in PATTERNS for v in VARIANTS]
     cases += [("triton", p, v) for p in PATTERNS for v in ("seed", "release")]
+    cases += [pytest.param("cpu", p, v, marks=NEEDS_CPU) for p in PATTERNS for v in VARIANTS]
     return cases + [("triton", "random", v) for v in VARIANTS if v not in ("seed", "release")]
 
 
@@ -238,12 +241,16 @@ def _compare(backend_a, backend_b, x, y, lang, tol=TOL, **kw):
     assert_same([t.double() for t in got], [t.double() for t in want], tol)
 
 
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cpu", marks=NEEDS_CPU)])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("k", [None, 3])
-def test_triton_equals_reference_odd_shapes(variant, k):
-    """B = 37, D = 19 (several 16-row tiles, ragged edges), D_L = 6 (or K = 3 × 6), float64, 1e-9."""
+def test_fused_equals_reference_odd_shapes(variant, k, backend, monkeypatch):
+    """B = 37, D = 19 (several 16-row tiles / 5-row cpu blocks, ragged edges), D_L = 6 (or K = 3 × 6), float64,
+    1e-9."""
+    from dml_kernels.backends.cpp import language_guidance as cpu_lg
+    monkeypatch.setattr(cpu_lg, "TILE", 5 * 37)
     x, y, lang = inputs("random", n=37, d=19, k=k, jitter=0.3)
-    _compare("triton", "reference", x, y, lang, **_kw(VARIANTS[variant]))
+    _compare(backend, "reference", x, y, lang, **_kw(VARIANTS[variant]))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
@@ -257,16 +264,24 @@ def test_triton_low_precision(dtype, tol):
              mask_same_class=True)
 
 
-def test_gradcheck_triton():
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cpu", marks=NEEDS_CPU)])
+def test_gradcheck_fused(backend):
     x, y, lang = inputs("random", n=6, d=3, k=2, jitter=0.3)
     for kw in ({}, dict(direction="forward", mask_same_class=True, temperature=0.7)):
-        assert torch.autograd.gradcheck(lambda e: F.language_guidance_loss(e, y, lang, backend="triton", **kw),
+        assert torch.autograd.gradcheck(lambda e: F.language_guidance_loss(e, y, lang, backend=backend, **kw),
                                         (x.clone().requires_grad_(),))
 
 
-def test_triton_registered_and_not_chosen_on_cpu_by_auto():
-    assert _registry.implemented("language_guidance_loss")[:2] == ["reference", "triton"]
-    assert "triton" not in _registry.auto_candidates("cpu")
+def test_registered_backends_and_auto_on_cpu():
+    have = _registry.implemented("language_guidance_loss")
+    assert {"reference", "triton"} <= set(have) and "cuda" not in have
+    if _CPU_WHY is None:  # auto on CPU tensors runs the cpu form, without a fallback warning
+        x, y, lang = inputs("random", n=9)
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = F.language_guidance_loss(x, y, lang)
+        torch.testing.assert_close(got, F.language_guidance_loss(x, y, lang, backend="cpu"), rtol=0, atol=0)
 
 
 def test_triton_inputs_untouched_and_double_backward_refused():
@@ -333,3 +348,28 @@ def test_peak_memory_fused_vs_reference(monkeypatch):
     fused, ref = peak_extra_bytes(lambda: run("triton")), peak_extra_bytes(lambda: run("reference"))
     assert ref > 3 * matrix, ref  # the same bound fails on the reference
     assert fused < matrix // 2, fused
+
+
+@NEEDS_CPU
+@requires_clear_refs
+def test_peak_memory_cpu_form(monkeypatch):
+    """The cpu form at B = 1024 fp32 with 32-row blocks (TILE = 2¹⁵): a B×B matrix takes 4 MiB; the cpu form stays
+    under half of one, the reference needs several (the same bound fails there). No syncing op either."""
+    from dml_kernels.backends.cpp import language_guidance as cpu_lg
+    monkeypatch.setattr(cpu_lg, "TILE", 1 << 15)
+    x, y, lang = inputs("random", n=1024, d=16, jitter=0.3)
+    x, lang = x.float(), lang.float()
+
+    def run(backend, n=1024):
+        xl = x[:n].clone().requires_grad_()
+        F.language_guidance_loss(xl, y[:n], lang[:n], mask_same_class=True, backend=backend,
+                                 check_inputs=False).backward()
+
+    run("cpu")
+    matrix = 1024 * 1024 * 4
+    fused, ref = peak_extra_bytes(lambda: run("cpu")), peak_extra_bytes(lambda: run("reference"))
+    assert ref > 3 * matrix, ref
+    assert fused < matrix // 2, fused
+    with _Watch() as watch:
+        run("cpu", 64)
+    assert not watch.syncs, watch.syncs

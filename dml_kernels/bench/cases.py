@@ -50,6 +50,8 @@ def make_inputs(case: Case, B, M, C, D, dtype, device, seed=0):
         t["labels"] = torch.randint(0, ref_classes, (B,), generator=gen)
     else:
         t["labels"] = _pk_labels(B, gen)
+    if case.key == "language_guidance":  # one D-dim "text embedding" per class, gathered per sample (a constant)
+        t["lang"] = torch.randn(int(t["labels"].max()) + 1, D, generator=gen)[t["labels"]]
     t["x"] = x
     out = {}
     for k, v in t.items():
@@ -163,6 +165,10 @@ def _cases():
              lambda t, b: _F().proxy_anchor_loss(t["x"], t["labels"], t["proxies"], backend=b, **kw),
              _pml_proxy("ProxyAnchorLoss"), "ProxyAnchorLoss(C, D) with the same proxies"),
     ]
+    cs.append(Case("language_guidance", "language_guidance_loss", "release", "pair",
+                   lambda t, b: _F().language_guidance_loss(t["x"], t["labels"], t["lang"], mask_same_class=True,
+                                                            backend=b, **kw), None,
+                   note="seed 002 eq. 29 with the release's same-class masking; no PML equivalent"))
     return {c.key: c for c in cs}
 
 
@@ -184,6 +190,8 @@ def gemm_flops(case: Case, B, M, C, D):
     if case.key == "n_pairs":  # only anchors × positives matter: K = B / SAMPLES_PER_CLASS pairs in a PK batch
         k = max(1, B // SAMPLES_PER_CLASS)
         return 4.0 * k * k * D
+    if case.key == "language_guidance":  # S_I and S_L (language size D) once, one (G + Gᵀ)·X GEMM
+        return 6.0 * B * B * D
     return 4.0 * B * B * D
 
 
@@ -227,6 +235,8 @@ def preset_cpu_quick():
         pts.append(Point("ms_mining_ref", 256, M=M))
     for B in (512, 1024, 256):
         pts.append(Point("triplet_all", B))
+    for B in (4096, 1024):
+        pts.append(Point("language_guidance", B))
     # PML at the memory headline size (it runs out of the per-cell memory limit after ~1 min): last.
     pts.append(Point("ms_mining", 16384, D=128, time=False, providers=("pml",)))
     return pts
@@ -270,6 +280,8 @@ def preset_gpu():
         for B in (4096, 16384):
             pts.append(Point("ms_mining", B, D=128, dtype=dtype))
             pts.append(Point("proxy_anchor", B, C=100000, D=128, dtype=dtype))
+    for B in (16384, 4096):
+        pts.append(Point("language_guidance", B, D=128, dtype="bfloat16"))
     for B in (4096, 16384):
         pts.append(Point("ms_mining", B, D=512, dtype="bfloat16"))
         pts.append(Point("proxy_nca", B, C=100000, D=512, dtype="bfloat16"))

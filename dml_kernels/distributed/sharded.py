@@ -199,6 +199,8 @@ def _sampled(W, y_local, num_local, k, sample_rate, generator):
     """(the sampled classes' columns of W, labels as positions among them or -1, their taking-part mask,
     the sampled classes)."""
     classes, taking_part = sample_classes(y_local, num_local, sample_rate, generator=generator)
+    if classes.shape[0] == num_local:  # every class drawn (sorted: classes = arange): W as is, a mask only
+        return W, y_local, taking_part, classes
     position = torch.full((num_local,), -1, dtype=torch.long, device=y_local.device)
     position[classes] = torch.arange(classes.shape[0], device=y_local.device)
     inside = (y_local >= 0) & (y_local < num_local)

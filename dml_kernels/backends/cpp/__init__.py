@@ -17,3 +17,4 @@ Map (the same in every backend package; the engines themselves are C++, in ``csr
 from . import class_losses, contrastive_losses, evaluation, margin_softmax, pair_losses, similarity  # noqa: F401
 from . import row_stats  # noqa: F401,E402  (per-row reduction statistics: hinge_stats, triplet_stats)
 from .loader import unavailable_reason  # noqa: F401  (the registry's availability hook)
+from . import language_guidance  # noqa: F401,E402 - language guidance (seed 002 eq. 29) in O(block × B), torch.mm tiles
