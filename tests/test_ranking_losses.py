@@ -476,3 +476,80 @@ def test_ranked_list_ignores_zero_distances_as_pml(kw):
     y2 = torch.tensor([0, 1, 0, 0, 1, 2])  # the duplicates as negatives and as positives
     for labels in (y, y2):
         assert_same(run(dk.losses.RankedListLoss(**kw), x, labels), run(pl.RankedListLoss(**kw), x, labels))
+
+
+# ------------------------------------------------------------------------------ fused FastAP (Triton)
+
+def _has_triton():
+    try:
+        return "triton" in dk._registry.implemented("fastap_loss") and \
+            dk._registry.unavailable_reason("triton", "cpu") is None
+    except Exception:  # noqa: BLE001 - triton missing
+        return False
+
+
+triton_only = pytest.mark.skipif(not _has_triton(), reason="triton (or TRITON_INTERPRET=1) not available")
+FUSED_KW = [dict(), dict(num_bins=7, distance="euclidean"), dict(num_bins=3)]
+
+
+def _both(f, x, y, **kw):
+    out = []
+    for backend in ("triton", "reference"):
+        xr = x.clone().requires_grad_()
+        loss = f(xr, y, backend=backend, **kw)
+        out.append((loss.detach(), torch.autograd.grad(loss, xr)[0]))
+    return out
+
+
+@triton_only
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("kw", FUSED_KW)
+def test_fused_fastap_equals_reference(pattern, kw):
+    """Under the interpreter in float64: values and gradients equal the reference to 1e-10 (odd N spanning
+    several 16-row tiles, every label pattern), also with miner weights."""
+    torch.manual_seed(10)
+    x, y = make(pattern, n=37, d=19)
+    (va, ga), (vb, gb) = _both(dk.functional.fastap_loss, x, y, **kw)
+    torch.testing.assert_close(va, vb, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-10)
+
+
+@triton_only
+def test_fused_fastap_matches_pml_weights_fp32_gradcheck():
+    torch.manual_seed(11)
+    x, y = make("random", n=21, d=6)
+    assert_same(run(dk.losses.FastAPLoss(backend="triton"), x, y), run(pl.FastAPLoss(), x, y))
+    tup = pm.PairMarginMiner(pos_margin=0.3, neg_margin=0.7)(x, y)
+    assert_same(run(dk.losses.FastAPLoss(backend="triton", num_bins=6), x, y, tup),
+                run(pl.FastAPLoss(num_bins=6), x, y, tup))
+    (va, ga), (vb, gb) = _both(dk.functional.fastap_loss, x.float(), y)
+    assert va.dtype == torch.float32
+    torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
+    xs, ys = make("pairs", n=9, d=4)
+    assert torch.autograd.gradcheck(lambda a: dk.functional.fastap_loss(a, ys, backend="triton", num_bins=5),
+                                    (xs.requires_grad_(),))
+    with pytest.raises(dk.Unsupported):  # the op contract: only the normalised euclidean distances are fused
+        dk._registry.call("fastap_loss", "triton", "cpu", x, y, num_bins=10,
+                          distance=dk.distances.Distance("cosine", True))
+
+
+@triton_only
+@pytest.mark.skipif(not __import__("memory").HAS_CLEAR_REFS, reason="needs Linux /proc/self/clear_refs")
+def test_fused_fastap_never_allocates_n_by_n():
+    """N=160, fp32, forward + backward: the fused form's peak extra memory stays below a quarter of the
+    reference's (num_bins+1)·N·N pulse tensor (1.1 MiB); the reference exceeds it."""
+    from memory import peak_extra_bytes
+    n = 160
+    x, y = torch.randn(n, 8), torch.randint(0, 20, (n,))
+
+    def step(backend, xx=x, yy=y):
+        xr = xx.clone().requires_grad_()
+        dk.functional.fastap_loss(xr, yy, backend=backend).backward()
+
+    step("triton", x[:20], y[:20])
+    pulse = 11 * n * n * 4
+    fused = peak_extra_bytes(lambda: step("triton"))
+    reference = peak_extra_bytes(lambda: step("reference"))
+    assert fused < pulse / 4, (fused, pulse)
+    assert reference > pulse, (reference, pulse)

@@ -26,3 +26,4 @@ from . import direction  # noqa: F401,E402 - the direction-regularised losses (s
 from . import language_guidance  # noqa: F401,E402 - language-guidance distillation (seed 002 eq. 29), two dot tiles per tile
 from . import proxy_gml  # noqa: F401,E402 - ProxyGML on the class engine (selection, grouped sums, LSE)
 from . import reduction_stats  # noqa: F401,E402  (per-row reduction statistics: <loss>_row_stats)
+from . import ranking_losses  # noqa: F401,E402 - FastAP: per-row soft histograms on the pair engine

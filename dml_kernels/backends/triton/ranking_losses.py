@@ -1,0 +1,135 @@
+"""FastAP on the pair engine: per-row soft distance histograms, no N×N buffer.
+
+Forward (one pass over the tiles): for a block of query rows, every reference tile's distances D (the engine's
+``value_tile``, squared or plain euclidean on normalised rows) are soft-binned into ``NE = num_bins + 1``
+triangular bins, pulse_l = max(1 − |D − z_l| / δ, 0) with PML's centres z_l (``torch.linspace``, passed in, so
+the reference's bin arithmetic is used op for op), and summed per row over the positives and the negatives:
+h⁺, h⁻ (N × NE, ``NE`` a constexpr) plus the positive count. AP per row from (h⁺, h⁻) is O(N·NE) torch code
+shared with the reference (``fastap_ap``), so autograd differentiates it and hands the kernel dL/dh⁺, dL/dh⁻.
+
+Backward (recomputed tiles): the engine's gradient kernel with an epilogue that, per pair (i, j), sums over the
+bins dL/dh_il · dpulse_l/dD (−sign(D − z_l)/δ where the pulse is active), the rows' dL/dh read from the stats;
+in self mode the same tile also gives the transposed role, so a row block owns its rows (no atomics).
+
+Tested under the interpreter, not yet run on a GPU.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._registry import Unsupported, register
+from ..reference.ranking_losses import fastap_ap, fastap_bin_centres
+from . import pair_engine
+from .pair_engine import embedding_grads, load_rows, pair_masks, refuse_double_backward, value_tile
+
+
+@triton.jit
+def _fastap_hist_kernel(x_ptr, sx_ptr, nx_ptr, lab_ptr, z_ptr, hp_ptr, hn_ptr, cnt_ptr, N, D, stride_x,
+                        NE: tl.constexpr, NEP: tl.constexpr, DIST: tl.constexpr,
+                        BA: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    CT: tl.constexpr = sx_ptr.dtype.element_ty
+    offs_a = tl.program_id(0) * BA + tl.arange(0, BA)
+    s_a, n_a, lab_a = load_rows(x_ptr, sx_ptr, nx_ptr, lab_ptr, offs_a, N, True)
+    bins = tl.arange(0, NEP)
+    delta = tl.load(z_ptr + NE)
+    hp = tl.zeros((BA, NEP), CT)
+    hn = tl.zeros((BA, NEP), CT)
+    cnt = tl.zeros((BA,), CT)
+    for b0 in range(0, N, BB):
+        offs_b = b0 + tl.arange(0, BB)
+        s_b, n_b, lab_b = load_rows(x_ptr, sx_ptr, nx_ptr, lab_ptr, offs_b, N, True)
+        v = value_tile(x_ptr, x_ptr, offs_a, offs_b, s_a, s_b, n_a, n_b, N, N, D, stride_x, stride_x,
+                       DIST, BA, BB, BD, PREC)
+        pos, neg = pair_masks(lab_a, lab_b, offs_a, offs_b, N, N, lab_ptr, lab_ptr, 1, True, True, False, False)
+        cnt += tl.sum(pos.to(CT), axis=1)
+        for l in tl.static_range(NE):
+            z = tl.load(z_ptr + l)
+            pulse = tl.maximum(1 - tl.abs(v - z) / delta, 0.0)
+            sp = tl.sum(tl.where(pos, pulse, 0.0), axis=1)
+            sn = tl.sum(tl.where(neg, pulse, 0.0), axis=1)
+            hp = tl.where(bins[None, :] == l, hp + sp[:, None], hp)
+            hn = tl.where(bins[None, :] == l, hn + sn[:, None], hn)
+    inside = offs_a < N
+    off2 = offs_a.to(tl.int64)[:, None] * NE + bins[None, :]
+    m2 = inside[:, None] & (bins[None, :] < NE)
+    tl.store(hp_ptr + off2, hp, mask=m2)
+    tl.store(hn_ptr + off2, hn, mask=m2)
+    tl.store(cnt_ptr + offs_a, cnt, mask=inside)
+
+
+@triton.jit
+def fastap_bwd(v, pos, neg, ia, ib, na, nb, st, nst, sc, p0, p1, p2, p3, DIST: tl.constexpr, FLAG: tl.constexpr):
+    """dL/dD of the tile: Σ_l (dL/dh⁺_il [pos] + dL/dh⁻_il [neg]) · d pulse_l/dD; FLAG = NE. Stats rows 0..NE−1:
+    dL/dh⁺ per bin, NE..2NE−1: dL/dh⁻, row 2NE: the centres z_0..z_{NE−1} and δ."""
+    w = v * 0.0
+    row_in = ia < na
+    zrow = st + 2 * FLAG * nst
+    delta = tl.load(zrow + FLAG)
+    for l in tl.static_range(FLAG):
+        t = v - tl.load(zrow + l)
+        active = (1 - tl.abs(t) / delta) > 0
+        sign = tl.where(t > 0, 1.0, tl.where(t < 0, -1.0, 0.0))
+        dpulse = tl.where(active, -sign / delta, 0.0)
+        gp = tl.load(st + l * nst + ia, mask=row_in, other=0.0)
+        gn = tl.load(st + (FLAG + l) * nst + ia, mask=row_in, other=0.0)
+        w += (tl.where(pos, gp, 0.0) + tl.where(neg, gn, 0.0)) * dpulse
+    return w
+
+
+class _Histograms(torch.autograd.Function):
+    """(h⁺, h⁻, n⁺) of every row from (x, s, n); backward by recomputed tiles."""
+
+    @staticmethod
+    def forward(ctx, tiles, zd, x, s, n):
+        ne = zd.numel() - 1
+        hp = torch.empty(tiles.n, ne, dtype=tiles.ct, device=x.device)
+        hn = torch.empty_like(hp)
+        cnt = torch.empty(tiles.n, dtype=tiles.ct, device=x.device)
+        kw = tiles.launch("fwd")
+        grid = (triton.cdiv(tiles.n, kw["BA"]),)
+        xc = x.contiguous()
+        _fastap_hist_kernel[grid](xc, s.contiguous(), n.contiguous(), tiles.labels, zd, hp, hn, cnt, tiles.n, tiles.d,
+                                  xc.stride(0), NE=ne, NEP=triton.next_power_of_2(ne), DIST=tiles.dist, **kw)
+        ctx.tiles = tiles
+        ctx.save_for_backward(x, s, n, zd)
+        ctx.mark_non_differentiable(cnt)
+        return hp, hn, cnt
+
+    @staticmethod
+    def backward(ctx, gp, gn, _gcnt):
+        refuse_double_backward()
+        x, s, n, zd = ctx.saved_tensors
+        tiles = ctx.tiles
+        ne = zd.numel() - 1
+        width = max(tiles.n, ne + 1)
+        st = torch.zeros(2 * ne + 1, width, dtype=tiles.ct, device=x.device)
+        st[:ne, :tiles.n] = gp.t()
+        st[ne:2 * ne, :tiles.n] = gn.t()
+        st[2 * ne, :ne + 1] = zd
+        sc = torch.zeros(1, dtype=tiles.ct, device=x.device)
+        acc, dn, _, _ = tiles.grad((x, s, n, None, None, None), fastap_bwd, st, sc, flag=ne, need_x=True)
+        dx, ds, dnx = embedding_grads(x, s, acc, dn, ctx.needs_input_grad[2:5])
+        return None, None, dx, ds, dnx
+
+
+def fastap_loss(x, labels, *, num_bins, distance, weights=None):
+    if distance.name not in ("euclidean", "squared_euclidean") or not distance.normalize:
+        raise Unsupported("fastap_loss: the fused form takes the normalised euclidean distances only")
+    x, _ = pair_engine.autocast_inputs(x, None)
+    tiles = pair_engine.Tiles(x, labels, None, None, distance)
+    z, delta = fastap_bin_centres(num_bins, 2 if distance.squared else 1, tiles.ct, x.device)
+    zd = torch.cat([z, torch.full((1,), delta, dtype=tiles.ct, device=x.device)])
+    s, n, _, _ = tiles.embed(x, None)
+    h_pos, h_neg, n_pos = _Histograms.apply(tiles, zd, x, s, n)
+    ap, any_safe = fastap_ap(h_pos, h_neg, n_pos)
+    has = n_pos > 0
+    w = torch.ones_like(ap) if weights is None else weights.to(ap.dtype)
+    per_row = torch.where(has, (1 - ap) * w, 0)
+    loss = per_row.sum() / has.sum().clamp_min(1).to(ap.dtype)
+    zero = (x * 0).sum().to(loss.dtype)
+    return torch.where(has.any() & any_safe, loss, zero)
+
+
+register("fastap_loss", "triton")(fastap_loss)
