@@ -50,7 +50,7 @@ FAMILY = {
     "p2sgrad": (None, 1, {}, lambda x, y, w: F.p2sgrad_loss(x, y, w, backend="reference")),
 }
 FUSED = ("normalized", "normalized_euclidean", "cosface", "arcface", "large_margin", "sphereface")
-CASES = [(n, "reference") for n in FAMILY] + [(n, "cpu") for n in FUSED]
+CASES = [(n, "reference") for n in FAMILY] + [(n, "cpu") for n in FUSED + ("p2sgrad",)]
 NUM_CLASSES = (7, 2)  # C not divisible by W; C < W = 3 (an empty shard)
 CONFIGS = [(2, False), (3, True)]  # (world size, uneven local batch sizes)
 
@@ -98,8 +98,10 @@ def _batches(world, uneven):
     return xs, ys
 
 
-def _full_weight(num_classes, k, seed=2):
-    return torch.randn(D, num_classes * k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+def _full_weight(num_classes, k, seed=2, name=None):
+    """A D × C·K weight; unit columns for P2SGrad (its module renormalises them: its fused form assumes them)."""
+    w = torch.randn(D, num_classes * k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.nn.functional.normalize(w, dim=0) if name == "p2sgrad" else w
 
 
 def _sharded_fn(name, backend, num_classes, **kw):
@@ -124,7 +126,7 @@ def _functions(rank, world, xs, ys, res):
     for num_classes in NUM_CLASSES:
         for name, backend in CASES:
             k = FAMILY[name][1]
-            full = _full_weight(num_classes, k)
+            full = _full_weight(num_classes, k, name=name)
             shard = shard_columns(full, group_size=k)
             assert torch.equal(gather_full_weight(shard, dim=1), full)
             fn = _sharded_fn(name, backend, num_classes)
@@ -209,9 +211,9 @@ NO_POSITIVES = [torch.tensor([0, 1, 2, 2, 1]), torch.tensor([0, 0, 1, 2, 1])]  #
 
 def _no_positives(rank, world, xs, res):
     """Rank 1's shard holds no class of the global batch, and its local rows' classes live on rank 0."""
-    for name, backend in (("cosface", "cpu"), ("soft_triple", "reference"), ("p2sgrad", "reference")):
+    for name, backend in (("cosface", "cpu"), ("soft_triple", "reference"), ("p2sgrad", "cpu")):
         k = FAMILY[name][1]
-        shard = shard_columns(_full_weight(6, k), group_size=k)
+        shard = shard_columns(_full_weight(6, k, name=name), group_size=k)
         res[("no_positives", name)] = _value_and_grads(_sharded_fn(name, backend, 6), xs[rank], NO_POSITIVES[rank],
                                                         shard)
 
@@ -282,7 +284,7 @@ def test_sharded_loss_equals_the_unsharded_loss(world, uneven, num_classes, name
     its local embeddings and its weight columns."""
     x, y, sizes, starts = _global(world, uneven)
     k = FAMILY[name][1]
-    want, gx, gw = _unsharded(name, x, y % num_classes, _full_weight(num_classes, k))
+    want, gx, gw = _unsharded(name, x, y % num_classes, _full_weight(num_classes, k, name=name))
     for r in range(world):
         got = ran[(world, uneven)][r][("fn", num_classes, name, backend)]
         _check_rank(got, want, gx, gw, r, world, starts, sizes, num_classes, k)
@@ -385,7 +387,7 @@ def test_a_rank_without_positives(name, ran):
     world = 2
     x, _, sizes, starts = _global(world, False)
     k = FAMILY[name][1]
-    want, gx, gw = _unsharded(name, x, torch.cat(NO_POSITIVES), _full_weight(6, k))
+    want, gx, gw = _unsharded(name, x, torch.cat(NO_POSITIVES), _full_weight(6, k, name=name))
     for r in range(world):
         _check_rank(ran[(world, False)][r][("no_positives", name)], want, gx, gw, r, world, starts, sizes, 6, k)
 

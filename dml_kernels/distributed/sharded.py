@@ -253,15 +253,25 @@ def sharded_margin_softmax_loss(embeddings, labels, W, *, loss, num_classes, gro
 def sharded_p2sgrad_loss(embeddings, labels, weight, *, num_classes, backend="auto", check_inputs=True,
                          process_group=None):
     """P2SGrad over the global batch with ``weight`` this rank's D × (shard classes) columns (used as given):
-    the mean over B_global · C of (clamp(cos, −1, 1) − one-hot)², each rank summing its columns' terms."""
+    the mean over B_global · C of (clamp(cos, −1, 1) − one-hot)², each rank summing its columns' terms. The
+    reference backend forms the B_global × (shard classes) cosines as PML; any other uses the unsharded fused
+    path's form, Σ_c cos² = x̂ᵀ(W Wᵀ)x̂ (a D×D Gram) and an O(B·D) target gather (no clamp: it acts only on
+    cosines rounding past ±1)."""
     group = process_group
     check_embeddings(embeddings, check_values=False)  # its shape, before the shard's
     start, stop = _check_column_shard(weight, num_classes, group, embeddings.shape[1], 1, "weight", check_inputs)
     x, y = _gather_batch(embeddings, labels, num_classes, group, check_inputs)
-    w = weight.to(x.dtype)
-    cos = (x.mm(w) / x.pow(2).sum(1).pow(0.5).unsqueeze(1)).clamp(-1, 1)  # B_global × (shard classes)
-    onehot = (y - start).unsqueeze(1) == torch.arange(stop - start, device=x.device).unsqueeze(0)
-    part = (cos - onehot.to(cos.dtype)).pow(2).sum()
+    w, y, n = weight.to(x.dtype), y - start, stop - start
+    norm = x.pow(2).sum(1).pow(0.5)  # PML's modulus (no eps)
+    if backend == "reference":
+        cos = (x.mm(w) / norm.unsqueeze(1)).clamp(-1, 1)
+        onehot = y.unsqueeze(1) == torch.arange(n, device=x.device).unsqueeze(0)
+        part = (cos - onehot.to(cos.dtype)).pow(2).sum()
+    else:
+        inside = (y >= 0) & (y < n)
+        rows = w.t()[torch.where(inside, y, 0)] if n else torch.zeros_like(x)
+        target = torch.where(inside, (x * rows).sum(1) / norm, 0)
+        part = (((x @ (w @ w.t())) * x).sum(1) / norm ** 2).sum() - 2 * target.sum() + inside.sum()
     return all_reduce_sum(part, group) / (x.shape[0] * num_classes)
 
 
