@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._records import resolve as resolve_collect_stats
+
 SUPPORTED = ("cosine", "dot", "euclidean", "squared_euclidean")
 
 
@@ -41,11 +43,11 @@ class BaseDistance(nn.Module):
 
     ``collect_stats=True`` records ``initial_avg_query_norm`` / ``initial_avg_ref_norm`` /
     ``final_avg_query_norm`` / ``final_avg_ref_norm`` as detached 0-dim device tensors (PML stores Python
-    floats read with ``.item()``, a host sync); the default is off (PML reads its global flag)."""
+    floats read with ``.item()``, a host sync); ``None`` follows PML's global flag when PML is loaded."""
 
     def __init__(self, normalize_embeddings=True, p=2, power=1, is_inverted=False, collect_stats=None):
         super().__init__()
-        self.collect_stats = bool(collect_stats) if collect_stats is not None else False
+        self.collect_stats = resolve_collect_stats(collect_stats)  # None: PML's global flag, as PML reads it
         self.normalize_embeddings = normalize_embeddings
         self.p = p
         self.power = power

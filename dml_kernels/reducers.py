@@ -25,6 +25,8 @@ import copy
 import torch
 from torch import nn
 
+from ._records import resolve as resolve_collect_stats
+
 REDUCTION_TYPES = ("element", "pos_pair", "neg_pair", "triplet", "already_reduced")
 
 
@@ -65,7 +67,7 @@ class BaseReducer(nn.Module):
 
     def __init__(self, collect_stats=None):
         super().__init__()
-        self.collect_stats = bool(collect_stats)
+        self.collect_stats = resolve_collect_stats(collect_stats)  # None: PML's global flag, as PML reads it
 
     def forward(self, loss_dict, embeddings, labels):
         if not isinstance(loss_dict, dict) or len(loss_dict) != 1:

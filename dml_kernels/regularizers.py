@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reducers as _reducers
+from ._records import resolve as resolve_collect_stats
 from .distances import Distance, parse_distance
 
 
@@ -23,7 +24,7 @@ class BaseRegularizer(nn.Module):
 
     def __init__(self, collect_stats=None, reducer=None, distance=None):
         super().__init__()
-        self.collect_stats = bool(collect_stats)
+        self.collect_stats = resolve_collect_stats(collect_stats)
         self.distance = self.get_default_distance() if distance is None else distance
         self.reducer = _reducers.for_loss(reducer, ["loss"], self.get_default_reducer, copy_reducer=True)
 

@@ -14,6 +14,8 @@ from torch import nn
 
 from .. import distances as _distances
 from .. import reducers as _reducers
+from .._records import resolve as resolve_collect_stats
+from . import _stats
 from ..functional._common import LOSS_REDUCTION, default_reducer
 
 
@@ -41,7 +43,7 @@ def default_distance(cls, normalize_embeddings=True):
                         ("CosineSimilarity", {}))
     if name != "CosineSimilarity":
         kwargs = dict(kwargs, normalize_embeddings=normalize_embeddings)
-    return getattr(_distances, name)(**kwargs)
+    return getattr(_distances, name)(**kwargs, collect_stats=None)
 
 
 def _check_regularizer(regularizer, what):
@@ -64,12 +66,15 @@ class _MetricLoss(nn.Module):
         weight_reg_weight = unsupported.pop("weight_reg_weight", 1) if self._has_weight_regularizer else 1
         for key in unsupported:
             raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {key!r}")
-        if collect_stats:
-            raise NotImplementedError(f"{type(self).__name__}(collect_stats=True): PML's recorded statistics are "
-                                      "not implemented yet; use the PML class for them")
         _check_regularizer(embedding_regularizer, "embedding_regularizer")
         _check_regularizer(weight_regularizer, "weight_regularizer")
-        self.collect_stats = False
+        self.collect_stats = resolve_collect_stats(collect_stats)
+        if self.collect_stats:  # PML's recorded statistics (losses/_stats.py), as device scalars
+            self._record_these_stats = list(_stats.STAT_NAMES.get(_stats.kind_of(type(self)), ()))
+            for name in self._record_these_stats:
+                setattr(self, name, 0)
+            if self._record_these_stats:
+                self.register_forward_hook(_stats.hook, with_kwargs=True)
         self.normalize_embeddings = normalize_embeddings
         # As in PML, ``self.distance`` is always a distance object: the one given, or the loss's default
         # (PML programs read it, e.g. ``TripletMarginMiner(distance=loss.distance)``). A string is kept as given.
