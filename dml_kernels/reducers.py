@@ -400,7 +400,8 @@ def _default_aggregation(func):
 
 def _entry_plan(reducer, element_type, per_anchor_ok):
     """How one sub-loss entry of ``element_type`` ("pair" or "triplet") is reduced by ``reducer`` from row
-    statistics: ("mean",), ("sum",), ("band", low, high), ("per_anchor", inner plan), ("per_anchor_triplet",)
+    statistics: ("mean",), ("sum",), ("band", low, high), ("class_weighted", weights), ("per_anchor", inner plan),
+    ("per_anchor_triplet",)
     (PML raises for triplets) — or None when it is not expressible (the elements path)."""
     kind = _kind(reducer)
     if kind is None or getattr(reducer, "collect_stats", False):
@@ -411,6 +412,8 @@ def _entry_plan(reducer, element_type, per_anchor_ok):
         return ("sum",)
     if kind in ("ThresholdReducer", "AvgNonZeroReducer"):
         return ("band", reducer.low, reducer.high)
+    if kind == "ClassWeightedReducer":  # every element weighted by its anchor's (its row's) class weight
+        return ("class_weighted", reducer.weights)
     if kind == "PerAnchorReducer" and _default_aggregation(reducer.aggregation_func):
         if element_type == "triplet":
             return ("per_anchor_triplet",)
@@ -458,7 +461,7 @@ def _band_mean(values, low, high, zero):
     return torch.where(count > 0, values.where(keep, 0).sum() / count.clamp_min(1), zero)
 
 
-def reduce_row_stats(plan, sums, counts, zero):
+def reduce_row_stats(plan, sums, counts, zero, labels=None):
     """The value ``plan``'s reducer gives the entry whose per-row statistics are ``sums`` (2, N) and ``counts``
     (2, N) (see above); ``zero`` is PML's graph-attached zero loss, returned when the entry has no element (PML's
     zero loss 0). No host sync, except for PerAnchorReducer on triplets (PML raises when there is one)."""
@@ -468,6 +471,9 @@ def reduce_row_stats(plan, sums, counts, zero):
         value = sums[0].sum() / total.clamp_min(1)
     elif kind == "sum":
         value = sums[0].sum()
+    elif kind == "class_weighted":  # PML: mean over the elements of l · weights[label of the anchor]
+        weights = torch.as_tensor(plan[1], device=sums.device).to(sums.dtype)
+        value = (weights[labels] * sums[0]).sum() / total.clamp_min(1)
     elif kind == "band":
         band = counts[1].sum()
         value = torch.where(band > 0, sums[1].sum() / band.clamp_min(1), zero)

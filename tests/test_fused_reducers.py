@@ -53,6 +53,7 @@ SPECS = {
     "PerAnchorAvgNonZero": lambda m: m.PerAnchorReducer(m.AvgNonZeroReducer()),
     "PerAnchorSum": lambda m: m.PerAnchorReducer(m.SumReducer()),
     "PerAnchorThreshold": lambda m: m.PerAnchorReducer(m.ThresholdReducer(low=0.05, high=0.5)),
+    "ClassWeighted": lambda m: m.ClassWeightedReducer(torch.linspace(0.5, 2.0, 16, dtype=torch.float64)),
     "Multiple": lambda m: m.MultipleReducers({"pos_loss": m.SumReducer()},
                                              default_reducer=m.ThresholdReducer(low=0.2)),
 }

@@ -392,13 +392,19 @@ def test_default_reducer_given_explicitly_runs_the_fused_path(name, mod):
     assert type(plain.reducer).__name__ in (DEFAULTS[name], "MultipleReducers")
 
 
+def _sum_over_pairs(x, num_per_row):
+    """A custom PerAnchorReducer aggregation (each anchor's sum): not expressible in row statistics."""
+    return torch.sum(x, dim=1)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("name", ["ContrastiveLoss", "TripletMarginLoss", "ProxyAnchorLoss"])
 def test_fused_backend_refuses_a_non_default_reducer(name, backend):
     kwargs, _ = LOSSES[name]
     x, y = make("random", n=8, d=5, dtype=torch.float32)
-    # (Mean, Sum, AvgNonZero, Threshold, PerAnchor of contrastive / triplet run fused: tests/test_fused_reducers.py)
-    reducer = dr.SumReducer() if name == "ProxyAnchorLoss" else dr.ClassWeightedReducer(WEIGHTS.clone())
+    # (Mean, Sum, AvgNonZero, Threshold, ClassWeighted and PerAnchor of contrastive / triplet run fused:
+    # tests/test_fused_reducers.py; a custom aggregation function needs the elements)
+    reducer = dr.SumReducer() if name == "ProxyAnchorLoss" else dr.PerAnchorReducer(aggregation_func=_sum_over_pairs)
     loss = getattr(dk.losses, name)(backend=backend, reducer=reducer, **kwargs)
     with pytest.raises(dk.Unsupported, match="computed on the reference backend for now.*backend='reference'"):
         loss(x, y % NUM_CLASSES)
@@ -407,13 +413,13 @@ def test_fused_backend_refuses_a_non_default_reducer(name, backend):
 def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
     monkeypatch.setattr(_registry, "_WARNED", set())
     x, y = make("random", n=10, d=5)
-    loss = dk.losses.ContrastiveLoss(reducer=dr.ClassWeightedReducer(WEIGHTS.clone()))
+    loss = dk.losses.ContrastiveLoss(reducer=dr.PerAnchorReducer(aggregation_func=_sum_over_pairs))
     with pytest.warns(RuntimeWarning, match="falling back to the reference backend"):
         got = loss(x, y % NUM_CLASSES)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loss(x, y % NUM_CLASSES)  # announced once
-    torch.testing.assert_close(got, pl.ContrastiveLoss(reducer=pr.ClassWeightedReducer(WEIGHTS.clone()))(
+    torch.testing.assert_close(got, pl.ContrastiveLoss(reducer=pr.PerAnchorReducer(aggregation_func=_sum_over_pairs))(
         x, y % NUM_CLASSES), **TOL)
 
 

@@ -189,7 +189,7 @@ def _row_stats_loss(op, backend, x, labels, args, kwargs, reducer, names, extra)
     bands = tuple(_reducers.plan_band(p) for p in plans)
     sums, counts = _call(f"{op}_row_stats", backend, x, labels, *args, bands=bands, **kwargs)
     zero = _zero(x)
-    values = [_reducers.reduce_row_stats(p, sums[2 * j:2 * j + 2], counts[2 * j:2 * j + 2], zero)
+    values = [_reducers.reduce_row_stats(p, sums[2 * j:2 * j + 2], counts[2 * j:2 * j + 2], zero, labels)
               for j, p in enumerate(plans)]
     loss = values[0] if len(values) == 1 and not extra else sum(v.to(x.dtype).reshape(()) for v in values)
     if pair_rule:  # PML's ≤1-pair rule: every sub-loss is its zero loss
