@@ -13,7 +13,7 @@ Map (the same in every backend package):
 * ``pair_losses.py``  — registers the pair family; each loss's epilogue is its own file
   (``multi_similarity.py``, ``lifted_structure.py``, ``contrastive.py``, ``n_pairs.py``, ``triplet.py``).
 * ``class_losses.py`` — the class-weight family (ProxyNCA, Proxy Anchor): autograd Functions + launches.
-* ``reduction_stats.py`` — per-row statistics of contrastive / triplet elements for a non-default reducer.
+* ``row_stats.py``     — per-row statistics of contrastive / triplet elements for a non-default reducer.
 * ``knn.py``          — the k-NN op of ``dk.evaluation``: a similarity tile and a running per-row top-k.
 * ``proxy_gml.py``    — ProxyGML on the class engine: a per-row top-K selection pass, grouped-column class
   sums and an online LSE over the active classes, backward by recomputation.
@@ -25,5 +25,5 @@ from . import class_losses, knn, pair_losses, similarity  # noqa: F401,E402
 from . import direction  # noqa: F401,E402 - the direction-regularised losses (seed 002 eq. 33–35)
 from . import language_guidance  # noqa: F401,E402 - language-guidance distillation (seed 002 eq. 29), two dot tiles per tile
 from . import proxy_gml  # noqa: F401,E402 - ProxyGML on the class engine (selection, grouped sums, LSE)
-from . import reduction_stats  # noqa: F401,E402  (per-row reduction statistics: <loss>_row_stats)
+from . import row_stats  # noqa: F401,E402  (per-row reduction statistics: <loss>_row_stats)
 from . import ranking_losses  # noqa: F401,E402 - FastAP: per-row soft histograms on the pair engine
