@@ -112,3 +112,17 @@ def test_ntxent_saturation():
 
 
 assert set(PATTERNS) >= {"random", "all_same", "all_distinct"}
+
+
+def test_embeddings_stay_2d_even_with_a_distance_that_skips_check_shapes():
+    """Deliberate difference (README): PML lets a distance whose ``check_shapes`` accepts anything take N-D
+    embeddings; ours are always (N, D), checked before any distance runs."""
+    class AnyShape(dk.distances.BaseDistance):
+        def compute_mat(self, query_emb, ref_emb):
+            return query_emb.flatten(1) @ ref_emb.flatten(1).T
+
+        def check_shapes(self, query_emb, ref_emb):
+            pass
+
+    with pytest.raises(ValueError, match="embeddings"):
+        dk.losses.TripletMarginLoss(distance=AnyShape())(torch.randn(8, 3, 4), torch.arange(8) % 2)
