@@ -54,7 +54,8 @@ soft_triple_loss                     (x, labels, fc, *, centers_per_class, la, g
 p2sgrad_loss                         (x, labels, weight); weight D×C, used as given
 proxy_gml_loss                       (x, labels, proxies, *, proxies_per_class, top_k, weight_lambda, class_mask,
                                      release_eps, distance); proxies D×(C·N) (reference/proxy_gml.py: equations, ties)
-proxy_nca_row_stats                  (x, labels, proxies, *, softmax_scale, distance) -> (target, has_target, rest, has_rest) (N,)
+proxy_nca_row_stats                  (x, labels, proxies, *, softmax_scale, distance, columns=None)
+                                     -> (target, has_target, rest, has_rest) (N,)
 proxy_anchor_class_terms             (x, labels, proxies, *, margin, alpha, distance) -> (pos_term, has_pos, neg_term) (C,)
 margin_softmax_row_stats             (x, labels, W, *, loss, columns=None, **params of the loss op) -> (target, has_target,
                                      rest, has_rest) (N,); W D×(C·K) a class shard, columns None or bool (C,)

@@ -85,18 +85,28 @@ def _per_rank(v, group):
 
 def sharded_proxy_nca_loss(embeddings, labels, proxies, *, num_classes, softmax_scale=1, exclude_positive=False,
                            distance=None, normalize_embeddings=True, backend="auto", check_inputs=True,
-                           process_group=None):
+                           process_group=None, sample_rate=None, generator=None):
     """ProxyNCA (``exclude_positive=False``: the target in the denominator, PML's form) over the global batch,
-    with ``proxies`` this rank's shard of the C = ``num_classes`` proxies. ``labels`` are global class ids."""
+    with ``proxies`` this rank's shard of the C = ``num_classes`` proxies. ``labels`` are global class ids.
+
+    ``sample_rate`` (Partial FC, as :func:`sharded_margin_softmax_loss`): each rank keeps the classes
+    :func:`sample_classes` draws from its shard with ``generator`` (every positive of the global batch is kept);
+    the value is the unsharded loss restricted to the union of the sampled classes."""
     if exclude_positive and num_classes < 2:
         raise ValueError("exclude_positive=True needs at least 2 classes")
+    if sample_rate is not None and not 0 < float(sample_rate) <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
     group = process_group
     start = _check_shard(proxies, num_classes, group, embeddings.shape[1])
     x, y = _gather_batch(embeddings, labels, num_classes, group, check_inputs)
     dist_ = parse_distance(distance, normalize_embeddings, default="squared_euclidean")
+    y, columns = y - start, None
+    if sample_rate is not None and float(sample_rate) < 1 and proxies.shape[0] > 0:
+        rows, y, columns, _ = _sampled(proxies.t(), y, proxies.shape[0], 1, float(sample_rate), generator)
+        proxies = rows.t()
     target, has_target, rest, has_rest = _registry.call(
-        "proxy_nca_row_stats", backend, x.device.type, x, y - start, proxies, softmax_scale=float(softmax_scale),
-        distance=dist_)
+        "proxy_nca_row_stats", backend, x.device.type, x, y, proxies, softmax_scale=float(softmax_scale),
+        distance=dist_, columns=columns)
     target = torch.where(has_target, target, 0)  # the target logit lives on exactly one rank
     rest = torch.where(has_rest, rest, 0)
     if exclude_positive:

@@ -78,10 +78,20 @@ class ProxyNCALoss(_ProxyLoss):
     _op = "proxy_nca_loss"
 
     def __init__(self, num_classes, embedding_size, softmax_scale=1, *, exclude_positive=False, direction_gamma=0,
-                 **kwargs):
+                 sample_rate=None, sample_seed=0, **kwargs):
         super().__init__(num_classes, embedding_size, **kwargs)
         self.softmax_scale, self.exclude_positive = softmax_scale, exclude_positive
         self.direction_gamma = direction_gamma  # ≠ 0: the direction regulariser (seed 002 eq. 35)
+        # Partial FC (with process_group=): positives + random negatives of each shard, reproducible from
+        # (sample_seed, rank, sample_step) — as the margin-softmax family's sample_rate=
+        if sample_rate is not None:
+            if self.process_group is None:
+                raise ValueError(f"{type(self).__name__}: sample_rate needs process_group= (one process: a group of "
+                                 "one rank)")
+            if not 0 < float(sample_rate) <= 1:
+                raise ValueError(f"{type(self).__name__}: sample_rate must be in (0, 1], got {sample_rate}")
+        self.sample_rate = None if sample_rate is None else float(sample_rate)
+        self.sample_seed, self.sample_step = int(sample_seed), 0
 
     def reset_parameters(self):
         nn.init.normal_(self.proxies)  # PML's default weight_init_func for ProxyNCALoss
@@ -91,10 +101,18 @@ class ProxyNCALoss(_ProxyLoss):
             raise ValueError("ProxyNCALoss(direction_gamma=...) with process_group= (sharded proxies) is not "
                              "implemented; use one of them")
         if self.process_group is not None:
-            from ..distributed import sharded_proxy_nca_loss
+            from ..distributed import sample_generator, sharded_proxy_nca_loss
 
+            sampling = {}
+            if self.sample_rate is not None:
+                import torch.distributed as dist
+
+                rank = dist.get_rank(self.process_group)
+                sampling = dict(sample_rate=self.sample_rate, generator=sample_generator(
+                    self.sample_seed, rank, self.sample_step, embeddings.device))
+                self.sample_step += 1
             return self._sharded(sharded_proxy_nca_loss, embeddings, labels, indices_tuple, ref_emb, ref_labels,
-                                 softmax_scale=self.softmax_scale, exclude_positive=self.exclude_positive)
+                                 softmax_scale=self.softmax_scale, exclude_positive=self.exclude_positive, **sampling)
         if self.direction_gamma:
             return F.direction_proxy_nca_loss(
                 embeddings, labels, self._proxies_for(embeddings), indices_tuple, ref_emb, ref_labels,

@@ -47,9 +47,10 @@ def proxy_anchor_loss(x, labels, proxies, *, margin, alpha, distance, weights=No
 
 
 @_both
-def proxy_nca_row_stats(x, labels, proxies, *, softmax_scale, distance):
+def proxy_nca_row_stats(x, labels, proxies, *, softmax_scale, distance, columns=None):
     """ProxyNCA's per-row statistics over this shard's classes: one pair_reduce (target = the "positive"
-    LSE, rest = the "negative" LSE); labels outside [0, C) match no column."""
+    LSE, rest = the "negative" LSE); labels outside [0, C) match no column; ``columns`` (C,) bool: the kernel's
+    column mask (only these classes take part)."""
     _need(x, "pair_reduce")
     if proxies.shape[0] == 0:  # an empty shard (C < world size): nothing here, still graph-attached
         z = (x * 0).sum(1) + (proxies * 0).sum()
@@ -58,8 +59,9 @@ def proxy_nca_row_stats(x, labels, proxies, *, softmax_scale, distance):
     q, r, code = _prep(x, proxies.to(x.dtype), distance)
     classes = torch.arange(proxies.shape[0], device=x.device)
     s = softmax_scale * _sg(distance)
+    mask = None if columns is None else columns.to(device=x.device, dtype=torch.bool).contiguous()
     target, rest, _, cnt = torch.ops.dml_kernels.pair_reduce(
-        q, r, labels, classes, None, None, code, _LSE, s, 0.0, s, 0.0, None)
+        q, r, labels, classes, None, None, code, _LSE, s, 0.0, s, 0.0, None, mask)
     return _row(target, x), cnt[0] > 0, _row(rest, x), cnt[1] > 0
 
 

@@ -53,14 +53,17 @@ def proxy_anchor_loss(x, labels, proxies, *, margin, alpha, distance: Distance, 
 # ----------------------------------------------------------------- statistics of one class shard (distributed)
 
 
-def proxy_nca_row_stats(x, labels, proxies, *, softmax_scale, distance: Distance):
+def proxy_nca_row_stats(x, labels, proxies, *, softmax_scale, distance: Distance, columns=None):
     """Per row, over the C classes of ``proxies`` (a shard: labels outside [0, C) have no target here):
-    (target logit or 0, has_target, LSE over the non-target classes or 0, has_rest); logits as ProxyNCA's."""
+    (target logit or 0, has_target, LSE over the non-target classes or 0, has_rest); logits as ProxyNCA's.
+    ``columns`` (C,) bool: only these classes take part (Partial FC's sampled classes)."""
     logits = proxy_logits(x, proxies, scale=softmax_scale, distance=distance)
     is_target = torch.arange(proxies.shape[0], device=x.device).unsqueeze(0) == labels.unsqueeze(1)
+    taking_part = torch.ones_like(is_target) if columns is None else columns.to(x.device, torch.bool).unsqueeze(0)
+    is_target = is_target & taking_part
     has_target = is_target.any(1)
     target = torch.where(is_target, logits, 0).sum(1)
-    rest_mask = ~is_target
+    rest_mask = ~is_target & taking_part
     return target, has_target, masked_logsumexp(logits, rest_mask), rest_mask.any(1)
 
 
