@@ -27,3 +27,4 @@ from . import language_guidance  # noqa: F401,E402 - language-guidance distillat
 from . import proxy_gml  # noqa: F401,E402 - ProxyGML on the class engine (selection, grouped sums, LSE)
 from . import row_stats  # noqa: F401,E402  (per-row reduction statistics: <loss>_row_stats)
 from . import ranking_losses  # noqa: F401,E402 - FastAP: per-row soft histograms on the pair engine
+from . import contrastive_family  # noqa: F401,E402 - NT-Xent, SupCon, NCA, Circle, TCM, IPV: row statistics on the pair engine
