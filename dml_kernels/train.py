@@ -26,16 +26,21 @@ the dk-only fused-mining switches become PML's miners (``epsilon=`` → ``MultiS
 ``mining="batch_hard"`` → ``BatchHardMiner()``) — and reports how far the two loss trajectories drift
 apart. Batches are class-balanced: ``batch_size // 5`` samples of each training digit.
 
-Writes ``<out>/<Loss>_<dtype>[_vs_pml].json`` (configuration, per-step loss and step time, every
-evaluation, summary) and a ``.png`` next to it: the training loss, unseen-class Recall@1 and MAP@R, and
-the step time (forward + backward + optimiser step) of each provider, against the step.
+The seeds' methods train through the same command (``dml_kernels/train_methods.py`` says how and with
+which inputs: ``direction_gamma=`` on three losses, ``--loss LanguageGuidanceLoss --base-loss ...`` with a
+toy text encoder's digit embeddings, ``--loss DensityAdaptivityLoss --base-loss ...`` with D⁽⁰⁾ from the raw
+pixels, ``--loss ProxyGMLLoss``); ``python -m dml_kernels.train_compare run`` / ``table`` train each beside
+its base loss and tabulate the logs.
+
+Writes ``<out>/<Loss>[_<loss args>][_<base loss>[_<its args>]][_seed<N>]_<dtype>[_vs_pml].json``
+(configuration, per-step loss and step time, every evaluation, summary) and a ``.png`` next to it: the
+training loss, unseen-class Recall@1 and MAP@R, and the step time (forward + backward + optimiser step) of
+each provider, against the step.
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
-import inspect
 import json
 import os
 import platform
@@ -45,6 +50,9 @@ import time
 import numpy as np
 import torch
 from torch import nn
+
+from . import train_methods
+from .train_methods import parse_loss_args
 
 TRAIN_CLASSES = (0, 1, 2, 3, 4)
 EVAL_CLASSES = (5, 6, 7, 8, 9)
@@ -80,7 +88,9 @@ def parse_args(argv):
                         "steady on a busy machine)")
     p.add_argument("--no-plot", action="store_true", help="skip the matplotlib figure")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train_methods.add_arguments(p)
     args = p.parse_args(argv)
+    train_methods.check_arguments(p, args)
     if args.distractors < 0 or args.distractor_std < 0:
         p.error("--distractors and --distractor-std must be >= 0")
     for name in ("steps", "batch_size", "hidden", "embedding_size", "eval_every", "threads"):
@@ -89,20 +99,6 @@ def parse_args(argv):
     if args.batch_size < 2 * len(TRAIN_CLASSES):
         p.error(f"--batch-size must be at least {2 * len(TRAIN_CLASSES)} (two samples of each training digit)")
     return args
-
-
-def parse_loss_args(items):
-    """``["epsilon=0.1", "distance='cosine'"]`` → ``{"epsilon": 0.1, "distance": "cosine"}`` (bare words stay str)."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--loss-args: expected KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip().replace("-", "_")] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip().replace("-", "_")] = value
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -144,26 +140,6 @@ class EmbeddingNet(nn.Sequential):
 
 
 # ---------------------------------------------------------------------------------------------- losses
-
-
-def build_dk_loss(name, kwargs, embedding_size, num_classes, backend):
-    from . import losses
-
-    cls = getattr(losses, name, None)
-    if cls is None or not isinstance(cls, type):
-        raise SystemExit(f"--loss {name!r} is not a dk.losses class; choose one of {', '.join(losses.__all__)}")
-    kwargs = dict(kwargs)
-    params = inspect.signature(cls.__init__).parameters
-    if "num_classes" in params:
-        kwargs.setdefault("num_classes", num_classes)
-    if "embedding_size" in params:
-        kwargs.setdefault("embedding_size", embedding_size)
-    if backend != "auto":
-        kwargs.setdefault("backend", backend)
-    try:
-        return cls(**kwargs), kwargs
-    except TypeError as e:
-        raise SystemExit(f"--loss-args for {name}: {e}") from None
 
 
 def _pml_distance(dk_loss):
@@ -302,7 +278,8 @@ def _run(args):
     torch.manual_seed(args.seed)
     model = EmbeddingNet(x_ev.shape[1], args.hidden, args.embedding_size).to(device=device, dtype=dtype)
     init = copy.deepcopy(model.state_dict())
-    dk_loss, dk_kwargs = build_dk_loss(args.loss, loss_kwargs, args.embedding_size, len(TRAIN_CLASSES), args.backend)
+    dk_loss, dk_kwargs, method = train_methods.build_loss(args, loss_kwargs, args.embedding_size, x_tr, y_tr,
+                                                          len(TRAIN_CLASSES))
     providers = [Provider("dml_kernels", model, dk_loss, None, args.lr, dtype, device)]
     if args.compare == "pml":
         pml_loss, pml_miner = build_pml_loss(args.loss, dk_kwargs, dk_loss)
@@ -365,6 +342,7 @@ def _run(args):
         "command": "python -m dml_kernels train " + " ".join(args.argv),
         "config": {k: v for k, v in vars(args).items() if k != "argv"},
         "loss_kwargs": {k: repr(v) for k, v in dk_kwargs.items()},
+        **({"method": method} if method else {}),
         "dataset": {"name": "scikit-learn digits (8x8)", "distractors": args.distractors,
                     "distractor_std": args.distractor_std, "train_classes": list(TRAIN_CLASSES),
                     "eval_classes": list(EVAL_CLASSES), "n_train": int(len(y_tr)), "n_eval": int(len(y_ev)),
@@ -380,7 +358,8 @@ def _run(args):
     }
     os.makedirs(args.out, exist_ok=True)
     tag = "".join(c if c.isalnum() or c in "=.-" else "_" for c in "_".join(args.loss_args))
-    stem = os.path.join(args.out, "_".join(filter(None, [args.loss, tag, args.dtype]))
+    parts = [args.loss, tag, *train_methods.stem_parts(args), args.dtype]
+    stem = os.path.join(args.out, "_".join(filter(None, parts))
                         + ("_vs_pml" if len(providers) > 1 else ""))
     with open(stem + ".json", "w") as f:
         json.dump(log, f, indent=1)
