@@ -1,4 +1,4 @@
-"""FastAP on the pair engine: per-row soft distance histograms, no N×N buffer.
+"""FastAP and RankedList on the pair engine: per-row soft distance histograms / four per-row sums, no N×N buffer.
 
 Forward (one pass over the tiles): for a block of query rows, every reference tile's distances D (the engine's
 ``value_tile``, squared or plain euclidean on normalised rows) are soft-binned into ``NE = num_bins + 1``
@@ -133,3 +133,88 @@ def fastap_loss(x, labels, *, num_bins, distance, weights=None):
 
 
 register("fastap_loss", "triton")(fastap_loss)
+
+
+# ------------------------------------------------------------------------------------------ RankedList
+# Per row i, with D the engine's value (any engine distance; PML sets the diagonal to 0, which the self-mode masks
+# exclude anyway), c = α − margin, P*_i = {j: same label, j ≠ i, D > c, D > 0}, N*_i = {j: other label, D < α,
+# D > 0}, w⁺ = e^{Tp(D − c)}, w⁻ = e^{Tn(α − D)}: four per-row sums in one pass of the engine's row statistics,
+#   A⁺ = Σ_{P*} w⁺(D − c), B⁺ = Σ_{P*} w⁺, A⁻ = Σ_{N*} w⁻(α − D), B⁻ = Σ_{N*} w⁻,
+# loss_i = (1−λ)·A⁺/(B⁺ + N·1e-5) + λ·A⁻/(B⁻ + N·1e-5) (PML's Σ_j (w + 1e-5) over all N columns), mean over rows.
+# Backward (recomputed tiles): dloss⁺/dD = [P*] w⁺(Tp(D − c) + 1 − Tp·loss⁺)/B'⁺,
+# dloss⁻/dD = −[N*] w⁻(Tn(α − D) + 1 − Tn·loss⁻)/B'⁻. The parameters travel as a compute-dtype tensor (a Python
+# float kernel argument would be fp32), so fp64 matches the reference op for op.
+
+
+@triton.jit
+def _rll_sets(v, pos, neg, alpha, c):
+    in_p = pos & (v > c) & (v > 0)
+    in_n = neg & (v < alpha) & (v > 0)
+    return in_p, in_n
+
+
+@triton.jit
+def rll_fwd(v, pos, neg, ia, ib, na, nb, st, nst, p0, p1, p2, p3, DIST: tl.constexpr, FLAG: tl.constexpr):
+    """Slots 0..3: A⁺, B⁺, A⁻, B⁻ terms of the tile; ``st`` holds (α, c, Tp, Tn)."""
+    alpha = tl.load(st)
+    c = tl.load(st + 1)
+    tp = tl.load(st + 2)
+    tn = tl.load(st + 3)
+    in_p, in_n = _rll_sets(v, pos, neg, alpha, c)
+    wp = tl.where(in_p, tl.exp(tp * (v - c)), 0.0)
+    wn = tl.where(in_n, tl.exp(tn * (alpha - v)), 0.0)
+    return tl.where(in_p, wp * (v - c), 0.0), wp, tl.where(in_n, wn * (alpha - v), 0.0), wn, v, v
+
+
+@triton.jit
+def rll_bwd(v, pos, neg, ia, ib, na, nb, st, nst, sc, p0, p1, p2, p3, DIST: tl.constexpr, FLAG: tl.constexpr):
+    """dL/dD of the tile from the rows' loss⁺, loss⁻, (1−λ)/B'⁺, λ/B'⁻ (stats rows 0..3; row 4: α, c, Tp, Tn)."""
+    prm = st + 4 * nst
+    alpha = tl.load(prm)
+    c = tl.load(prm + 1)
+    tp = tl.load(prm + 2)
+    tn = tl.load(prm + 3)
+    in_p, in_n = _rll_sets(v, pos, neg, alpha, c)
+    row_in = ia < na
+    lp = tl.load(st + ia, mask=row_in, other=0.0)
+    ln = tl.load(st + nst + ia, mask=row_in, other=0.0)
+    kp = tl.load(st + 2 * nst + ia, mask=row_in, other=0.0)
+    kn = tl.load(st + 3 * nst + ia, mask=row_in, other=0.0)
+    wp = tl.where(in_p, tl.exp(tp * (v - c)), 0.0)
+    wn = tl.where(in_n, tl.exp(tn * (alpha - v)), 0.0)
+    gp = tl.where(in_p, wp * (tp * (v - c) + 1 - tp * lp) * kp, 0.0)
+    gn = tl.where(in_n, wn * (tn * (alpha - v) + 1 - tn * ln) * kn, 0.0)
+    return (gp - gn) * tl.load(sc)
+
+
+class RankedList(pair_engine.PairLossImpl):
+    BWD = rll_bwd
+
+    def __init__(self, margin, Tn, imbalance, alpha, Tp):
+        self.values = (alpha, alpha - margin, Tp, Tn)
+        self.imbalance = imbalance
+
+    def forward(self, tiles, xs):
+        n, ct, dev = tiles.n, tiles.ct, tiles.device
+        prm = torch.tensor(self.values, dtype=ct).to(dev)
+        out = tiles.row_stats(xs, rll_fwd, (pair_engine.SUM,) * 4, stats=prm)
+        lam = self.imbalance
+        bp, bn = out[1] + n * 1e-5, out[3] + n * 1e-5
+        lp, ln = out[0] / bp, out[2] / bn
+        loss = ((1 - lam) * lp + lam * ln).mean()
+        width = max(n, 4)
+        stats = torch.zeros(5, width, dtype=ct, device=dev)
+        stats[0, :n], stats[1, :n], stats[2, :n], stats[3, :n] = lp, ln, (1 - lam) / bp, lam / bn
+        stats[4, :4] = prm
+        return loss, stats, torch.full((1,), 1.0 / n, dtype=ct, device=dev)
+
+    def grad_scalars(self, g, aux):
+        return g.reshape(1).to(aux.dtype) * aux
+
+
+def ranked_list_loss(x, labels, *, margin, Tn, imbalance, alpha, Tp, distance):
+    impl = RankedList(float(margin), float(Tn), float(imbalance), float(alpha), float(Tp))
+    return pair_engine.fused_loss(impl, x, labels, None, None, distance)
+
+
+register("ranked_list_loss", "triton")(ranked_list_loss)

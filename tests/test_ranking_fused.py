@@ -1,0 +1,168 @@
+"""Fused forms of the ranking losses (issue 14): RankedListLoss on the Triton pair engine (interpreter) and FastAP /
+RankedList on the ``cpu`` backend (torch row blocks). Each fused form equals the reference (float64, 1e-10, values
+and gradients, every label pattern, odd shapes spanning several tiles / row blocks) and PML 2.9 (1e-9); gradcheck;
+no host sync and no N×N tensor (a watch that fails on the reference); peak RSS far below the reference's."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dml_kernels as dk
+from conftest import DEVICE
+from dml_kernels import _registry
+from patterns import PATTERNS, make
+
+pml = pytest.importorskip("pytorch_metric_learning")
+from pytorch_metric_learning import losses as pl  # noqa: E402
+from pytorch_metric_learning import miners as pm  # noqa: E402
+
+F = dk.functional
+OPS = ("ranked_list_loss", "fastap_loss")
+KW = {  # op: settings (label patterns x settings under the interpreter)
+    "ranked_list_loss": [dict(margin=0.4, Tn=1), dict(margin=0.6, Tn=3, Tp=2, imbalance=0.3, alpha=1.1),
+                         dict(margin=0.5, Tn=2, Tp=1, distance="cosine"),
+                         dict(margin=1.5, Tn=1, Tp=0.5, imbalance=0.8, distance="squared_euclidean",
+                              normalize_embeddings=False)],
+    "fastap_loss": [dict(), dict(num_bins=7, distance="euclidean"), dict(num_bins=3)],
+}
+
+
+def fused(op):
+    return [b for b in _registry.implemented(op) if b not in ("reference", "cuda")
+            and _registry.unavailable_reason(b, DEVICE) is None]
+
+
+# FastAP on Triton is tested in test_ranking_losses.py (values, PML, gradcheck, peak memory); here its host syncs.
+CASES = [(op, b) for op in OPS for b in fused(op) if (op, b) != ("fastap_loss", "triton")]
+
+
+def _call(op, backend, x, y, **kw):
+    return getattr(F, op)(x, y, backend=backend, **kw)
+
+
+def _value_grad(op, backend, x, y, **kw):
+    xr = x.clone().requires_grad_()
+    loss = _call(op, backend, xr, y, **kw)
+    return loss.detach(), torch.autograd.grad(loss, xr)[0]
+
+
+@pytest.fixture(autouse=True)
+def _small_cpu_blocks(monkeypatch):
+    """The cpu forms' row blocks made small, so the test shapes span several of them."""
+    try:
+        from dml_kernels.backends.cpp import ranking_losses as cpu_rank
+    except ImportError:
+        return
+    monkeypatch.setattr(cpu_rank, "TILE", 5 * 37)
+
+
+@pytest.mark.parametrize("op,backend", CASES)
+def test_fused_equals_reference_every_pattern(op, backend):
+    """float64: values and gradients equal the reference to 1e-10 (N = 37, D = 19) on every label pattern."""
+    for pattern in PATTERNS:
+        for i, kw in enumerate(KW[op]):
+            torch.manual_seed(i)
+            x, y = make(pattern, n=37, d=19, device=DEVICE)
+            va, ga = _value_grad(op, backend, x, y, **kw)
+            vb, gb = _value_grad(op, "reference", x, y, **kw)
+            assert va.dtype == vb.dtype == torch.float64
+            torch.testing.assert_close(va, vb, rtol=1e-10, atol=1e-10, msg=f"{pattern} {kw}")
+            torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-10, msg=f"{pattern} {kw}")
+
+
+def _pml_run(fn, x, y, *args):
+    xr = x.clone().requires_grad_()
+    loss = fn(xr, y, *args)
+    return loss.detach(), torch.autograd.grad(loss, xr)[0]
+
+
+@pytest.mark.parametrize("op,backend", CASES)
+def test_fused_matches_pml_fp32_close_and_gradcheck(op, backend):
+    torch.manual_seed(3)
+    x, y = make("random", n=21, d=6, device=DEVICE)
+    if op == "ranked_list_loss":
+        for kw in (dict(margin=0.4, Tn=1), dict(margin=0.6, Tn=3, Tp=2, imbalance=0.3, alpha=1.1)):
+            ours = _pml_run(dk.losses.RankedListLoss(backend=backend, **kw), x, y)
+            theirs = _pml_run(pl.RankedListLoss(**kw), x, y)
+            for a, b in zip(ours, theirs):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        fn_kw = dict(margin=0.6, Tn=2, Tp=1)
+    else:
+        ours = _pml_run(dk.losses.FastAPLoss(backend=backend), x, y)
+        theirs = _pml_run(pl.FastAPLoss(), x, y)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        tup = pm.PairMarginMiner(pos_margin=0.3, neg_margin=0.7)(x, y)
+        ours = _pml_run(dk.losses.FastAPLoss(backend=backend, num_bins=6), x, y, tup)
+        theirs = _pml_run(pl.FastAPLoss(num_bins=6), x, y, tup)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        fn_kw = dict(num_bins=5)
+    (va, ga), (vb, gb) = (_value_grad(op, b, x.float(), y, **fn_kw) for b in (backend, "reference"))
+    assert va.dtype == ga.dtype == torch.float32
+    torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
+    xs, ys = make("pairs", n=9, d=4, device=DEVICE)
+    assert torch.autograd.gradcheck(lambda a: _call(op, backend, a, ys, **fn_kw), (xs.requires_grad_(),))
+    before = x.clone()
+    _call(op, backend, x, y, **fn_kw)
+    assert torch.equal(x, before)
+
+
+# ------------------------------------------------------------------------------------------ memory, syncs
+
+
+class _Watch(TorchDispatchMode):
+    """The largest tensor (bytes) any aten op returns, and every op that syncs with the host. Under the
+    interpreter the kernels' arguments are copied as byte buffers: those count too."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
+               "aten.item", "aten.is_nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.largest_op, self.syncs = 0, None, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if name.startswith(self.SYNCING):
+            self.syncs.append(name)
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if torch.is_tensor(t) and t.numel() * t.element_size() > self.largest:
+                self.largest, self.largest_op = t.numel() * t.element_size(), name
+        return out
+
+
+def _watch(op, backend, n=None):
+    n = n or (256 if op == "fastap_loss" else 128)  # FastAP keeps O(N·bins) statistics: 17·N here
+    x = torch.randn(n, 2, device=DEVICE, requires_grad=True)
+    y = torch.randint(0, 6, (n,), device=DEVICE)
+    kw = KW[op][1]
+    with _Watch() as watch:
+        _call(op, backend, x, y, check_inputs=False, **kw).backward()
+    assert x.grad is not None
+    return watch, n * n * 4
+
+
+@pytest.mark.parametrize("op,backend", CASES)
+def test_no_pairwise_buffer_and_no_host_sync(op, backend, monkeypatch):
+    """Forward + backward allocate O(N·D + N·bins) (plus, on cpu, one row block of TILE elements) and never an
+    N×N tensor — the limit is an eighth of one fp32 N×N matrix — and nothing syncs with the host."""
+    if backend == "cpu":
+        from dml_kernels.backends.cpp import ranking_losses as cpu_rank
+        monkeypatch.setattr(cpu_rank, "TILE", 4 * 256)  # 4-row blocks
+    watch, nn_bytes = _watch(op, backend)
+    assert watch.largest < nn_bytes // 8, (watch.largest, watch.largest_op)
+    assert not watch.syncs, watch.syncs
+
+
+@pytest.mark.skipif("triton" not in fused("fastap_loss"), reason="no triton fastap_loss here")
+def test_triton_fastap_does_not_sync():
+    watch, _ = _watch("fastap_loss", "triton", n=40)
+    assert not watch.syncs, watch.syncs
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_memory_watch_fails_on_the_reference(op):
+    watch, nn_bytes = _watch(op, "reference")
+    assert watch.largest >= nn_bytes // 8
