@@ -406,3 +406,47 @@ def intra_pair_variance_loss(x, labels, ref, ref_labels, *, pos_eps, neg_eps, di
     zero = _zero(x, ref, ct)
     loss = zero + torch.where(tp > 0, terms[0].sum() / cp, 0) + torch.where(tn > 0, terms[1].sum() / cn, 0)
     return torch.where(few, zero, loss)
+
+
+# ---------------------------------------------------------------------------------------------- AOT check
+
+
+_FWD_KINDS = {SUPCON: (LSE, SUM), NCA: (LSE, LSE), CIRCLE: (LSE, LSE), TCM: (SUM, SUM), NTX1: (LSE, NONE),
+              NTX2: (SUM, SUM), IPV1: (SUM, SUM), IPV2: (SUM, SUM)}
+
+
+def aot_variants():
+    """(dtype, kernel, signature, constexprs, options) of every launch above on CUDA, for ``aot_check.py``: the
+    forward for each FLAG (with its kinds) and the row / column gradient kernels for each backward FLAG, label
+    masks with the euclidean distance (cosine for Circle / TCM), plus packed-pair variants (SupCon, NT-Xent)."""
+    from .aot_check import _pair_signature
+
+    for dtype, ct, group in (("fp16", "fp32", "half"), ("bf16", "fp32", "half"), ("fp32", "fp32", "fp32"),
+                             ("fp64", "fp64", "fp64")):
+        ptr = {"x_ptr": f"*{dtype}", "r_ptr": f"*{dtype}", "lx_ptr": "*i64", "lr_ptr": "*i64", "pos_bits": "*u8",
+               "neg_bits": "*u8"}
+
+        def kw(kind, flag, pairs=False, **extra):
+            ba, bb, bd, bdo, warps = pair_engine.gpu_blocks(group, kind, pairs)
+            consts = dict(SELF=True, HAS_LABELS=not pairs, HAS_PAIRS=pairs, DIST=0 if flag in (CIRCLE, TCM) else 2,
+                          PREC="ieee", BA=ba, BB=bb, BD=bd, FLAG=flag)
+            if "COLUMNS" in extra:
+                consts.update(BDO=bdo, GPREC="tf32" if group == "half" else "ieee", TILE_GRAD=pair_engine.grad_tile,
+                              BWD=cf_bwd)
+            consts.update(extra)
+            return consts, warps
+
+        launches = []
+        for flag, kinds in _FWD_KINDS.items():
+            kinds = kinds + (SUM, SUM, NONE, NONE)
+            launches.append((pair_engine._row_stats_kernel, *kw("fwd", flag, FWD=cf_fwd,
+                                                                **{f"K{i}": k for i, k in enumerate(kinds)})))
+        for flag in (SUPCON, NCA, CIRCLE, TCM, NTX2, IPV1, IPV2):
+            launches.append((pair_engine._grad_kernel, *kw("rows", flag, COLUMNS=False)))
+            launches.append((pair_engine._grad_kernel, *kw("cols", flag, COLUMNS=True, SELF=False)))
+        for flag in (SUPCON, NTX2):
+            launches.append((pair_engine._grad_kernel, *kw("rows", flag, True, COLUMNS=False)))
+        launches.append((pair_engine._row_stats_kernel, *kw("fwd", SUPCON, True, FWD=cf_fwd, K0=LSE, K1=SUM, K2=SUM,
+                                                            K3=SUM, K4=NONE, K5=NONE)))
+        for fn, consts, warps in launches:
+            yield dtype, fn, _pair_signature(fn, ct, ptr, consts), consts, {"num_warps": warps}
