@@ -298,6 +298,18 @@ def preset_cpu_smoke():
 PRESETS = {"cpu-quick": preset_cpu_quick, "cpu-full": preset_cpu_full, "gpu": preset_gpu,
            "cpu-smoke": preset_cpu_smoke}
 
+# the contrastive family (issue 12): default arguments on both sides (PML's default distances), PK batches
+_CONTRASTIVE = (("ntxent", "ntxent_loss", "NTXentLoss"), ("supcon", "supcon_loss", "SupConLoss"),
+                ("nca", "nca_loss", "NCALoss"), ("circle", "circle_loss", "CircleLoss"),
+                ("threshold_consistent_margin", "threshold_consistent_margin_loss", "ThresholdConsistentMarginLoss"),
+                ("intra_pair_variance", "intra_pair_variance_loss", "IntraPairVarianceLoss"))
+CASES.update({key: _plain_pair(key, op, cls) for key, op, cls in _CONTRASTIVE})
+for _name, _pts in (("cpu-quick", lambda: [Point(k, B) for B in (2048, 512) for k, _, _ in _CONTRASTIVE]),
+                    ("cpu-full", lambda: [Point(k, B, D=128) for B in (1024, 4096, 16384) for k, _, _ in _CONTRASTIVE]),
+                    ("gpu", lambda: [Point(k, B, D=128, dtype="bfloat16") for B in (4096, 16384, 65536)
+                                     for k, _, _ in _CONTRASTIVE])):
+    PRESETS[_name] = (lambda base, extra: lambda: base() + extra())(PRESETS[_name], _pts)
+
 # Provider × case size limits: beyond these a provider is recorded as "skipped" (it would take too long).
 # Keys: (device_type, case, provider) -> largest B (pair) / M (ref) / C (proxy) that is run.
 _CPU_LIMITS = {
@@ -346,3 +358,51 @@ def skip_reason(device_type, preset, case: Case, provider, B, M, C, dtype=None):
         if size not in allowed:
             return f"torch.compile is run only at sizes {allowed} in the {preset} preset (per-shape compile)"
     return None
+
+
+# --------------------------------------------------------------------------- the margin-softmax family (issue 13)
+# W = proxiesᵀ: PML's D×C layout, a view (the benchmark's proxies get the gradient). SubCenterArcFace and
+# SoftTriple: the C columns are C/3 classes of K = 3 centres (labels taken modulo C/3). Same GEMM floor (6·B·C·D).
+_MARGIN_K = 3
+_MARGIN = {  # key: (op, PML class, PML's weight attribute, keyword arguments, centres per class)
+    "normalized_softmax": ("normalized_softmax_loss", "NormalizedSoftmaxLoss", "W", {}, 1),
+    "cosface": ("cosface_loss", "CosFaceLoss", "W", {}, 1),
+    "arcface": ("arcface_loss", "ArcFaceLoss", "W", {}, 1),
+    "sphereface": ("sphereface_loss", "SphereFaceLoss", "W", {}, 1),
+    "subcenter_arcface": ("subcenter_arcface_loss", "SubCenterArcFaceLoss", "W", {"sub_centers": _MARGIN_K}, _MARGIN_K),
+    "soft_triple": ("soft_triple_loss", "SoftTripleLoss", "fc", {"centers_per_class": _MARGIN_K}, _MARGIN_K),
+    "p2sgrad": ("p2sgrad_loss", "P2SGradLoss", "weight", {}, 1),
+}
+
+
+def _margin_case(key, op, cls_name, attr, kw, k):
+    def labels(t):
+        return t["labels"] % max(1, t["proxies"].shape[0] // k)
+
+    def pml(t):
+        losses, _, _ = _pml()
+        C, D = t["proxies"].shape
+        mod = (losses.P2SGradLoss(D, C) if cls_name == "P2SGradLoss"
+               else getattr(losses, cls_name)(num_classes=C // k, embedding_size=D, **kw)).to(t["x"].device)
+        w = torch.nn.Parameter(t["proxies"].detach().t().clone())
+        setattr(mod, attr, w)
+        return (lambda: mod(t["x"], labels(t))), [w]
+
+    return Case(key, op, "plain", "proxy",
+                lambda t, b: getattr(_F(), op)(t["x"], labels(t), t["proxies"].t(), backend=b, **kw, **_KW),
+                pml, f"{cls_name}(C{'/3' if k > 1 else ''}, D{', ' + str(kw) if kw else ''}) with W = the proxiesᵀ")
+
+
+CASES.update({key: _margin_case(key, *spec) for key, spec in _MARGIN.items()})
+
+
+def _with_margin_points(preset, points):
+    return lambda: preset() + points()
+
+
+PRESETS["cpu-quick"] = _with_margin_points(PRESETS["cpu-quick"], lambda: [  # after the existing cells (budget)
+    Point(key, 256, C=C) for C in (32768, 4096) for key in _MARGIN])
+PRESETS["cpu-full"] = _with_margin_points(PRESETS["cpu-full"], lambda: [
+    Point(key, 1024, C=C, D=D) for D in (128, 512) for C in (10000, 100000, 1000000) for key in _MARGIN])
+PRESETS["gpu"] = _with_margin_points(PRESETS["gpu"], lambda: [
+    Point(key, 4096, C=C, D=128, dtype="bfloat16") for C in (1000000, 100000) for key in _MARGIN])
