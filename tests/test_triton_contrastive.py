@@ -392,3 +392,26 @@ def test_logits_stay_finite_at_low_temperature():
     for op in ("ntxent_loss", "supcon_loss"):
         _close(_run(op, dict(temperature=0.01), "triton", x, y), _run(op, dict(temperature=0.01), "reference", x, y))
     assert math.isfinite(float(_run("nca_loss", dict(softmax_scale=50.0), "triton", x, y)[0]))
+
+
+PML_CLASSES = {"ntxent_loss": ("NTXentLoss", {}), "supcon_loss": ("SupConLoss", {}), "nca_loss": ("NCALoss", {}),
+               "circle_loss": ("CircleLoss", {"m": 0.25, "gamma": 30}),
+               "threshold_consistent_margin_loss": ("ThresholdConsistentMarginLoss", {}),
+               "intra_pair_variance_loss": ("IntraPairVarianceLoss", {})}
+
+
+@pytest.mark.parametrize("op", list(PML_CLASSES))
+def test_modules_equal_pml(op):
+    """dk.losses.<Class>(backend="triton") equals PML 2.9's class in float64 (1e-9), also given a miner's tuple."""
+    pl = pytest.importorskip("pytorch_metric_learning.losses")
+    pm = pytest.importorskip("pytorch_metric_learning.miners")
+    cls, kw = PML_CLASSES[op]
+    x, y, _, _ = _data("random", seed=21)
+    x, y = x.cpu(), y.cpu()
+    for tup in (None, pm.PairMarginMiner(pos_margin=0.2, neg_margin=0.8)(x, y)):
+        out = []
+        for loss_fn in (getattr(dk.losses, cls)(backend="triton", **kw), getattr(pl, cls)(**kw)):
+            xr = x.clone().requires_grad_()
+            loss = loss_fn(xr.to(DEVICE) if loss_fn.__module__.startswith("dml") else xr, y, tup)
+            out.append((loss.detach().cpu(), [torch.autograd.grad(loss, xr)[0]]))
+        _close(out[0], out[1])
