@@ -103,25 +103,43 @@ def _reference_note():
             "B×B×B triplets): " + ", ".join(f"`{op}`" for op in ref) + ". Their step times time that path.")
 
 
-def _ms(values, digits=3):
+def _ms(values, digits=3, signed=False):
     v = np.asarray(values, dtype=float)
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.{digits}f}"
+    if not len(v):
+        return ""
+    return f"{v.mean():{'+' if signed else ''}.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.{digits}f}"
 
 
-def table(out):
-    """Markdown table of PAIRS from the JSON logs in ``out`` (mean ± sample std over the seeds found)."""
+def _load(out):
     logs = {}
     for path in sorted(glob.glob(os.path.join(out, "*.json"))):
         with open(path) as f:
             log = json.load(f)
-        if "config" in log:
+        if "config" in log and "summary" in log:
             logs.setdefault(_log_key(log), []).append(log)
-    lines = ["| pair | run | seeds | steps | unseen Recall@1 | unseen MAP@R | Recall@1 untrained | "
-             "median step (ms) |", "|---|---|---|---|---|---|---|---|"]
+    for runs in logs.values():
+        runs.sort(key=lambda g: g["config"]["seed"])
+    return logs
+
+
+def _paired(base_runs, runs, key):
+    """method − base of ``summary[key]`` over the seeds both have (same seed: same init, batches, noise)."""
+    base = {g["config"]["seed"]: g["summary"][key] for g in base_runs}
+    return [g["summary"][key] - base[g["config"]["seed"]] for g in runs if g["config"]["seed"] in base]
+
+
+def table(out):
+    """Markdown table of PAIRS from the JSON logs in ``out`` (mean ± sample std over the seeds found), written
+    to ``out/table.md`` and returned."""
+    logs = _load(out)
+    lines = ["| pair | run | seeds | steps | unseen Recall@1 | unseen MAP@R | Δ Recall@1 vs base (paired) | "
+             "Δ MAP@R vs base (paired) | Recall@1 untrained | median step (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     configs, devices = set(), set()
     for title, base, method in PAIRS:
+        base_runs = logs.get(_key(base), [])
         for role, argv in (("base", base), ("method", method)):
-            runs = sorted(logs.get(_key(argv), []), key=lambda g: g["config"]["seed"])
+            runs = logs.get(_key(argv), [])
             if not runs:
                 continue
             seeds = [g["config"]["seed"] for g in runs]
@@ -134,16 +152,21 @@ def table(out):
                                         "no_progress", "compare", "language_dim", "language_seed", "steps"))
             if runs[0]["config"]["loss"] == "LanguageGuidanceLoss":
                 configs.add(f"language_dim={runs[0]['config']['language_dim']} (LanguageGuidanceLoss)")
-            label = _label(argv)
+            if role == "method" and base_runs:
+                d1 = _ms(_paired(base_runs, runs, "trained_recall_at_1"), signed=True)
+                d2 = _ms(_paired(base_runs, runs, "trained_map_at_r"), signed=True)
+            else:
+                d1 = d2 = ""
             lines.append(
-                f"| {title if role == 'base' else ''} | {'' if role == 'base' else '+ '}`{label}` | "
+                f"| {title if role == 'base' else ''} | {'' if role == 'base' else '+ '}`{_label(argv)}` | "
                 f"{','.join(map(str, seeds))} | {'/'.join(map(str, steps))} | "
                 f"{_ms([x['trained_recall_at_1'] for x in s])} | {_ms([x['trained_map_at_r'] for x in s])} | "
-                f"{_ms([x['untrained_recall_at_1'] for x in s])} | "
+                f"{d1} | {d2} | {_ms([x['untrained_recall_at_1'] for x in s])} | "
                 f"{_ms([x['dml_kernels_median_step_ms'] for x in s], 2)} |")
     notes = ["", "Mean ± sample standard deviation over the seeds; Recall@1 and MAP@R of the last evaluation on the "
-             "unseen digits 5-9 (same-set retrieval, 896 images). Common settings of every run: "
-             + ", ".join(sorted(configs)) + ".",
+             "unseen digits 5-9 (same-set retrieval, 896 images). Δ: method minus base per seed (same seed = "
+             "same initial network, batches and distractor noise), mean ± sample std over the seeds. "
+             "Common settings of every run: " + ", ".join(sorted(configs)) + ".",
              "", "Median step = forward + backward + Adam step of the whole network, on "
              + ", ".join(sorted(devices)) + ". " + _reference_note()]
     text = "\n".join(lines + notes) + "\n"
@@ -152,23 +175,67 @@ def table(out):
     return text
 
 
+def plot(out, path=None):
+    """One panel per pair: unseen-digit Recall@1 (solid) and MAP@R (dashed) against the step, mean over the
+    seeds with a ±1 std band, base and method. Written to ``out/recall_by_step.png``."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = _load(out)
+    path = path or os.path.join(out, "recall_by_step.png")
+    cols = 4
+    rows = -(-len(PAIRS) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, (title, base, method) in zip(axes.flat, PAIRS):
+        for argv, color in ((base, "tab:gray"), (method, "tab:blue")):
+            runs = logs.get(_key(argv), [])
+            if not runs:
+                continue
+            steps = [e["step"] for e in runs[0]["providers"]["dml_kernels"]["evals"]]
+            for metric, style in (("recall_at_1", "-"), ("mean_average_precision_at_r", "--")):
+                v = np.array([[e[metric] for e in g["providers"]["dml_kernels"]["evals"]] for g in runs
+                              if len(g["providers"]["dml_kernels"]["evals"]) == len(steps)])
+                m, sd = v.mean(0), v.std(0, ddof=1) if len(v) > 1 else np.zeros(v.shape[1])
+                label = _label(argv) if metric == "recall_at_1" else None
+                ax.plot(steps, m, style, color=color, lw=1.3, label=label)
+                ax.fill_between(steps, m - sd, m + sd, color=color, alpha=0.15, lw=0)
+        ax.set_title(title, fontsize=9)
+        ax.set(xlabel="step", ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower right")
+    for ax in axes.flat[len(PAIRS):]:
+        ax.axis("off")
+    fig.suptitle("digits 0-4 -> unseen 5-9: Recall@1 (solid), MAP@R (dashed); mean ± std over seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dml_kernels.train_methods",
+    p = argparse.ArgumentParser(prog="python -m dml_kernels.train_compare",
                                 description="each seed method beside its base loss on the digits")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="train every run of PAIRS for each seed")
+    r = sub.add_parser("run", help="train every run of PAIRS for each seed, then write the table and the figure")
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--steps", type=int, default=300)
     r.add_argument("--out", default=DEFAULT_METHODS_OUT)
-    r.add_argument("--no-plot", action="store_true")
-    t = sub.add_parser("table", help="write OUT/table.md from the JSON logs")
+    r.add_argument("--run-plots", action="store_true", help="also each run's own PNG (default: only the figure)")
+    t = sub.add_parser("table", help="write OUT/table.md and OUT/recall_by_step.png from the JSON logs")
     t.add_argument("out", nargs="?", default=DEFAULT_METHODS_OUT)
+    for q in (r, t):
+        q.add_argument("--no-plot", action="store_true", help="no figure")
     args = p.parse_args(argv)
     if args.command == "run":
-        run_all(args.seeds, args.steps, args.out, ["--no-plot"] if args.no_plot else [])
-        print(table(args.out))
-    else:
-        print(table(args.out))
+        run_all(args.seeds, args.steps, args.out, [] if args.run_plots else ["--no-plot"])
+    print(table(args.out))
+    if not args.no_plot:
+        print("figure:", plot(args.out))
     return 0
 
 

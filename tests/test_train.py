@@ -173,7 +173,10 @@ def test_methods_table_is_built_from_the_logs(tmp_path):
     for argv, runs in values.items():
         for seed, (r1, mapr) in enumerate(runs):
             config = {k: v for k, v in vars(parse_args([*argv, "--seed", str(seed), "--steps", "300"])).items()}
+            evals = [{"step": 0, "recall_at_1": 0.25, "mean_average_precision_at_r": 0.1},
+                     {"step": 300, "recall_at_1": r1, "mean_average_precision_at_r": mapr}]
             log = {"config": config, "environment": {"device": "cpu", "threads": 1},
+                   "providers": {"dml_kernels": {"evals": evals}},
                    "summary": {"trained_recall_at_1": r1, "trained_map_at_r": mapr, "untrained_recall_at_1": 0.25,
                                "dml_kernels_median_step_ms": 1.0 + seed}}
             (tmp_path / f"{'_'.join(argv)}_{seed}.json").write_text(json.dumps(log))
@@ -182,9 +185,13 @@ def test_methods_table_is_built_from_the_logs(tmp_path):
     rows = [line for line in text.splitlines() if "MultiSimilarityLoss(" in line]
     assert len(rows) == 4  # eq. 34's base and method; the two language pairs' base (same run); no other logs
     assert "ProxyNCALoss" not in text
-    assert "| direction (eq. 34) | `MultiSimilarityLoss()` | 0,1 | 300 | 0.600 ± 0.141 | 0.300 ± 0.141 | " \
+    assert "| direction (eq. 34) | `MultiSimilarityLoss()` | 0,1 | 300 | 0.600 ± 0.141 | 0.300 ± 0.141 |  |  | " \
            "0.250 ± 0.000 | 1.50 ± 0.71 |" in rows[0]
-    assert "+ `MultiSimilarityLoss(direction_gamma=0.3)` | 0,1 | 300 | 0.600 ± 0.000 | 0.200 ± 0.141 |" in rows[1]
+    # Δ paired by seed: Recall@1 (+0.1, −0.1), MAP@R (−0.1, −0.1)
+    assert "+ `MultiSimilarityLoss(direction_gamma=0.3)` | 0,1 | 300 | 0.600 ± 0.000 | 0.200 ± 0.141 | " \
+           "+0.000 ± 0.141 | -0.100 ± 0.000 |" in rows[1]
+    png = train_compare.plot(str(tmp_path))
+    assert png is not None and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("argv, message", [
