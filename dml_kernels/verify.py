@@ -50,6 +50,64 @@ def _cases():
     ]
 
 
+def _lang(x, labels):
+    """Fixed per-class "language" embeddings (a constant, as language guidance takes them)."""
+    table = torch.randn(64, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return table.to(device=x.device, dtype=x.dtype)[labels % 64]
+
+
+def _grouped(p, k):
+    """D × (C·k) class weights from C × D proxies: column c·k + j belongs to class c (ProxyGML's layout)."""
+    return torch.stack([p * (0.7 ** j) + 0.1 * j for j in range(k)], 1).reshape(-1, p.shape[1]).t()
+
+
+def _second_wave_cases():
+    """The families added after the first ten losses (registered on fewer backends: the others say so)."""
+    from . import reducers as R
+
+    return [
+        ("ntxent", "ntxent_loss", lambda x, y, b, p, r, ry: F.ntxent_loss(x, y, backend=b), False, False),
+        ("supcon", "supcon_loss", lambda x, y, b, p, r, ry: F.supcon_loss(x, y, backend=b), False, False),
+        ("nca", "nca_loss", lambda x, y, b, p, r, ry: F.nca_loss(x, y, backend=b), False, False),
+        ("circle", "circle_loss", lambda x, y, b, p, r, ry: F.circle_loss(x, y, gamma=8, backend=b), False, False),
+        ("contrastive, Threshold reducer", "contrastive_loss_row_stats",
+         lambda x, y, b, p, r, ry: F.contrastive_loss(x, y, reducer=R.ThresholdReducer(low=0.1), backend=b),
+         False, False),
+        ("triplet, AvgNonZero reducer", "triplet_margin_loss_row_stats",
+         lambda x, y, b, p, r, ry: F.triplet_margin_loss(x, y, margin=0.2, reducer=R.AvgNonZeroReducer(),
+                                                         backend=b), False, False),
+        ("normalized_softmax", "normalized_softmax_loss",
+         lambda x, y, b, p, r, ry: F.normalized_softmax_loss(x, y, p.t(), backend=b), True, False),
+        ("cosface", "cosface_loss", lambda x, y, b, p, r, ry: F.cosface_loss(x, y, p.t(), scale=8, backend=b),
+         True, False),
+        ("arcface", "arcface_loss", lambda x, y, b, p, r, ry: F.arcface_loss(x, y, p.t(), scale=8, backend=b),
+         True, False),
+        ("large_margin_softmax", "large_margin_softmax_loss",
+         lambda x, y, b, p, r, ry: F.large_margin_softmax_loss(x, y, p.t(), margin=3, backend=b), True, False),
+        ("sphereface", "sphereface_loss",
+         lambda x, y, b, p, r, ry: F.sphereface_loss(x, y, p.t(), margin=3, backend=b), True, False),
+        ("p2sgrad (unit columns)", "p2sgrad_loss",
+         lambda x, y, b, p, r, ry: F.p2sgrad_loss(x, y, torch.nn.functional.normalize(p, dim=1).t(), backend=b),
+         True, False),
+        ("p2sgrad (long columns)", "p2sgrad_loss",
+         lambda x, y, b, p, r, ry: F.p2sgrad_loss(x, y, 3 * p.t(), backend=b), True, False),
+        ("fastap", "fastap_loss", lambda x, y, b, p, r, ry: F.fastap_loss(x, y, backend=b), False, False),
+        ("language_guidance", "language_guidance_loss",
+         lambda x, y, b, p, r, ry: F.language_guidance_loss(x, y, _lang(x, y), backend=b), False, False),
+        ("direction triplet", "direction_triplet_margin_loss",
+         lambda x, y, b, p, r, ry: F.direction_triplet_margin_loss(x, y, direction_gamma=0.3, margin=0.2, backend=b),
+         False, False),
+        ("direction multi_similarity", "direction_multi_similarity_loss",
+         lambda x, y, b, p, r, ry: F.direction_multi_similarity_loss(x, y, direction_gamma=0.3, backend=b),
+         False, False),
+        ("direction proxy_nca", "direction_proxy_nca_loss",
+         lambda x, y, b, p, r, ry: F.direction_proxy_nca_loss(x, y, p, direction_gamma=0.3, backend=b), True, False),
+        ("proxy_gml", "proxy_gml_loss",
+         lambda x, y, b, p, r, ry: F.proxy_gml_loss(x, y, _grouped(p, 2), proxies_per_class=2, r=0.3, backend=b),
+         True, False),
+    ]
+
+
 def _pml_cases():
     """(name, dml_kernels call, PML call) pairs for the reference-vs-PML check."""
     from pytorch_metric_learning import losses as pl
@@ -110,7 +168,7 @@ def run(device: str, sizes, dtypes, backends=None, out=sys.stdout) -> int:
         if why is not None:
             rows.append((backend, "-", "-", "-", "unavailable", why))
             continue
-        for name, op, call, uses_proxies, uses_ref in _cases():
+        for name, op, call, uses_proxies, uses_ref in _cases() + _second_wave_cases():
             if (op, backend) not in _registry._IMPLS:
                 rows.append((backend, name, "-", "-", "not implemented", ""))
                 continue

@@ -7,6 +7,8 @@ memory test that fails on any B×C buffer."""
 import math
 import os
 
+import warnings
+
 import pytest
 import torch
 
@@ -446,3 +448,17 @@ def test_low_precision_fused_keeps_fp32_weights(dtype):
         loss.backward()
         assert loss.dtype == torch.float32 and fused.W.dtype == torch.float32 and xr.grad.dtype == dtype
         torch.testing.assert_close(loss, ref(x.float(), y), rtol=1e-4, atol=1e-4)
+
+
+@needs_cpu
+def test_p2sgrad_cpu_refuses_columns_longer_than_one():
+    """The C++ Gram form cannot see PML's clamp: a weight column longer than 1 (possible through the functional
+    form) is Unsupported there, and auto gives the exact (clamped) value."""
+    x, y = _data(9, 4, 5, "C<B")
+    W = 3 * torch.randn(4, 5, dtype=torch.float64)
+    with pytest.raises(dk.Unsupported, match="longer than 1"):
+        F.p2sgrad_loss(x, y, W, backend="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = F.p2sgrad_loss(x, y, W)
+    torch.testing.assert_close(got, F.p2sgrad_loss(x, y, W, backend="reference"), rtol=1e-12, atol=1e-12)

@@ -108,10 +108,18 @@ def p2sgrad_loss(x, labels, weight):
     (a D×D Gram) and the target cosines are an O(N·D) gather, so
     loss = (Σ_i x̂_iᵀ G x̂_i − 2 Σ_i cos_{i,y_i} + N) / (N·C). PML's clamp of cos to [−1, 1] is not applied: it
     acts only on cosines that round past ±1 (an embedding exactly parallel to a unit column), where PML's
-    gradient of that entry is 0. Plain torch (no kernel): exact to second order."""
+    gradient of that entry is 0. Plain torch (no kernel): exact to second order.
+
+    That holds while every column has norm ≤ 1 (then |cos| ≤ 1): the module's columns are unit vectors. A
+    weight with a longer column (the functional form takes any) would be clamped where this form cannot see
+    it, so it raises ``Unsupported`` (``auto`` falls back to an exact backend) — one scalar read, a host sync
+    on a GPU."""
     dt = _kernel_dtype(x)
     q = x.to(dt)
     w = weight.to(dt)
+    if bool((w.detach().pow(2).sum(0) > 1 + 1e-6).any()):
+        raise Unsupported("p2sgrad_loss: a weight column longer than 1 (cosines PML clamps): the C++ Gram form "
+                          "assumes unit-ball columns; the reference and triton backends clamp exactly")
     n, c = q.shape[0], w.shape[1]
     x_norm = q.pow(2).sum(1).pow(0.5)  # PML's modulus (no eps)
     gram = w @ w.t()
