@@ -165,11 +165,12 @@ def cf_bwd(v, pos, neg, ia, ib, na, nb, st, nst, sc, p0, p1, p2, p3, DIST: tl.co
 
 
 def _st(tiles, params, rows=()):
-    """Row 0: the float parameters (compute dtype); rows 1..: per-row statistics (N,). Width max(N, _NP)."""
+    """Row 0: the float parameters (compute dtype; ``torch.full``: a fill on the device, no host-to-device copy);
+    rows 1..: per-row statistics (N,). Width max(N, _NP)."""
     width = max(tiles.n, _NP)
     out = torch.zeros(1 + len(rows), width, dtype=tiles.ct, device=tiles.device)
     kw = dict(dtype=tiles.ct, device=tiles.device)
-    out[0, :len(params)] = torch.stack([p.to(**kw).reshape(()) if torch.is_tensor(p) else torch.tensor(float(p), **kw)
+    out[0, :len(params)] = torch.stack([p.to(**kw).reshape(()) if torch.is_tensor(p) else torch.full((), float(p), **kw)
                                         for p in params])
     for j, r in enumerate(rows):
         out[j + 1, :tiles.n] = r.to(tiles.ct)
