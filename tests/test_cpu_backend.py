@@ -34,6 +34,7 @@ CPU_OPS |= {"normalized_softmax_loss", "cosface_loss", "arcface_loss", "large_ma
 CPU_OPS |= {"contrastive_loss_row_stats", "triplet_margin_loss_row_stats"}  # tests/test_fused_reducers.py
 CPU_OPS |= {"margin_softmax_row_stats"}  # one class shard's rows (tests/test_distributed_margin_softmax.py)
 CPU_OPS |= {"language_guidance_loss"}  # O(block × B) torch.mm tiles (tests/test_language_guidance.py)
+CPU_OPS |= {"fastap_loss", "ranked_list_loss"}  # O(block × N) torch.mm row blocks (tests/test_ranking_fused.py)
 TIGHT = dict(rtol=1e-10, atol=1e-10)
 
 

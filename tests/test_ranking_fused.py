@@ -166,3 +166,27 @@ def test_triton_fastap_does_not_sync():
 def test_memory_watch_fails_on_the_reference(op):
     watch, nn_bytes = _watch(op, "reference")
     assert watch.largest >= nn_bytes // 8
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or not __import__("memory").HAS_CLEAR_REFS, reason="cpu peak RSS (Linux)")
+@pytest.mark.parametrize("op", [op for op in OPS if "cpu" in fused(op)])
+def test_cpu_peak_rss_far_below_one_n_by_n_matrix(op, monkeypatch):
+    """N = 1024, fp32, forward + backward with 64-row blocks: the cpu form's peak extra RSS stays under half of
+    one N×N fp32 matrix (4 MiB); the reference's exceeds a whole one."""
+    from dml_kernels.backends.cpp import ranking_losses as cpu_rank
+    from memory import peak_extra_bytes
+    monkeypatch.setattr(cpu_rank, "TILE", 64 * 1024)
+    n = 1024
+    x, y = torch.randn(n, 8), torch.randint(0, 20, (n,))
+    kw = KW[op][0]
+
+    def step(backend, xx=x, yy=y):
+        xr = xx.clone().requires_grad_()
+        _call(op, backend, xr, yy, **kw).backward()
+
+    step("cpu")  # one-time initialisations (thread pools, the autograd engine) are not the loss's memory
+    nn_bytes = n * n * 4
+    fused_peak = peak_extra_bytes(lambda: step("cpu"))
+    reference_peak = peak_extra_bytes(lambda: step("reference"))
+    assert fused_peak < nn_bytes / 2, (fused_peak, nn_bytes)
+    assert reference_peak > nn_bytes, (reference_peak, nn_bytes)
