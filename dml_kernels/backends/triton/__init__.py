@@ -28,3 +28,4 @@ from . import proxy_gml  # noqa: F401,E402 - ProxyGML on the class engine (selec
 from . import row_stats  # noqa: F401,E402  (per-row reduction statistics: <loss>_row_stats)
 from . import ranking_losses  # noqa: F401,E402 - FastAP: per-row soft histograms on the pair engine
 from . import contrastive_family  # noqa: F401,E402 - NT-Xent, SupCon, NCA, Circle, TCM, IPV: row statistics on the pair engine
+from . import margin_softmax  # noqa: F401,E402 - the margin-softmax family on the class engine (target-logit epilogue, grouped centres)
