@@ -35,6 +35,8 @@ CPU_OPS |= {"contrastive_loss_row_stats", "triplet_margin_loss_row_stats"}  # te
 CPU_OPS |= {"margin_softmax_row_stats"}  # one class shard's rows (tests/test_distributed_margin_softmax.py)
 CPU_OPS |= {"language_guidance_loss"}  # O(block × B) torch.mm tiles (tests/test_language_guidance.py)
 CPU_OPS |= {"fastap_loss", "ranked_list_loss"}  # O(block × N) torch.mm row blocks (tests/test_ranking_fused.py)
+CPU_OPS |= {"direction_multi_similarity_loss", "direction_proxy_nca_loss", "direction_triplet_margin_loss",
+            "proxy_gml_loss"}  # O(block × M) row blocks (tests/test_cpu_seed_methods.py)
 TIGHT = dict(rtol=1e-10, atol=1e-10)
 
 

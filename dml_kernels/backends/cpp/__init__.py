@@ -19,3 +19,4 @@ from . import row_stats  # noqa: F401,E402  (per-row reduction statistics: hinge
 from .loader import unavailable_reason  # noqa: F401  (the registry's availability hook)
 from . import language_guidance  # noqa: F401,E402 - language guidance (seed 002 eq. 29) in O(block × B), torch.mm tiles
 from . import ranking_losses  # noqa: F401,E402 - FastAP / RankedList in O(block × N): torch.mm row blocks, per-row statistics
+from . import direction, proxy_gml  # noqa: F401,E402 - direction regularisation, ProxyGML in O(block × M): row blocks
