@@ -1,5 +1,5 @@
-"""Fused forms of the ranking losses (issue 14): RankedListLoss on the Triton pair engine (interpreter) and FastAP /
-RankedList on the ``cpu`` backend (torch row blocks). Each fused form equals the reference (float64, 1e-10, values
+"""Fused forms of the ranking losses (issue 14): RankedListLoss and HistogramLoss on the Triton pair engine
+(interpreter), FastAP / RankedList on the ``cpu`` backend (torch row blocks). Each fused form equals the reference (float64, 1e-10, values
 and gradients, every label pattern, odd shapes spanning several tiles / row blocks) and PML 2.9 (1e-9); gradcheck;
 no host sync and no N×N tensor (a watch that fails on the reference); peak RSS far below the reference's."""
 import pytest
@@ -16,13 +16,14 @@ from pytorch_metric_learning import losses as pl  # noqa: E402
 from pytorch_metric_learning import miners as pm  # noqa: E402
 
 F = dk.functional
-OPS = ("ranked_list_loss", "fastap_loss")
+OPS = ("ranked_list_loss", "fastap_loss", "histogram_loss")
 KW = {  # op: settings (label patterns x settings under the interpreter)
     "ranked_list_loss": [dict(margin=0.4, Tn=1), dict(margin=0.6, Tn=3, Tp=2, imbalance=0.3, alpha=1.1),
                          dict(margin=0.5, Tn=2, Tp=1, distance="cosine"),
                          dict(margin=1.5, Tn=1, Tp=0.5, imbalance=0.8, distance="squared_euclidean",
                               normalize_embeddings=False)],
     "fastap_loss": [dict(), dict(num_bins=7, distance="euclidean"), dict(num_bins=3)],
+    "histogram_loss": [dict(), dict(n_bins=10)],
 }
 
 
@@ -79,7 +80,14 @@ def _pml_run(fn, x, y, *args):
 def test_fused_matches_pml_fp32_close_and_gradcheck(op, backend):
     torch.manual_seed(3)
     x, y = make("random", n=21, d=6, device=DEVICE)
-    if op == "ranked_list_loss":
+    if op == "histogram_loss":
+        for kw in (dict(), dict(n_bins=10)):
+            ours = _pml_run(dk.losses.HistogramLoss(backend=backend, **kw), x, y)
+            theirs = _pml_run(pl.HistogramLoss(**kw), x, y)
+            for a, b in zip(ours, theirs):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        fn_kw = dict(n_bins=8)
+    elif op == "ranked_list_loss":
         for kw in (dict(margin=0.4, Tn=1), dict(margin=0.6, Tn=3, Tp=2, imbalance=0.3, alpha=1.1)):
             ours = _pml_run(dk.losses.RankedListLoss(backend=backend, **kw), x, y)
             theirs = _pml_run(pl.RankedListLoss(**kw), x, y)
@@ -101,7 +109,7 @@ def test_fused_matches_pml_fp32_close_and_gradcheck(op, backend):
     assert va.dtype == ga.dtype == torch.float32
     torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
-    xs, ys = make("pairs", n=9, d=4, device=DEVICE)
+    xs, ys = make("random" if op == "histogram_loss" else "pairs", n=9, d=4, device=DEVICE)
     assert torch.autograd.gradcheck(lambda a: _call(op, backend, a, ys, **fn_kw), (xs.requires_grad_(),))
     before = x.clone()
     _call(op, backend, x, y, **fn_kw)
@@ -135,7 +143,10 @@ class _Watch(TorchDispatchMode):
 
 def _watch(op, backend, n=None):
     n = n or (256 if op == "fastap_loss" else 128)  # FastAP keeps O(N·bins) statistics: 17·N here
-    x = torch.randn(n, 2, device=DEVICE, requires_grad=True)
+    if op == "histogram_loss":  # 101 nodes: its O(N + nodes) statistics are 4 × max(N, 101)
+        n = 160
+    d = 16 if op == "histogram_loss" else 2  # D=2 fp32: a cosine rounds to 1, PML's (the reference's) index error
+    x = torch.randn(n, d, device=DEVICE, requires_grad=True)
     y = torch.randint(0, 6, (n,), device=DEVICE)
     kw = KW[op][1]
     with _Watch() as watch:

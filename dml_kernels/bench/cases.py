@@ -406,3 +406,23 @@ PRESETS["cpu-full"] = _with_margin_points(PRESETS["cpu-full"], lambda: [
     Point(key, 1024, C=C, D=D) for D in (128, 512) for C in (10000, 100000, 1000000) for key in _MARGIN])
 PRESETS["gpu"] = _with_margin_points(PRESETS["gpu"], lambda: [
     Point(key, 4096, C=C, D=128, dtype="bfloat16") for C in (1000000, 100000) for key in _MARGIN])
+
+
+# --------------------------------------------------------------------------- the ranking losses (issue 14)
+# FastAP (PML defaults: 10 bins, squared euclidean on normalised rows) and RankedList (margin 0.4, Tn 1, PML's other
+# defaults), PK batches; the fused forms keep O(B·bins) / O(B) per-row statistics and recompute tiles backward.
+CASES["fastap"] = _plain_pair("fastap", "fastap_loss", "FastAPLoss",
+                              note="the reference / PML form an (num_bins+1)×B×B pulse tensor")
+CASES["ranked_list"] = Case(
+    "ranked_list", "ranked_list_loss", "plain", "pair",
+    lambda t, b: _F().ranked_list_loss(t["x"], t["labels"], margin=0.4, Tn=1.0, backend=b, **_KW),
+    lambda t: _no_extra(lambda: _pml()[0].RankedListLoss(margin=0.4, Tn=1.0)(t["x"], t["labels"])),
+    "RankedListLoss(margin=0.4, Tn=1)")
+# cpu-quick: FastAP at B=1024 only (its (bins+1)-pulse reference / PML take minutes per cell at 4096 on 2 cores).
+for _name, _pts in (("cpu-quick", lambda: [Point("ranked_list", 4096), Point("ranked_list", 1024),
+                                           Point("fastap", 1024)]),
+                    ("cpu-full", lambda: [Point(k, B, D=128, time=B <= 8192) for B in (1024, 4096, 16384)
+                                          for k in ("fastap", "ranked_list")]),
+                    ("gpu", lambda: [Point(k, B, D=128, dtype="bfloat16") for B in (16384, 4096)
+                                     for k in ("fastap", "ranked_list")])):
+    PRESETS[_name] = (lambda base, extra: lambda: base() + extra())(PRESETS[_name], _pts)

@@ -218,3 +218,141 @@ def ranked_list_loss(x, labels, *, margin, Tn, imbalance, alpha, Tp, distance):
 
 
 register("ranked_list_loss", "triton")(ranked_list_loss)
+
+
+# ------------------------------------------------------------------------------------------- Histogram
+# PML's two node histograms over the unique unordered pairs {i < j} of cosine similarities s, positive (same label)
+# and negative, where i or j is an anchor (a row with a positive and a negative). Each program keeps partial
+# histograms of its row block (NODES = round(1 + 2/Δ) nodes as a constexpr) and the pair counts; the host sums
+# them (O(programs · NODES)). PML's node arithmetic op for op: r = floor((float32(s) + 1) / float32(Δ)), r·Δ and
+# (r+1)·Δ − 1 in float32, upper = (s + 1 − rΔ)/Δ to node r+1, lower = ((r+1)Δ − 1 − s)/Δ to node r. Backward:
+# per pair dL/ds = (g[r+1] − g[r]) / Δ with g = dL/d(histogram) of its set, on recomputed tiles (the pair counted
+# in the orientation i < j only, so the engine's G + Gᵀ counts it once).
+
+
+@triton.jit
+def _hist_split(v, delta32, delta):
+    r = tl.floor((v.to(tl.float32) + 1.0) / delta32)
+    upper = (v + 1 - (r * delta32).to(v.dtype)) / delta
+    lower = (((r + 1.0) * delta32 - 1.0).to(v.dtype) - v) / delta
+    return r.to(tl.int32), upper, lower
+
+
+@triton.jit
+def _hist_pairs(pos, neg, ia, ib, anc_a, anc_b):
+    keep = (ia < ib) & (anc_a | anc_b)
+    return pos & keep, neg & keep
+
+
+@triton.jit
+def _histogram_kernel(x_ptr, sx_ptr, nx_ptr, lab_ptr, anc_ptr, dd_ptr, hp_ptr, hn_ptr, cnt_ptr, N, D, stride_x,
+                      delta32, NODES: tl.constexpr, NP: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr,
+                      BD: tl.constexpr, PREC: tl.constexpr):
+    CT: tl.constexpr = sx_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    offs_a = pid * BA + tl.arange(0, BA)
+    s_a, n_a, lab_a = load_rows(x_ptr, sx_ptr, nx_ptr, lab_ptr, offs_a, N, True)
+    anc_a = tl.load(anc_ptr + offs_a, mask=offs_a < N, other=0.0) != 0
+    delta = tl.load(dd_ptr)
+    bins = tl.arange(0, NP)[None, None, :]
+    hp = tl.zeros((NP,), CT)
+    hn = tl.zeros((NP,), CT)
+    cp = tl.zeros((BA,), CT)
+    cn = tl.zeros((BA,), CT)
+    for b0 in range(0, N, BB):
+        offs_b = b0 + tl.arange(0, BB)
+        s_b, n_b, lab_b = load_rows(x_ptr, sx_ptr, nx_ptr, lab_ptr, offs_b, N, True)
+        anc_b = tl.load(anc_ptr + offs_b, mask=offs_b < N, other=0.0) != 0
+        v = value_tile(x_ptr, x_ptr, offs_a, offs_b, s_a, s_b, n_a, n_b, N, N, D, stride_x, stride_x,
+                       0, BA, BB, BD, PREC)
+        pos, neg = pair_masks(lab_a, lab_b, offs_a, offs_b, N, N, lab_ptr, lab_ptr, 1, True, True, False, False)
+        pos, neg = _hist_pairs(pos, neg, offs_a[:, None], offs_b[None, :], anc_a[:, None], anc_b[None, :])
+        r, upper, lower = _hist_split(v, delta32, delta)
+        r3 = r[:, :, None]
+        add = tl.where(r3 + 1 == bins, upper[:, :, None], 0.0) + tl.where(r3 == bins, lower[:, :, None], 0.0)
+        hp += tl.sum(tl.sum(tl.where(pos[:, :, None], add, 0.0), axis=0), axis=0)
+        hn += tl.sum(tl.sum(tl.where(neg[:, :, None], add, 0.0), axis=0), axis=0)
+        cp += tl.sum(pos.to(CT), axis=1)
+        cn += tl.sum(neg.to(CT), axis=1)
+    nodes = tl.arange(0, NP)
+    tl.store(hp_ptr + pid * NODES + nodes, hp, mask=nodes < NODES)
+    tl.store(hn_ptr + pid * NODES + nodes, hn, mask=nodes < NODES)
+    tl.store(cnt_ptr + pid * 2, tl.sum(cp, axis=0))
+    tl.store(cnt_ptr + pid * 2 + 1, tl.sum(cn, axis=0))
+
+
+@triton.jit
+def histogram_bwd(v, pos, neg, ia, ib, na, nb, st, nst, sc, p0, p1, p2, p3, DIST: tl.constexpr, FLAG: tl.constexpr):
+    """Stats rows: 0 dL/dh⁺ per node, 1 dL/dh⁻, 2 the anchor flags, 3 [Δ]; p0 = float32(Δ); FLAG = NODES."""
+    anc_a = tl.load(st + 2 * nst + ia, mask=ia < na, other=0.0) != 0
+    anc_b = tl.load(st + 2 * nst + ib, mask=ib < nb, other=0.0) != 0
+    pos, neg = _hist_pairs(pos, neg, ia, ib, anc_a, anc_b)
+    r, upper, lower = _hist_split(v, p0, tl.load(st + 3 * nst))
+    lo_in = (pos | neg) & (r >= 0) & (r < FLAG)
+    hi_in = (pos | neg) & (r + 1 >= 0) & (r + 1 < FLAG)
+    row = tl.where(pos, 0, nst)
+    g_hi = tl.load(st + row + r + 1, mask=hi_in, other=0.0)
+    g_lo = tl.load(st + row + r, mask=lo_in, other=0.0)
+    return (g_hi - g_lo) / tl.load(st + 3 * nst)
+
+
+def _anchor_flags(labels, ct):
+    """1.0 for rows with a positive and a negative: 2 ≤ |class| < N, counted on sorted labels (no sync)."""
+    srt = torch.sort(labels).values
+    count = torch.searchsorted(srt, labels, right=True) - torch.searchsorted(srt, labels)
+    return ((count >= 2) & (count < labels.shape[0])).to(ct)
+
+
+class _NodeHistograms(torch.autograd.Function):
+    """(h⁺, h⁻, |S⁺|, |S⁻|): node histograms (sums, not yet divided) and pair counts; backward by recomputed tiles."""
+
+    @staticmethod
+    def forward(ctx, tiles, dd, delta32, anchors, nodes, x, s, n):
+        kw = tiles.launch("fwd")
+        programs = triton.cdiv(tiles.n, kw["BA"])
+        hp = torch.empty(programs, nodes, dtype=tiles.ct, device=x.device)
+        hn = torch.empty_like(hp)
+        cnt = torch.empty(programs, 2, dtype=tiles.ct, device=x.device)
+        xc = x.contiguous()
+        _histogram_kernel[(programs,)](xc, s.contiguous(), n.contiguous(), tiles.labels, anchors, dd, hp, hn, cnt,
+                                       tiles.n, tiles.d, xc.stride(0), delta32, NODES=nodes,
+                                       NP=triton.next_power_of_2(nodes + 1), **kw)
+        ctx.tiles, ctx.nodes, ctx.delta32 = tiles, nodes, delta32
+        ctx.save_for_backward(x, s, n, dd, anchors)
+        counts = cnt.sum(0)
+        ctx.mark_non_differentiable(counts)
+        return hp.sum(0), hn.sum(0), counts
+
+    @staticmethod
+    def backward(ctx, gp, gn, _gc):
+        refuse_double_backward()
+        x, s, n, dd, anchors = ctx.saved_tensors
+        tiles, nodes = ctx.tiles, ctx.nodes
+        st = torch.zeros(4, max(tiles.n, nodes), dtype=tiles.ct, device=x.device)
+        st[0, :nodes], st[1, :nodes], st[2, :tiles.n], st[3, :1] = gp, gn, anchors, dd
+        sc = torch.zeros(1, dtype=tiles.ct, device=x.device)
+        acc, dnx, _, _ = tiles.grad((x, s, n, None, None, None), histogram_bwd, st, sc, params=(ctx.delta32, 0, 0, 0),
+                                    flag=nodes, need_x=True)
+        dx, ds, dn = embedding_grads(x, s, acc, dnx, ctx.needs_input_grad[5:8])
+        return None, None, None, None, None, dx, ds, dn
+
+
+def histogram_loss(x, labels, *, delta, distance, triplets=None):
+    if triplets is not None or labels is None:
+        raise Unsupported("histogram_loss: the fused form takes labels (all triplets), not a tuple")
+    if distance.name != "cosine":
+        raise Unsupported("histogram_loss: the fused form takes the cosine similarity only")
+    x, _ = pair_engine.autocast_inputs(x, None)
+    tiles = pair_engine.Tiles(x, labels, None, None, distance)
+    nodes = round(1 + 2 / delta)
+    dd = torch.full((1,), delta, dtype=tiles.ct, device=x.device)
+    s, n, _, _ = tiles.embed(x, None)
+    anchors = _anchor_flags(tiles.labels, tiles.ct)
+    hp, hn, counts = _NodeHistograms.apply(tiles, dd, float(delta), anchors, nodes, x, s, n)
+    p_pos, p_neg = hp / counts[0].clamp_min(1), hn / counts[1].clamp_min(1)
+    loss = torch.sum(p_neg * torch.cumsum(p_pos, dim=0))
+    zero = (x * 0).sum().to(loss.dtype)
+    return torch.where((counts[0] > 0) & (counts[1] > 0), loss, zero)
+
+
+register("histogram_loss", "triton")(histogram_loss)
