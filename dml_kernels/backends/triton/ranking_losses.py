@@ -196,7 +196,9 @@ class RankedList(pair_engine.PairLossImpl):
 
     def forward(self, tiles, xs):
         n, ct, dev = tiles.n, tiles.ct, tiles.device
-        prm = torch.tensor(self.values, dtype=ct).to(dev)
+        prm = torch.empty(4, dtype=ct, device=dev)
+        for k, value in enumerate(self.values):  # filled on the device: no host-to-device copy
+            prm[k] = value
         out = tiles.row_stats(xs, rll_fwd, (pair_engine.SUM,) * 4, stats=prm)
         lam = self.imbalance
         bp, bn = out[1] + n * 1e-5, out[3] + n * 1e-5
