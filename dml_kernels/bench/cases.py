@@ -362,8 +362,10 @@ def skip_reason(device_type, preset, case: Case, provider, B, M, C, dtype=None):
 
 # --------------------------------------------------------------------------- the margin-softmax family (issue 13)
 # W = proxiesᵀ: PML's D×C layout, a view (the benchmark's proxies get the gradient). SubCenterArcFace and
-# SoftTriple: the C columns are C/3 classes of K = 3 centres (labels taken modulo C/3). Same GEMM floor (6·B·C·D).
-_MARGIN_K = 3
+# SoftTriple: the C columns are C/2 classes of K = 2 centres (labels taken modulo C/2; every size, and the harness's
+# 1000-column value check, is even). P2SGrad: unit columns, renormalised before each call as PML's module does.
+# Same GEMM floor (6·B·C·D).
+_MARGIN_K = 2
 _MARGIN = {  # key: (op, PML class, PML's weight attribute, keyword arguments, centres per class)
     "normalized_softmax": ("normalized_softmax_loss", "NormalizedSoftmaxLoss", "W", {}, 1),
     "cosface": ("cosface_loss", "CosFaceLoss", "W", {}, 1),
@@ -377,6 +379,9 @@ _MARGIN = {  # key: (op, PML class, PML's weight attribute, keyword arguments, c
 
 def _margin_case(key, op, cls_name, attr, kw, k):
     def labels(t):
+        if op == "p2sgrad_loss":
+            with torch.no_grad():
+                t["proxies"].div_(t["proxies"].norm(dim=1, keepdim=True))
         return t["labels"] % max(1, t["proxies"].shape[0] // k)
 
     def pml(t):
@@ -390,7 +395,7 @@ def _margin_case(key, op, cls_name, attr, kw, k):
 
     return Case(key, op, "plain", "proxy",
                 lambda t, b: getattr(_F(), op)(t["x"], labels(t), t["proxies"].t(), backend=b, **kw, **_KW),
-                pml, f"{cls_name}(C{'/3' if k > 1 else ''}, D{', ' + str(kw) if kw else ''}) with W = the proxiesᵀ")
+                pml, f"{cls_name}(C{'/2' if k > 1 else ''}, D{', ' + str(kw) if kw else ''}) with W = the proxiesᵀ")
 
 
 CASES.update({key: _margin_case(key, *spec) for key, spec in _MARGIN.items()})
