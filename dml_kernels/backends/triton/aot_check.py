@@ -1,14 +1,16 @@
 """Compile every Triton kernel variant for a GPU target without a GPU (a CI check).
 
 The interpreter runs kernels as numpy code and accepts programs the GPU compiler rejects (loop-carried
-type changes, unsupported dtype combinations...). ``python -m dml_kernels.backends.triton.aot_check [cc] [--quick]
-[--usage]`` lowers every kernel × epilogue × dtype of the pair engine (with the tile shapes of
-``pair_engine.GPU_BLOCKS``), of the k-NN op (``knn.GPU_BLOCKS``) and of the proxy losses
-(``class_losses._GPU_CFG``) through Triton's whole pipeline down to a cubin for ``sm_<cc>`` (default 90;
-``ptxas`` ships with Triton), and exits non-zero listing the failures (120 pair-engine + 80 proxy variants, a
-few seconds each). ``--quick``: every variant in bf16 plus one
-fp64 variant of each kernel form. ``--usage``: print registers and spill stack per variant (``cuobjdump
--res-usage``). Run it with TRITON_INTERPRET unset.
+type changes, unsupported dtype combinations, a global that is not a constexpr...). ``python -m
+dml_kernels.backends.triton.aot_check [cc] [--quick] [--usage]`` lowers every kernel × epilogue × dtype of the
+pair engine (with the tile shapes of ``pair_engine.GPU_BLOCKS``), of the k-NN op (``knn.GPU_BLOCKS``), of the
+proxy losses (``class_losses._GPU_CFG``) and of the later fused losses (``aot_fused.py``: row statistics, FastAP,
+RankedList, HistogramLoss, direction regularisation, ProxyGML, language guidance, with their launchers' CUDA
+tiles) through Triton's whole pipeline down to a cubin for ``sm_<cc>`` (default 90; ``ptxas`` ships with
+Triton), and exits non-zero listing the failures (120 pair-engine + 80 proxy + 100 fused = 300 variants, a few seconds each).
+``--quick`` (110 variants): every variant in bf16 (in fp32 for kernels that compute fp16 / bf16 inputs in fp32)
+plus one fp64 variant of each kernel form. ``--usage``: print registers and spill stack per variant
+(``cuobjdump -res-usage``). Run it with TRITON_INTERPRET unset.
 """
 from __future__ import annotations
 
@@ -157,6 +159,9 @@ def variants():
     for fn, ptr, acc, consts, warps in _proxy_variants():
         options = {"num_warps": warps, "num_stages": 2}  # as class_losses.py launches them
         yield ptr["x_ptr"], fn, _proxy_signature(fn, ptr, acc, consts), consts, options
+    from . import aot_fused  # row statistics, FastAP, direction regularisation, ProxyGML, language guidance
+
+    yield from aot_fused.variants()
 
 
 def _usage(cubin: bytes) -> str:
@@ -181,17 +186,24 @@ def main(cc: int = 90, quick: bool = False, usage: bool = False) -> int:
 
     target = GPUTarget("cuda", cc, 32)
     failures, count, fp64_seen = [], 0, set()
-    for dtype, fn, sig, consts, options in variants():
-        if quick:  # every variant in bf16; in fp64 (other dot / accumulator types) the first of each kernel form
-            key = (fn.fn.__name__, consts.get("COLUMNS"))
+    every = list(variants())
+
+    def form(fn, consts):  # a kernel form: (module, kernel, rows / columns)
+        return fn.fn.__module__, fn.fn.__name__, consts.get("COLUMNS")
+
+    # kernels that never see bf16 operands (they compute in fp32 for fp16 / bf16 inputs): their fp32 variants
+    half_forms = {form(fn, consts) for dtype, fn, _, consts, _ in every if dtype == "bf16"}
+    for dtype, fn, sig, consts, options in every:
+        if quick:  # every variant in bf16 (fp32 where none is bf16); the first fp64 variant of each kernel form
+            key = form(fn, consts)
             if dtype == "fp64" and key not in fp64_seen:
                 fp64_seen.add(key)
-            elif dtype != "bf16":
+            elif dtype != "bf16" and not (dtype == "fp32" and key not in half_forms):
                 continue
         count += 1
-        label = f"{fn.fn.__name__}[{dtype}] " + ",".join(
+        label = f"{fn.fn.__module__.rpartition('.')[2]}.{fn.fn.__name__}[{dtype}] " + ",".join(
             f"{k}={getattr(v, '__name__', v)}" for k, v in consts.items()
-            if k in ("FWD", "TILE_GRAD", "BWD", "COLUMNS", "LOSS", "KIND"))
+            if k in ("FWD", "TILE_GRAD", "BWD", "COLUMNS", "LOSS", "KIND", "HAS_DIR", "MASK", "FORWARD"))
         try:
             kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target, options=options)
         except Exception as e:  # noqa: BLE001 - report every failing variant

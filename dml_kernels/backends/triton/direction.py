@@ -288,7 +288,9 @@ class _DirLSE(torch.autograd.Function):
         w = g_lse.to(q.dtype).contiguous()
         args = (q, f, r, qq, qf, ff, rr, cg, lab_q, lab_r, thr, lse, w)
         consts = (_params(cfg, q),)
-        kw = dict(**cfg["flags"], BI=blk[0], BK=blk[1], BD=_p2(d), BDO=bdo, PREC=cfg["prec"])
+        # WITH_ONE is the forward kernel's only (the LSE holds it): a GPU launch refuses an unknown keyword
+        flags = {k: v for k, v in cfg["flags"].items() if k != "WITH_ONE"}
+        kw = dict(**flags, BI=blk[0], BK=blk[1], BD=_p2(d), BDO=bdo, PREC=cfg["prec"])
         dq, df = torch.empty_like(q), torch.empty_like(q)
         ds = torch.empty(3, n, dtype=q.dtype, device=q.device)
         _lse_bwd_rows[(triton.cdiv(n, blk[0]), triton.cdiv(d, bdo))](

@@ -223,6 +223,13 @@ def _bwd_cols(q_ptr, r_ptr, qq_ptr, rr_ptr, lq_ptr, lr_ptr, sc_ptr, dr_ptr, drr_
     tl.store(drr_ptr + offs_j, drr, mask=in_j & (offs_j * 0 + tl.program_id(1) == 0))
 
 
+# On a GPU the (BA, BB, BB) block is 16 × 16 × 16 with a D-chunk of 32 (fp64: 16) and 8 warps: ptxas (sm_90,
+# aot_check) reports no spill in the fp32 forward and row backward, 56 bytes in the column backward (fp64 spills
+# ~1.3 KB, as the pair engine's fp64 triplets); direction.py's 32 × 32 tiles spilled 6.6-19 KB per thread and took
+# minutes to compile. Not yet timed on a GPU.
+GPU_WARPS = 8
+
+
 def _p2(n, lo=16, hi=64):
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
@@ -241,7 +248,7 @@ class _AllTriplets(torch.autograd.Function):
         ba, bb = cfg["blocks"]
         _fwd_kernel[(triton.cdiv(n, ba),)](q, r, qq, rr, lab_q, lab_r, out, n, m, d, q.stride(0), r.stride(0),
                                            _params(cfg, q), **cfg["flags"], BA=ba, BB=bb,
-                                           BD=_p2(d), PREC=cfg["prec"])
+                                           BD=_p2(d, hi=cfg["bd_max"]), PREC=cfg["prec"], num_warps=GPU_WARPS)
         total, count = out.sum(1)
         scale = (count > 0).to(q.dtype) / count.clamp_min(1)
         ctx.save_for_backward(q, r, qq, rr, lab_q, lab_r, scale)
@@ -258,7 +265,8 @@ class _AllTriplets(torch.autograd.Function):
         bdo = _p2(d)
         sc = (g.to(q.dtype) * scale).reshape(1).contiguous()
         consts = (n, m, d, q.stride(0), r.stride(0), _params(cfg, q))
-        kw = dict(**cfg["flags"], BA=ba, BB=bb, BD=_p2(d), BDO=bdo, PREC=cfg["prec"])
+        kw = dict(**cfg["flags"], BA=ba, BB=bb, BD=_p2(d, hi=cfg["bd_max"]), BDO=bdo, PREC=cfg["prec"],
+                  num_warps=GPU_WARPS)
         dq, dqq = torch.empty_like(q), torch.empty_like(qq)
         _bwd_rows[(triton.cdiv(n, ba), triton.cdiv(d, bdo))](q, r, qq, rr, lab_q, lab_r, sc, dq, dqq, *consts, **kw)
         dr, drr = torch.empty_like(r), torch.empty_like(rr)
@@ -270,8 +278,10 @@ def all_triplets_loss(x, labels, ref, ref_labels, *, margin, gamma, smooth_loss,
     q, r, qq, rr, base_cfg = setup(x, ref, distance)
     lab_q = labels.contiguous()
     lab_r = lab_q if ref is None else ref_labels.contiguous()
-    cfg = dict(base_cfg, margin=float(margin), gamma=float(gamma), eps=float(eps),
+    cfg = dict(base_cfg, margin=float(margin), gamma=float(gamma), eps=float(eps), bd_max=64,
                flags=dict(DIST=dist_code, SMOOTH=bool(smooth_loss), SELF=ref is None))
+    if q.is_cuda:  # triplet.py's GPU triplet block (see GPU_WARPS)
+        cfg.update(blocks=(16, 16), bd_max=16 if q.dtype == torch.float64 else 32)
     loss, count = _AllTriplets.apply(q, r, qq, rr, lab_q, lab_r, cfg)
     zero = (x * 0).sum().to(loss.dtype) + (0 if ref is None else (ref * 0).sum().to(loss.dtype))
     return torch.where(count > 0, loss, zero)

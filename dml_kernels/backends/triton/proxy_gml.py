@@ -50,7 +50,7 @@ from .tiles import dot_tile, load_rows, lse_init, lse_update, store_tile, tile_v
 
 MAX_OTHER = 128  # K' held in registers by the selection pass
 TUNING = {"block_b": None, "block_w": None, "block_k": None, "block_d": None}  # tests shrink / vary them
-_BIG = 2147483647
+_BIG = tl.constexpr(2147483647)  # a kernel may read a global only as a constexpr (the GPU compiler refuses it)
 
 
 @triton.jit

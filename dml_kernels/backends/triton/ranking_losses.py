@@ -310,7 +310,9 @@ class _NodeHistograms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tiles, dd, delta32, anchors, nodes, x, s, n):
-        kw = tiles.launch("fwd")
+        # the (BA, BB, NP) one-hot tile takes the engine's small "triplet" tile on a GPU (16 × 16, 8 warps): the
+        # 64 × 64 forward tile did not compile in 5 minutes (sm_90 aot_check); the interpreter's tiles are the same
+        kw = tiles.launch("triplet")
         programs = triton.cdiv(tiles.n, kw["BA"])
         hp = torch.empty(programs, nodes, dtype=tiles.ct, device=x.device)
         hn = torch.empty_like(hp)
