@@ -431,3 +431,40 @@ for _name, _pts in (("cpu-quick", lambda: [Point("ranked_list", 4096), Point("ra
                     ("gpu", lambda: [Point(k, B, D=128, dtype="bfloat16") for B in (16384, 4096)
                                      for k in ("fastap", "ranked_list")])):
     PRESETS[_name] = (lambda base, extra: lambda: base() + extra())(PRESETS[_name], _pts)
+
+
+# --------------------------------------------------------------------------- the seed methods (issue 16)
+# Direction regularisation (γ = 0.3) on MultiSimilarity (default arguments), batch-hard TripletMargin and ProxyNCA,
+# and ProxyGML (the C proxies as PML's D×(C·N) layout, N = 4 per class: C/4 classes, r = 0.05, λ = 0.3); no PML
+# equivalent. cpu: row blocks in O(block × M), the reference forms N×M (B×C) matrices.
+_GML_N = 4
+CASES["direction_ms"] = Case(
+    "direction_ms", "direction_multi_similarity_loss", "plain", "pair",
+    lambda t, b: _F().direction_multi_similarity_loss(t["x"], t["labels"], direction_gamma=0.3, backend=b, **_KW),
+    None, note="seed 002 eq. 34; no PML equivalent")
+CASES["direction_triplet_batch_hard"] = Case(
+    "direction_triplet_batch_hard", "direction_triplet_margin_loss", "batch_hard", "pair",
+    lambda t, b: _F().direction_triplet_margin_loss(t["x"], t["labels"], direction_gamma=0.3, mining="batch_hard",
+                                                    backend=b, **_KW),
+    None, note="seed 002 eq. 33 on the batch-hard triplets; no PML equivalent")
+CASES["direction_proxy_nca"] = Case(
+    "direction_proxy_nca", "direction_proxy_nca_loss", "plain", "proxy",
+    lambda t, b: _F().direction_proxy_nca_loss(t["x"], t["labels"], t["proxies"], direction_gamma=0.3, backend=b,
+                                               **_KW),
+    None, note="seed 002 eq. 35; no PML equivalent")
+CASES["proxy_gml"] = Case(
+    "proxy_gml", "proxy_gml_loss", "plain", "proxy",
+    lambda t, b: _F().proxy_gml_loss(t["x"], t["labels"] % max(1, t["proxies"].shape[0] // _GML_N),
+                                     t["proxies"].t(), proxies_per_class=_GML_N, backend=b, **_KW),
+    None, note="C proxies = C/4 classes × 4 (D×(C·N) layout), r = 0.05 (K = 0.05·C), λ = 0.3; no PML equivalent")
+for _name, _pts in (("cpu-quick", lambda: [Point("direction_ms", B) for B in (4096, 1024)]
+                     + [Point("direction_triplet_batch_hard", B) for B in (4096, 1024)]
+                     + [Point(k, 256, C=C) for C in (32768, 4096) for k in ("direction_proxy_nca", "proxy_gml")]),
+                    ("cpu-full", lambda: [Point(k, B, D=128) for B in (1024, 4096, 16384)
+                                          for k in ("direction_ms", "direction_triplet_batch_hard")]
+                     + [Point(k, 1024, C=C, D=128) for C in (10000, 100000) for k in ("direction_proxy_nca", "proxy_gml")]),
+                    ("gpu", lambda: [Point(k, B, D=128, dtype="bfloat16") for B in (16384, 4096)
+                                     for k in ("direction_ms", "direction_triplet_batch_hard")]
+                     + [Point(k, 4096, C=C, D=128, dtype="bfloat16") for C in (100000,)
+                        for k in ("direction_proxy_nca", "proxy_gml")])):
+    PRESETS[_name] = (lambda base, extra: lambda: base() + extra())(PRESETS[_name], _pts)

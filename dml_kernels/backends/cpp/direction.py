@@ -31,7 +31,7 @@ from ..reference.mining import multi_similarity_select
 from ..reference.similarity import masked_log1p_sum_exp
 from .common import _prep
 
-TILE = 1 << 18  # elements of one block's tile (ROWS × M, or c × J × K for all triplets)
+TILE = 1 << 20  # elements of one block's tile (ROWS × M, or c × J × K for all triplets)
 
 
 def block_rows(n, m):
@@ -176,6 +176,52 @@ def direction_multi_similarity_loss(x, labels, ref, ref_labels, *, alpha, beta, 
 # ----------------------------------------------------------------------------------------- ProxyNCA
 
 
+class _ColumnLSE(torch.autograd.Function):
+    """LSE_j of ``fn(*slices)`` (n × chunk tiles) over column chunks: (n,). The forward merges the chunks' row
+    LSEs (``logaddexp``); the backward recomputes each chunk with autograd and pulls e^{tile − LSE}·grad through
+    it, so a chunk's sliced leaves (the proxies) get a chunk-sized gradient — right for few rows × many columns.
+    ``chunks`` = [slice of each tensor: (a, b) columns or None = the whole tensor, ...]."""
+
+    @staticmethod
+    def forward(ctx, fn, chunks, n, *tensors):
+        lse = tensors[0].new_full((n,), float("-inf"))
+        for sl in chunks:
+            lse = torch.logaddexp(lse, torch.logsumexp(fn(*_slices(tensors, sl)), 1))
+        ctx.fn, ctx.chunks = fn, chunks
+        ctx.save_for_backward(lse, *tensors)
+        return lse
+
+    @staticmethod
+    def backward(ctx, g):
+        if torch.is_grad_enabled():
+            raise RuntimeError("double backward (create_graph=True) through a fused cpu direction loss is not "
+                               "supported; use backend='reference' for second-order gradients")
+        lse, *tensors = ctx.saved_tensors
+        need = ctx.needs_input_grad[3:]
+        grads = [torch.zeros_like(t) if nd else None for t, nd in zip(tensors, need)]
+        for sl in ctx.chunks:
+            args = _slices(tensors, sl)
+            leaves = [i for i, nd in enumerate(need) if nd]
+            for i in leaves:
+                args[i] = args[i].detach().requires_grad_()
+            with torch.enable_grad():
+                tile = ctx.fn(*args)
+                w = torch.exp(tile.detach() - lse[:, None]) * g[:, None]
+                got = torch.autograd.grad(tile, [args[i] for i in leaves], w, allow_unused=True)
+            for i, gi in zip(leaves, got):
+                if gi is not None:
+                    if sl[i] is None:
+                        grads[i] += gi
+                    else:
+                        grads[i][sl[i][0]:sl[i][1]] += gi
+        return (None, None, None, *grads)
+
+
+def column_chunks(n, m):
+    """Columns per chunk: a tile of ≤ TILE elements and ≤ 1/16 of the N×M matrix (at least one column)."""
+    return spans(m, max(1, min(m, TILE // max(n, 1), m // 16)))
+
+
 @register("direction_proxy_nca_loss", "cpu")
 def direction_proxy_nca_loss(x, labels, proxies, *, softmax_scale, gamma, exclude_positive=False, distance,
                              weights=None):
@@ -183,20 +229,20 @@ def direction_proxy_nca_loss(x, labels, proxies, *, softmax_scale, gamma, exclud
     q, p, _ = _prep(x.to(ct), proxies.to(ct), distance)
     n, c = q.shape[0], p.shape[0]
     sg = 1.0 if distance.is_similarity else -1.0
+    f = p[labels]  # each row's own proxy, O(N·D)
 
-    def fn(qb, lb, pv):
-        g, v, qq, pp = values(qb, pv, distance)
-        logits = (softmax_scale * sg) * v
-        f = pv[lb]
-        cos = diff_cos(f @ pv.T, g, (qb * f).sum(1, keepdim=True), qq[:, None], pp[None, :],
-                       (f * f).sum(1, keepdim=True))
-        target = logits.gather(1, lb[:, None]).squeeze(1)
-        den = logits - gamma * cos
+    def fn(qv, fv, lab, pc, ic):  # the N × chunk tile of σ s(a, p_c) − γ Cos(p_c − f_a, p_y − f_a)
+        g, v, qq, pp = values(qv, pc, distance)
+        cos = diff_cos(fv @ pc.T, g, (qv * fv).sum(1, keepdim=True), qq[:, None], pp[None, :],
+                       (fv * fv).sum(1, keepdim=True))
+        den = (softmax_scale * sg) * v - gamma * cos
         if exclude_positive:
-            den = den.masked_fill(torch.arange(c)[None, :] == lb[:, None], float("-inf"))
-        return torch.logsumexp(den, 1) - target, target.new_zeros(0, len(lb))
+            den = den.masked_fill(ic[None, :] == lab[:, None], float("-inf"))
+        return den
 
-    losses, _ = _Blocks.apply(fn, row_blocks(n, c, 3, (True, True, False)), n, 0, q, labels, p)
+    chunks = [(None, None, None, sl, sl) for sl in column_chunks(n, c)]
+    lse = _ColumnLSE.apply(fn, chunks, n, q, f, labels, p, torch.arange(c))
+    losses = lse - (softmax_scale * sg) * _pair_values(q, f, distance)
     if weights is not None:
         losses = losses * weights.to(losses.dtype)
     return losses.mean()
