@@ -13,6 +13,10 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+from memory import pin_malloc  # noqa: E402
+
+pin_malloc()  # the memory tests read RSS: large blocks must go back to the OS when freed
+
 # Tests run on CUDA when there is a GPU, else on the CPU (Triton through the interpreter).
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 

@@ -1,7 +1,34 @@
-"""Peak-memory measurement for the memory tests (a helper module, like patterns.py and naive.py)."""
+"""Peak-memory measurement for the memory tests (a helper module, like patterns.py and naive.py).
+
+The measure is the process's peak resident memory, so freed memory must leave the process: glibc's malloc
+raises its mmap threshold each time a large mmapped block is freed (up to 32 MiB), after which large blocks come
+from the heap and are reused without touching RSS — late in a long test session a reference that allocates an
+N×N matrix could then measure as 0 extra bytes. :func:`pin_malloc` (called by conftest) fixes the threshold at
+128 KiB, and each measurement starts with ``malloc_trim(0)``.
+"""
+import ctypes
+import ctypes.util
 import os
 
 import pytest
+
+_M_MMAP_THRESHOLD = -3
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _LIBC.mallopt, _LIBC.malloc_trim  # glibc only
+except (OSError, AttributeError):
+    _LIBC = None
+
+
+def pin_malloc():
+    """Blocks ≥ 128 KiB are always mmapped (returned to the OS when freed): a fixed threshold, no adaptation."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+
+
+def _trim():
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 HAS_CLEAR_REFS = os.path.exists("/proc/self/clear_refs")
 requires_clear_refs = pytest.mark.skipif(not HAS_CLEAR_REFS, reason="needs Linux /proc/self/clear_refs")
@@ -16,6 +43,7 @@ def peak_extra_bytes(fn):
                     return int(line.split()[1]) * 1024
         raise KeyError(key)
 
+    _trim()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS to the current RSS
     start = read("VmRSS:")
