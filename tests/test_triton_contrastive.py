@@ -1,4 +1,4 @@
-"""The contrastive family on the Triton pair engine (backends/triton/contrastive_family.py): NT-Xent, SupCon, NCA,
+"""The contrastive family on the Triton pair engine (backends/triton/contrastive_losses.py): NT-Xent, SupCon, NCA,
 Circle, ThresholdConsistentMargin, IntraPairVariance.
 
 Equal in float64 (1e-9, values and gradients of x and ref_emb) to the reference op (itself equal to PML 2.9 in

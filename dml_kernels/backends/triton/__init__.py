@@ -17,7 +17,12 @@ Map (the same in every backend package):
 * ``knn.py``          — the k-NN op of ``dk.evaluation``: a similarity tile and a running per-row top-k.
 * ``proxy_gml.py``    — ProxyGML on the class engine: a per-row top-K selection pass, grouped-column class
   sums and an online LSE over the active classes, backward by recomputation.
-* ``aot_check.py``    — compiles every kernel variant for a GPU architecture without a GPU.
+* ``contrastive_losses.py`` — the contrastive family (NT-Xent, SupCon, NCA, Circle, TCM, IPV) on the pair engine.
+* ``margin_softmax.py`` — the margin-softmax family on the class engine (target-logit epilogue, grouped centres).
+* ``ranking_losses.py`` — FastAP, RankedList, HistogramLoss: per-row (or global) histograms on the pair engine.
+* ``direction.py``, ``direction_triplet.py``, ``language_guidance.py`` — the seeds' methods (two dot tiles per tile).
+* ``aot_check.py``    — compiles every kernel variant for a GPU architecture without a GPU (``aot_fused.py``: the
+  launches of the later families; ``aot_signatures.py``: their Triton signatures).
 """
 import triton  # noqa: F401  (a clear ImportError if triton is missing)
 
@@ -27,5 +32,5 @@ from . import language_guidance  # noqa: F401,E402 - language-guidance distillat
 from . import proxy_gml  # noqa: F401,E402 - ProxyGML on the class engine (selection, grouped sums, LSE)
 from . import row_stats  # noqa: F401,E402  (per-row reduction statistics: <loss>_row_stats)
 from . import ranking_losses  # noqa: F401,E402 - FastAP: per-row soft histograms on the pair engine
-from . import contrastive_family  # noqa: F401,E402 - NT-Xent, SupCon, NCA, Circle, TCM, IPV: row statistics on the pair engine
+from . import contrastive_losses  # noqa: F401,E402 - NT-Xent, SupCon, NCA, Circle, TCM, IPV: row statistics on the pair engine
 from . import margin_softmax  # noqa: F401,E402 - the margin-softmax family on the class engine (target-logit epilogue, grouped centres)

@@ -5,10 +5,11 @@ type changes, unsupported dtype combinations, a global that is not a constexpr..
 dml_kernels.backends.triton.aot_check [cc] [--quick] [--usage]`` lowers every kernel × epilogue × dtype of the
 pair engine (with the tile shapes of ``pair_engine.GPU_BLOCKS``), of the k-NN op (``knn.GPU_BLOCKS``), of the
 proxy losses (``class_losses._GPU_CFG``) and of the later fused losses (``aot_fused.py``: row statistics, FastAP,
-RankedList, HistogramLoss, direction regularisation, ProxyGML, language guidance, with their launchers' CUDA
-tiles) through Triton's whole pipeline down to a cubin for ``sm_<cc>`` (default 90; ``ptxas`` ships with
-Triton), and exits non-zero listing the failures (120 pair-engine + 80 proxy + 100 fused = 300 variants, a few seconds each).
-``--quick`` (110 variants): every variant in bf16 (in fp32 for kernels that compute fp16 / bf16 inputs in fp32)
+RankedList, HistogramLoss, direction regularisation, ProxyGML, language guidance, the contrastive family, the
+margin-softmax family, with their launchers' CUDA tiles) through Triton's whole pipeline down to a cubin for
+``sm_<cc>`` (default 90; ``ptxas`` ships with Triton), and exits non-zero listing the failures (120 pair-engine
++ 80 proxy + 284 fused = 484 variants, a few seconds each).
+``--quick`` (159 variants): every variant in bf16 (in fp32 for kernels that compute fp16 / bf16 inputs in fp32)
 plus one fp64 variant of each kernel form. ``--usage``: print registers and spill stack per variant
 (``cuobjdump -res-usage``). Run it with TRITON_INTERPRET unset.
 """
@@ -19,6 +20,9 @@ import re
 import subprocess
 import sys
 import tempfile
+
+
+from .aot_signatures import _DT, _pair_signature, _proxy_signature  # noqa: E402
 
 
 def _pair_variants():
@@ -82,25 +86,6 @@ def _pair_variants():
                                                       COLUMNS=cols)
 
 
-def _pair_signature(fn, ct, ptr, consts):
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ptr:
-            sig[name] = ptr[name]
-        elif name.endswith("_ptr"):
-            sig[name] = f"*{ct}"
-        elif name in ("p0", "p1", "p2", "p3", "margin", "eps"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
-_DT = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}
-
-
 def _proxy_variants():
     """(kernel, pointer types, accumulator type, constexprs, num_warps) for every proxy-loss launch."""
     import triton.language as tl
@@ -136,20 +121,6 @@ def _proxy_variants():
                                                         EXCL=loss == 0 and kind == 2,
                                                         HAS_R0=loss == 0 or kind == 1, COUNT=kind == 2,
                                                         SCALE_G=dtype == "fp16", **dev, **b), nw
-
-
-def _proxy_signature(fn, ptr, acc, consts):
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = "*" + ptr.get(name, acc)
-        elif name.startswith("s") and name[1:] in ("xb", "xd", "pc", "pd", "xr"):
-            sig[name] = "i64" if name in ("spc", "sxr") else "i32"  # both widths of stride arguments
-        else:
-            sig[name] = "i32"
-    return sig
 
 
 def variants():

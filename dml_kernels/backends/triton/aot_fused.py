@@ -179,8 +179,22 @@ def language_guidance_variants():
             yield _variant(dtype, LG._bwd_kernel, consts, types, f"*{ct}", warps)
 
 
+def contrastive_losses_variants():
+    """NT-Xent, SupCon, NCA, Circle, ThresholdConsistentMargin, IntraPairVariance (their module lists them)."""
+    from . import contrastive_losses
+    yield from contrastive_losses.aot_variants()
+
+
+def margin_softmax_variants():
+    """The margin-softmax family on the class engine (its module lists them, in the proxy losses' convention)."""
+    from . import margin_softmax
+    from .aot_signatures import _proxy_signature
+    for fn, ptr, acc, consts, warps in margin_softmax.aot_variants():
+        yield ptr["x_ptr"], fn, _proxy_signature(fn, ptr, acc, consts), consts, {"num_warps": warps, "num_stages": 2}
+
+
 def variants():
     """Every launch above, in the order of the generators."""
     for gen in (row_stats_variants, ranking_variants, direction_variants, proxy_gml_variants,
-                language_guidance_variants):
+                language_guidance_variants, contrastive_losses_variants, margin_softmax_variants):
         yield from gen()

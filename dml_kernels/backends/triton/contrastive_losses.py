@@ -420,7 +420,7 @@ def aot_variants():
     """(dtype, kernel, signature, constexprs, options) of every launch above on CUDA, for ``aot_check.py``: the
     forward for each FLAG (with its kinds) and the row / column gradient kernels for each backward FLAG, label
     masks with the euclidean distance (cosine for Circle / TCM), plus packed-pair variants (SupCon, NT-Xent)."""
-    from .aot_check import _pair_signature
+    from .aot_signatures import _pair_signature
 
     for dtype, ct, group in (("fp16", "fp32", "half"), ("bf16", "fp32", "half"), ("fp32", "fp32", "fp32"),
                              ("fp64", "fp64", "fp64")):
