@@ -127,7 +127,8 @@ def slug_table(slug, entries):
                 case = bc.CASES[key]
                 lines.append(f"### {case.op} ({case.variant}), {dtype}")
                 lines.append("")
-                lines.append(f"PML: `{case.pml_desc}`." + (f" {case.note}." if case.note else ""))
+                pml = f"PML: `{case.pml_desc}`." if case.pml_desc else "PML: none."
+                lines.append(pml + (f" {case.note}." if case.note else ""))
                 lines.append("")
                 hdr = ["size"] + [PROVIDER_LABEL[p] for p in providers] + ["ref ÷ dk (time)", "ref ÷ dk (mem)"]
                 if any(r.get("x_floor") for r in rs):
