@@ -11,6 +11,8 @@ import ctypes.util
 import os
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _M_MMAP_THRESHOLD = -3
 try:
@@ -49,3 +51,26 @@ def peak_extra_bytes(fn):
     start = read("VmRSS:")
     fn()
     return read("VmHWM:") - start
+
+
+class TensorWatch(TorchDispatchMode):
+    """While active: the largest tensor (bytes) any aten op returns (``largest``, ``largest_op``) and every op that
+    syncs with the host (``syncs``). Under the Triton interpreter the kernels' arguments are copied as byte
+    buffers: those count too. The memory / no-sync watch of the fused-op tests."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
+               "aten.item", "aten.is_nonzero", "aten.bincount")
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.largest_op, self.syncs = 0, None, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if name.startswith(self.SYNCING):
+            self.syncs.append(name)
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if torch.is_tensor(t) and t.numel() * t.element_size() > self.largest:
+                self.largest, self.largest_op = t.numel() * t.element_size(), name
+        return out

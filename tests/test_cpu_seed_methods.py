@@ -10,12 +10,12 @@ tests/test_direction.py and tests/test_proxy_gml.py run on every registered back
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dml_kernels as dk
 from dml_kernels import _registry
 from dml_kernels.backends.cpp import direction as CD
 from patterns import PATTERNS
+from memory import TensorWatch
 
 F = dk.functional
 TOL = 1e-9
@@ -252,24 +252,7 @@ def test_double_backward_is_refused():
 # ------------------------------------------------------------------------------------------ memory, syncs
 
 
-class _Watch(TorchDispatchMode):
-    """The largest tensor (bytes) any aten op returns, and every op that syncs with the host."""
-
-    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
-               "aten.item")
-
-    def __init__(self):
-        super().__init__()
-        self.largest, self.largest_op, self.syncs = 0, None, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if str(func).startswith(self.SYNCING):
-            self.syncs.append(str(func))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if torch.is_tensor(t) and t.numel() * t.element_size() > self.largest:
-                self.largest, self.largest_op = t.numel() * t.element_size(), str(func)
-        return out
+_Watch = TensorWatch  # tests/memory.py
 
 
 N, M, D = 96, 80, 3  # fp64: one N×M matrix is 61440 bytes; the O((N + M)·D) buffers are ≤ 2304

@@ -4,11 +4,11 @@ eq. 8's double sum, label patterns, no host sync, no B×C buffer, errors, the mo
 beside a base loss)."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dml_kernels as dk
 from patterns import PATTERNS
 from dml_kernels.backends.reference.seed_methods import correlation_penalty
+from memory import TensorWatch
 
 F = dk.functional
 TOL = dict(rtol=1e-9, atol=1e-9)
@@ -172,22 +172,7 @@ def test_beside_a_base_loss():
 # ----------------------------------------------------------------------------- memory, syncs, inputs, errors
 
 
-class _Watch(TorchDispatchMode):
-    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
-               "aten.bincount")
-
-    def __init__(self):
-        super().__init__()
-        self.largest, self.syncs = 0, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if str(func).startswith(self.SYNCING):
-            self.syncs.append(str(func))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if torch.is_tensor(t):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
+_Watch = TensorWatch  # tests/memory.py
 
 
 def test_no_host_sync_and_no_batch_by_class_buffer():

@@ -6,13 +6,13 @@ no N×M (or B×C) buffer and no host sync (watches that fail on the reference).
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dml_kernels as dk
 from dml_kernels import _registry
 from conftest import DEVICE
 from naive import avg_nonzero, is_sim, margin, ms_mined_pairs, pairs_of, value
 from patterns import PATTERNS, make
+from memory import TensorWatch
 
 EPS = 1e-12
 TOL = 1e-9
@@ -444,26 +444,7 @@ def test_gradcheck(backend):
 # ------------------------------------------------------------------------------------------ fused: memory, syncs
 
 
-class _Watch(TorchDispatchMode):
-    """The largest tensor (bytes) any aten op returns, and every op that syncs with the host. Under the
-    interpreter the kernels' arguments are copied as byte buffers: those count too."""
-
-    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
-               "aten.item")
-
-    def __init__(self):
-        super().__init__()
-        self.largest, self.largest_op, self.syncs = 0, None, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = str(func)
-        if name.startswith(self.SYNCING):
-            self.syncs.append(name)
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if torch.is_tensor(t) and t.numel() * t.element_size() > self.largest:
-                self.largest, self.largest_op = t.numel() * t.element_size(), name
-        return out
+_Watch = TensorWatch  # tests/memory.py
 
 
 FUSED = {  # name: (op, call(x, y, second, backend)); N = 64 queries, M = 64 references or classes, D = 2, fp32

@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as tnf
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dml_kernels as dk
 from dml_kernels import _registry
-from memory import peak_extra_bytes, requires_clear_refs
+from memory import TensorWatch, peak_extra_bytes, requires_clear_refs
 from patterns import PATTERNS
 
 F = dk.functional
@@ -296,23 +295,7 @@ def test_triton_inputs_untouched_and_double_backward_refused():
         torch.autograd.grad(out, xl, create_graph=True)
 
 
-class _Watch(TorchDispatchMode):
-    """The largest tensor any aten op returns, and every op that syncs with the host."""
-
-    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique")
-
-    def __init__(self):
-        super().__init__()
-        self.largest, self.syncs = 0, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if str(func).startswith(self.SYNCING):
-            self.syncs.append(str(func))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if torch.is_tensor(t):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
+_Watch = TensorWatch  # tests/memory.py
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dml_kernels as dk
 from dml_kernels import _registry
 from dml_kernels.backends.reference import proxy_gml as R
+from memory import TensorWatch
 
 F = dk.functional
 TIGHT = dict(rtol=1e-9, atol=1e-9)
@@ -390,22 +390,7 @@ def test_triton_unsupported_k_falls_back(monkeypatch):
                                              backend="reference"))
 
 
-class _Watch(TorchDispatchMode):
-    """The largest tensor (bytes) any aten op returns, and the ops that sync with the host."""
-    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique")
-
-    def __init__(self):
-        super().__init__()
-        self.largest, self.syncs = 0, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if str(func).startswith(self.SYNCING):
-            self.syncs.append(str(func))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if torch.is_tensor(t):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
+_Watch = TensorWatch  # tests/memory.py
 
 
 @needs_triton

@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dml_kernels as dk
 from dml_kernels import _registry
@@ -19,6 +18,7 @@ from dml_kernels._pairs import PackedPairMask
 from conftest import DEVICE
 from naive import is_sim, value
 from patterns import PATTERNS
+from memory import TensorWatch
 
 F = dk.functional
 TOL = 1e-9
@@ -335,25 +335,7 @@ def test_double_backward_refused_and_inputs_untouched():
 # ------------------------------------------------------------------------------------- fused: memory, syncs
 
 
-class _Watch(TorchDispatchMode):
-    """The largest tensor (bytes) any aten op returns, and every op that syncs with the host."""
-
-    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
-               "aten.item")
-
-    def __init__(self):
-        super().__init__()
-        self.largest, self.largest_op, self.syncs = 0, None, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = str(func)
-        if name.startswith(self.SYNCING):
-            self.syncs.append(name)
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if torch.is_tensor(t) and t.numel() * t.element_size() > self.largest:
-                self.largest, self.largest_op = t.numel() * t.element_size(), name
-        return out
+_Watch = TensorWatch  # tests/memory.py
 
 
 def _watch(op, backend, with_ref):
