@@ -1,44 +1,21 @@
 """dk.distributed on real torch.distributed process groups: gloo processes on the CPU (free port, a short
 process-group timeout so a failure never hangs the run). Every rank's loss and gradients are compared with
 one process computing the same quantities on the concatenated global batch (float64)."""
-import datetime
 import os
-import socket
 import time
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import dml_kernels as dk
 from dml_kernels.distributed import (DistributedLossWrapper, DistributedMinerWrapper, gather_full_weight, shard_range,
                                      shard_rows, sharded_proxy_anchor_loss, sharded_proxy_nca_loss)
+from gloo import spawn
 
 TOL = dict(rtol=1e-9, atol=1e-12)
 D_IN, D = 6, 5
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(world, fn, *args, timeout_s=20):
-    port = _free_port()
-    mp.spawn(_entry, args=(world, port, timeout_s, fn, args), nprocs=world, join=True)
-
-
-def _entry(rank, world, port, timeout_s, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
 
 
 def _batches(world, uneven):
@@ -239,7 +216,7 @@ def ran(tmp_path_factory):
     out = {}
     for world, uneven in CONFIGS:
         d = tmp_path_factory.mktemp(f"w{world}")
-        _spawn(world, _all_checks, str(d), uneven)
+        spawn(world, _all_checks, str(d), uneven)
         out[(world, uneven)] = d
     return out
 
@@ -417,7 +394,7 @@ def test_a_failing_rank_does_not_hang():
     peer's connection close), well before the process-group timeout would end it."""
     start = time.monotonic()
     with pytest.raises(Exception, match="rank 1 fails|Connection reset|Connection closed"):
-        _spawn(2, _raising_rank, timeout_s=120)
+        spawn(2, _raising_rank, timeout_s=120)
     assert time.monotonic() - start < 60
 
 

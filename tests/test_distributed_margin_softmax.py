@@ -5,16 +5,13 @@ local embeddings, its weight columns) equal one process's unsharded loss of the 
 (float64, 1e-9); a PML-shaped state_dict loads into the shards and gathers back; DDP + SGD steps stay equal to
 single-process training; Partial FC's sampling equals the loss restricted to the sampled classes. Plus the
 single-process checks of the row-statistics op (reference = cpu, naive loops) and of the sampler."""
-import datetime
 import math
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import dml_kernels as dk
 from dml_kernels import _registry
@@ -22,6 +19,7 @@ from dml_kernels.distances import parse_distance
 from dml_kernels.distributed import (gather_full_state_dict, gather_full_weight, load_full_state_dict, sample_classes,
                                      sample_generator, shard_columns, shard_range, sharded_margin_softmax_loss,
                                      sharded_p2sgrad_loss)
+from gloo import spawn
 
 TOL = dict(rtol=1e-9, atol=1e-12)
 D_IN, D = 6, 5
@@ -67,26 +65,6 @@ MODULES = {
 # 90 classes: a shard draws fewer classes than it holds; 12: it draws them all (a mask only), 0 negatives per shard
 SAMPLED = [("cosface", "cpu", 90), ("subcenter", "reference", 90), ("cosface", "reference", 12)]
 SAMPLE_C, SAMPLE_RATE = 90, 0.1
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(world, fn, *args, timeout_s=20):
-    mp.spawn(_entry, args=(world, _free_port(), timeout_s, fn, args), nprocs=world, join=True)
-
-
-def _entry(rank, world, port, timeout_s, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
 
 
 def _batches(world, uneven):
@@ -251,7 +229,7 @@ def ran(tmp_path_factory):
     out, states = {}, _pml_states()
     for world, uneven in CONFIGS:
         d = tmp_path_factory.mktemp(f"w{world}")
-        _spawn(world, _all_checks, str(d), uneven, states)
+        spawn(world, _all_checks, str(d), uneven, states)
         out[(world, uneven)] = {r: torch.load(d / f"{r}.pt", weights_only=False) for r in range(world)}
     return out
 
@@ -397,7 +375,7 @@ def test_a_failing_rank_does_not_hang():
     either rank's error, well before the process-group timeout."""
     start = time.monotonic()
     with pytest.raises(Exception, match="labels must lie|Connection reset|Connection closed"):
-        _spawn(2, _raising_rank, timeout_s=120)
+        spawn(2, _raising_rank, timeout_s=120)
     assert time.monotonic() - start < 60
 
 

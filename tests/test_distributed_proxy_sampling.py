@@ -2,19 +2,17 @@
 processes, the value and gradients equal the unsharded ProxyNCA loss restricted to the union of the classes the
 ranks sample (float64, 1e-9), on the reference and cpu backends; the module draws step t of rank r with
 ``sample_generator(sample_seed, r, t)``. Single-process: the op's ``columns`` mask against naive loops."""
-import datetime
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import dml_kernels as dk
 from dml_kernels import _registry
 from dml_kernels.distances import Distance
 from dml_kernels.distributed import sample_classes, sample_generator, shard_range, shard_rows, sharded_proxy_nca_loss
+from gloo import spawn
 
 D, C, RATE, SEED = 4, 60, 0.1, 5
 TOL = dict(rtol=1e-9, atol=1e-9)
@@ -22,37 +20,25 @@ CONFIGS = [(3, True)]  # (tests/test_distributed*.py run 2 and 3 ranks; sampling
 BACKENDS = ["reference"] + (["cpu"] if _registry.unavailable_reason("cpu", "cpu") is None else [])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, out_dir, uneven):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20))
-    try:
-        xs, ys = _batches(world, uneven)
-        full = _full()
-        res = {}
-        for backend in BACKENDS:
-            for exclude in (False, True):
-                x, shard = xs[rank].clone().requires_grad_(), shard_rows(full).requires_grad_()
-                loss = sharded_proxy_nca_loss(x, ys[rank], shard, num_classes=C, softmax_scale=3.0,
-                                              exclude_positive=exclude, backend=backend, sample_rate=RATE,
-                                              generator=sample_generator(SEED, rank, 0, "cpu"))
-                res[(backend, exclude)] = (loss.detach(),) + torch.autograd.grad(loss, (x, shard))
-        module = dk.losses.ProxyNCAPlusPlusLoss(C, D, process_group=dist.group.WORLD, sample_rate=RATE,
-                                                sample_seed=SEED, backend="reference")
-        with torch.no_grad():
-            module.proxies.copy_(shard_rows(full).float())
-        for step in range(2):
-            res[("module", step)] = module(xs[rank], ys[rank]).detach()
-        assert module.sample_step == 2
-        torch.save(res, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, out_dir, uneven):
+    xs, ys = _batches(world, uneven)
+    full = _full()
+    res = {}
+    for backend in BACKENDS:
+        for exclude in (False, True):
+            x, shard = xs[rank].clone().requires_grad_(), shard_rows(full).requires_grad_()
+            loss = sharded_proxy_nca_loss(x, ys[rank], shard, num_classes=C, softmax_scale=3.0,
+                                          exclude_positive=exclude, backend=backend, sample_rate=RATE,
+                                          generator=sample_generator(SEED, rank, 0, "cpu"))
+            res[(backend, exclude)] = (loss.detach(),) + torch.autograd.grad(loss, (x, shard))
+    module = dk.losses.ProxyNCAPlusPlusLoss(C, D, process_group=dist.group.WORLD, sample_rate=RATE,
+                                            sample_seed=SEED, backend="reference")
+    with torch.no_grad():
+        module.proxies.copy_(shard_rows(full).float())
+    for step in range(2):
+        res[("module", step)] = module(xs[rank], ys[rank]).detach()
+    assert module.sample_step == 2
+    torch.save(res, os.path.join(out_dir, f"{rank}.pt"))
 
 
 def _batches(world, uneven):
@@ -71,7 +57,7 @@ def ran(tmp_path_factory):
     out = {}
     for world, uneven in CONFIGS:
         d = tmp_path_factory.mktemp(f"w{world}")
-        mp.spawn(_entry, args=(world, _free_port(), str(d), uneven), nprocs=world, join=True)
+        spawn(world, _worker, str(d), uneven)
         out[(world, uneven)] = {r: torch.load(d / f"{r}.pt", weights_only=False) for r in range(world)}
     return out
 

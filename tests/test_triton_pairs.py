@@ -6,12 +6,12 @@ column, D-chunk and D-output blocks (the interpreter uses 16-wide tiles, 32-wide
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dml_kernels as dk
 from dml_kernels import _registry, _pairs
 from dml_kernels._pairs import PackedPairMask
 from patterns import PATTERNS, make
+from memory import TensorWatch
 
 F = dk.functional
 HAS_CUDA = torch.cuda.is_available()
@@ -315,26 +315,7 @@ def test_ms_large_beta_does_not_overflow(dtype):
 # ------------------------------------------------------------------------ memory, host syncs, inputs
 
 
-class _Watch(TorchDispatchMode):
-    """Records the largest tensor (in bytes) any aten op returns, and every op that syncs with the host.
-
-    Under the interpreter the kernels' arguments are copied as byte buffers; those count too."""
-
-    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique")
-
-    def __init__(self):
-        super().__init__()
-        self.largest, self.largest_op, self.syncs = 0, None, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = str(func)
-        if name.startswith(self.SYNCING):
-            self.syncs.append(name)
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if torch.is_tensor(t) and t.numel() * t.element_size() > self.largest:
-                self.largest, self.largest_op = t.numel() * t.element_size(), name
-        return out
+_Watch = TensorWatch  # tests/memory.py
 
 
 MEMORY_CASES = ["ms", "ms_mined", "generalized_lifted", "lifted", "contrastive", "n_pairs", "triplet",
