@@ -126,6 +126,19 @@ def triplet_margin_loss(x, labels, ref, ref_labels, *, margin, swap=False, smoot
     if mining is None:
         return _triplet_all(x, labels, ref, ref_labels, margin=margin, swap=swap, smooth_loss=smooth_loss,
                             distance=distance)
+    losses, valid = batch_hard_violations(x, labels, ref, ref_labels, margin=margin, swap=swap,
+                                          smooth_loss=smooth_loss, distance=distance)
+    losses = losses * valid
+    positive = losses > 0
+    count = positive.sum()
+    total = losses.where(positive, 0).sum()
+    loss = torch.where(count > 0, total / count.clamp_min(1), _zero(x).to(total.dtype))
+    return _out(loss, x)
+
+
+def batch_hard_violations(x, labels, ref, ref_labels, *, margin, swap, smooth_loss, distance):
+    """Per anchor, the hinge of its batch-hard triplet (hardest positive and negative from the C++ miner: O(N)
+    tensor ops after it), and whether the anchor has one (``valid``; invalid anchors' values are meaningless)."""
     _need(x, "batch_hard")
     q, r, code = _prep(x, ref, distance)
     rr = q if r is None else r
@@ -140,12 +153,7 @@ def triplet_margin_loss(x, labels, ref, ref_labels, *, margin, swap=False, smoot
         pn = _pair_value(rr, rr, p, n, code)
         an = torch.maximum(an, pn) if distance.is_similarity else torch.minimum(an, pn)
     viol = distance.margin(ap, an) + margin
-    losses = (F.softplus(viol) if smooth_loss else F.relu(viol)) * valid
-    positive = losses > 0
-    count = positive.sum()
-    total = losses.where(positive, 0).sum()
-    loss = torch.where(count > 0, total / count.clamp_min(1), _zero(x).to(total.dtype))
-    return _out(loss, x)
+    return (F.softplus(viol) if smooth_loss else F.relu(viol)), valid
 
 
 def _triplet_all(x, labels, ref, ref_labels, *, margin, swap, smooth_loss, distance):

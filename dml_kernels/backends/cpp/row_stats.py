@@ -7,11 +7,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..._registry import Unsupported
 from .common import _cpu_only, _kernel_dtype, _need, _prep, _sg
-from .pair_losses import _pair_value
+from .pair_losses import batch_hard_violations
 
 
 def _bounds(band):
@@ -57,21 +56,10 @@ def triplet_margin_loss_row_stats(x, labels, ref, ref_labels, *, margin, swap=Fa
         sums, counts = torch.ops.dml_kernels.triplet_stats(q, r, labels, ref_labels, code, float(margin),
                                                            *_bounds(band))
         return _out(sums, x), counts
-    _need(x, "batch_hard")  # one triplet per anchor (hardest positive, hardest negative): O(N) tensor ops
-    q, r, code = _prep(x, ref, distance)
-    rr = q if r is None else r
-    with torch.no_grad():
-        hard_pos, hard_neg = torch.ops.dml_kernels.batch_hard(q.detach(), None if r is None else r.detach(), labels,
-                                                              ref_labels, code)
-    valid = hard_pos >= 0
-    a = torch.arange(q.shape[0], device=q.device)
-    p, n = hard_pos.clamp_min(0), hard_neg.clamp_min(0)
-    ap, an = _pair_value(q, rr, a, p, code), _pair_value(q, rr, a, n, code)
-    if swap:
-        pn = _pair_value(rr, rr, p, n, code)
-        an = torch.maximum(an, pn) if distance.is_similarity else torch.minimum(an, pn)
-    viol = distance.margin(ap, an) + margin
-    losses = (F.softplus(viol) if smooth_loss else F.relu(viol)).where(valid, 0)
+    # one triplet per anchor (hardest positive, hardest negative): the loss's own batch-hard hinges
+    losses, valid = batch_hard_violations(x, labels, ref, ref_labels, margin=margin, swap=swap,
+                                          smooth_loss=smooth_loss, distance=distance)
+    losses = losses.where(valid, 0)
     banded = valid & _in_band(losses, band)
     sums = torch.stack([losses, losses.where(banded, 0)]).to(_kernel_dtype(x))
     counts = torch.stack([valid, banded]).long()
