@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ...distances import Distance
 from .class_losses import proxy_logits
 from .mining import batch_hard_indices, multi_similarity_select
-from .pair_losses import _masks, _pair_lists, lifted_pair_losses
+from .pair_losses import _masks, _pair_lists, lifted_pair_losses, triplet_violation
 from .similarity import masked_log1p_sum_exp, masked_logsumexp, pair_masks, pairwise_similarity
 
 
@@ -141,13 +141,11 @@ def triplet_margin_loss_elements(x, labels, ref, ref_labels, *, margin, swap=Fal
             a, p, n = torch.where(pos.unsqueeze(2) & neg.unsqueeze(1))  # PML's order: a, then p, then n
     if len(a) == 0:
         return zero_losses("loss")
-    an = mat[a, n]
+    pn = None
     if swap:
         ref_mat = mat if ref is None else pairwise_similarity(ref, ref, distance=distance)
         pn = ref_mat[p, n]
-        an = torch.maximum(an, pn) if distance.is_similarity else torch.minimum(an, pn)
-    violation = distance.margin(mat[a, p], an) + margin
-    losses = F.softplus(violation) if smooth_loss else F.relu(violation)
+    losses = triplet_violation(mat[a, p], mat[a, n], pn, margin=margin, smooth_loss=smooth_loss, distance=distance)
     return {"loss": _entry(losses, (a, p, n), "triplet")}
 
 

@@ -172,6 +172,14 @@ def _n_pairs_from_tuple(sim, labels, pairs, x):
     return F.cross_entropy(logits, torch.arange(len(a), device=logits.device))
 
 
+def triplet_violation(ap, an, pn=None, *, margin, smooth_loss, distance: Distance):
+    """PML's triplet element: relu (softplus if ``smooth_loss``) of margin(D_ap, D_an) + m, D_an replaced by the
+    closer of D_an and D_pn when ``pn`` (swap) is given."""
+    if pn is not None:
+        an = torch.maximum(an, pn) if distance.is_similarity else torch.minimum(an, pn)
+    return (F.softplus if smooth_loss else F.relu)(distance.margin(ap, an) + margin)
+
+
 def triplet_margin_loss(x, labels, ref, ref_labels, *, margin, swap=False, smooth_loss=False, mining=None,
                         distance: Distance, triplets=None, anchor_chunk=None):
     """AvgNonZero over triplets (a,p,n) of relu(margin(D_ap, D_an) + m) (softplus if smooth_loss).
@@ -183,12 +191,9 @@ def triplet_margin_loss(x, labels, ref, ref_labels, *, margin, swap=False, smoot
     mat = pairwise_similarity(x, ref, distance=distance)
     if swap:
         ref_mat = mat if ref is None else pairwise_similarity(ref, ref, distance=distance)
-    hinge = F.softplus if smooth_loss else F.relu
 
     def violation(ap, an, pn=None):
-        if pn is not None:
-            an = torch.maximum(an, pn) if distance.is_similarity else torch.minimum(an, pn)
-        return hinge(distance.margin(ap, an) + margin)
+        return triplet_violation(ap, an, pn, margin=margin, smooth_loss=smooth_loss, distance=distance)
 
     if triplets is not None or mining == "batch_hard":
         if triplets is not None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ...distances import Distance
 from .mining import batch_hard_indices
-from .pair_losses import _pair_lists
+from .pair_losses import _pair_lists, triplet_violation
 from .similarity import pair_masks, pairwise_similarity
 
 
@@ -60,12 +60,9 @@ def triplet_margin_loss_row_stats(x, labels, ref, ref_labels, *, margin, swap=Fa
     mat = pairwise_similarity(x, ref, distance=distance)
     n_rows, m = mat.shape
     ref_mat = (mat if ref is None else pairwise_similarity(ref, ref, distance=distance)) if swap else None
-    hinge = F.softplus if smooth_loss else F.relu
 
     def element(ap, an, pn=None):
-        if pn is not None:
-            an = torch.maximum(an, pn) if distance.is_similarity else torch.minimum(an, pn)
-        return hinge(distance.margin(ap, an) + margin)
+        return triplet_violation(ap, an, pn, margin=margin, smooth_loss=smooth_loss, distance=distance)
 
     if triplets is not None or mining == "batch_hard":
         if triplets is not None:
