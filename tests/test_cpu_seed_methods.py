@@ -13,7 +13,7 @@ import torch
 
 import dml_kernels as dk
 from dml_kernels import _registry
-from dml_kernels.backends.cpp import direction as CD
+from dml_kernels.backends.cpp import row_blocks as RB
 from patterns import PATTERNS
 from memory import TensorWatch
 
@@ -57,10 +57,10 @@ def _data(n, d, m=None, classes=3, seed=0):
     return x, torch.randn(m, d, dtype=torch.float64, generator=g), torch.randint(0, classes, (m,), generator=g)
 
 
-@pytest.fixture(params=[CD.TILE, 40], ids=["tile-default", "tile-40"])
+@pytest.fixture(params=[RB.TILE, 40], ids=["tile-default", "tile-40"])
 def tile(request, monkeypatch):
     """The default tile, and a 40-element one: blocks of 1–2 rows, (J, K) chunks of 6, ragged last blocks."""
-    monkeypatch.setattr(CD, "TILE", request.param)
+    monkeypatch.setattr(RB, "TILE", request.param)
     return request.param
 
 

@@ -12,6 +12,8 @@ Map (the same in every backend package; the engines themselves are C++, in ``csr
 * ``margin_softmax.py`` — NormalizedSoftmax, CosFace, ArcFace, LargeMargin, SphereFace (one ``pair_reduce``:
   target logit and the LSE of the rest per row, then the margin in O(B)), P2SGrad.
 * ``row_stats.py``    — per-row reduction statistics of contrastive / triplet elements for a non-default reducer.
+* ``row_blocks.py``   — the row-block engine in torch (BLAS tiles of a block of rows × all references, forward
+  under no_grad, backward recomputes each block): direction, ProxyGML and other row-local losses.
 * ``evaluation.py``   — k-nearest neighbours in O(block × chunk) memory (torch.mm + top-k merge, no C++).
 """
 from . import class_losses, contrastive_losses, evaluation, margin_softmax, pair_losses, similarity  # noqa: F401

@@ -8,12 +8,8 @@ rows meets all M references at once through two BLAS tiles, G = Q_blk·Rᵀ and 
 Cos of difference vectors is a function of dot products (the reference's ``diff_cos``). The block's row
 losses are formed while its tiles are hot.
 
-:class:`_Blocks` is the engine: ``out[rows] += fn(block's slices)`` over a list of blocks, the forward under
-``no_grad`` keeping only the O(N) outputs; the backward recomputes each block with autograd on the block's
-slices (leaves) and pulls ``grad[rows]`` through it — the same arithmetic as the forward, so a mining or
-selection decision taken on the recomputed values is the forward's. Peak extra memory: a few ``ROWS × M``
-tiles (≤ :data:`TILE` elements each, and at most 1/16 of N×M, so a block is never the whole matrix) plus
-O((N + M)·D) gradients, never N×M.
+They run on the row-block engine of ``row_blocks.py`` (forward under ``no_grad``, backward recomputes each
+block; O(block × M) tiles, never N×M).
 
 All triplets: anchor blocks × (J, K) chunks of the references, the (c, J, K) tile of eq. 33 per chunk; the
 AvgNonZero count is a non-differentiable O(N) output. Batch-hard and given triplets: O(T·D) gathers after the
@@ -29,87 +25,9 @@ from ..._registry import Unsupported, register
 from ..reference.direction import diff_cos
 from ..reference.mining import multi_similarity_select
 from ..reference.similarity import masked_log1p_sum_exp
+from . import row_blocks as RB
 from .common import _prep
-
-TILE = 1 << 20  # elements of one block's tile (ROWS × M, or c × J × K for all triplets)
-
-
-def block_rows(n, m):
-    """Rows per block: a tile of ≤ TILE elements and ≤ 1/16 of the N×M matrix (at least one row)."""
-    return max(1, min(n, TILE // max(m, 1), n // 16))
-
-
-def spans(n, step):
-    return [(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
-
-
-class _Blocks(torch.autograd.Function):
-    """(out (n,), aux (k, n)): ``out[rows] += value`` and ``aux[:, rows] += stats`` of ``fn(*slices)`` per block.
-
-    ``blocks`` = [((r0, r1), (slice of each tensor: (a, b) rows or None = the whole tensor)), ...]; ``fn``
-    returns (value (r1 − r0,), stats (k, r1 − r0)) and must be a pure function of its slices (closure
-    constants aside). ``aux`` is not differentiable."""
-
-    @staticmethod
-    def forward(ctx, fn, blocks, n, k, *tensors):
-        out = tensors[0].new_zeros(n)
-        aux = tensors[0].new_zeros(k, n)
-        for (r0, r1), sl in blocks:
-            value, stats = fn(*_slices(tensors, sl))
-            out[r0:r1] += value
-            aux[:, r0:r1] += stats
-        ctx.fn, ctx.blocks = fn, blocks
-        ctx.save_for_backward(*tensors)
-        ctx.mark_non_differentiable(aux)
-        return out, aux
-
-    @staticmethod
-    def backward(ctx, g, _g_aux):
-        if torch.is_grad_enabled():
-            raise RuntimeError("double backward (create_graph=True) through a fused cpu direction / ProxyGML loss "
-                               "is not supported; use backend='reference' for second-order gradients")
-        tensors = ctx.saved_tensors
-        need = ctx.needs_input_grad[4:]
-        grads = [torch.zeros_like(t) if nd else None for t, nd in zip(tensors, need)]
-        for (r0, r1), sl in ctx.blocks:
-            args = _slices(tensors, sl)
-            leaves = []
-            for i, nd in enumerate(need):
-                if nd:
-                    args[i] = args[i].detach().requires_grad_()
-                    leaves.append(i)
-            with torch.enable_grad():
-                value, _ = ctx.fn(*args)
-                got = torch.autograd.grad(value, [args[i] for i in leaves], g[r0:r1], allow_unused=True)
-            for i, gi in zip(leaves, got):
-                if gi is not None:
-                    if sl[i] is None:
-                        grads[i] += gi
-                    else:
-                        grads[i][sl[i][0]:sl[i][1]] += gi
-        return (None, None, None, None, *grads)
-
-
-def _slices(tensors, sl):
-    return [t if s is None else t[s[0]:s[1]] for t, s in zip(tensors, sl)]
-
-
-def row_blocks(n, m, n_tensors, rowwise):
-    """Row blocks of n rows against m columns; ``rowwise[i]`` says whether tensor i is cut by the block."""
-    return [((r0, r1), tuple((r0, r1) if rw else None for rw in rowwise)) for r0, r1 in spans(n, block_rows(n, m))]
-
-
-def values(q, r, distance):
-    """(G = q·rᵀ, the distance's values, ‖q‖², ‖r‖²) of a tile (euclidean: zero gradient at 0, as the reference)."""
-    g = q @ r.T
-    qq, rr = (q * q).sum(1), (r * r).sum(1)
-    if distance.is_similarity:
-        return g, g, qq, rr
-    sq = (qq[:, None] + rr[None, :] - 2 * g).clamp_min(0)
-    if distance.squared:
-        return g, sq, qq, rr
-    positive = sq > 0
-    return g, torch.where(positive, sq.where(positive, 1).sqrt(), 0), qq, rr
+from .row_blocks import ColumnLSE, _Blocks, column_chunks, row_blocks, spans, values
 
 
 def hardest_positive(mat, pos, distance):
@@ -176,52 +94,6 @@ def direction_multi_similarity_loss(x, labels, ref, ref_labels, *, alpha, beta, 
 # ----------------------------------------------------------------------------------------- ProxyNCA
 
 
-class _ColumnLSE(torch.autograd.Function):
-    """LSE_j of ``fn(*slices)`` (n × chunk tiles) over column chunks: (n,). The forward merges the chunks' row
-    LSEs (``logaddexp``); the backward recomputes each chunk with autograd and pulls e^{tile − LSE}·grad through
-    it, so a chunk's sliced leaves (the proxies) get a chunk-sized gradient — right for few rows × many columns.
-    ``chunks`` = [slice of each tensor: (a, b) columns or None = the whole tensor, ...]."""
-
-    @staticmethod
-    def forward(ctx, fn, chunks, n, *tensors):
-        lse = tensors[0].new_full((n,), float("-inf"))
-        for sl in chunks:
-            lse = torch.logaddexp(lse, torch.logsumexp(fn(*_slices(tensors, sl)), 1))
-        ctx.fn, ctx.chunks = fn, chunks
-        ctx.save_for_backward(lse, *tensors)
-        return lse
-
-    @staticmethod
-    def backward(ctx, g):
-        if torch.is_grad_enabled():
-            raise RuntimeError("double backward (create_graph=True) through a fused cpu direction loss is not "
-                               "supported; use backend='reference' for second-order gradients")
-        lse, *tensors = ctx.saved_tensors
-        need = ctx.needs_input_grad[3:]
-        grads = [torch.zeros_like(t) if nd else None for t, nd in zip(tensors, need)]
-        for sl in ctx.chunks:
-            args = _slices(tensors, sl)
-            leaves = [i for i, nd in enumerate(need) if nd]
-            for i in leaves:
-                args[i] = args[i].detach().requires_grad_()
-            with torch.enable_grad():
-                tile = ctx.fn(*args)
-                w = torch.exp(tile.detach() - lse[:, None]) * g[:, None]
-                got = torch.autograd.grad(tile, [args[i] for i in leaves], w, allow_unused=True)
-            for i, gi in zip(leaves, got):
-                if gi is not None:
-                    if sl[i] is None:
-                        grads[i] += gi
-                    else:
-                        grads[i][sl[i][0]:sl[i][1]] += gi
-        return (None, None, None, *grads)
-
-
-def column_chunks(n, m):
-    """Columns per chunk: a tile of ≤ TILE elements and ≤ 1/16 of the N×M matrix (at least one column)."""
-    return spans(m, max(1, min(m, TILE // max(n, 1), m // 16)))
-
-
 @register("direction_proxy_nca_loss", "cpu")
 def direction_proxy_nca_loss(x, labels, proxies, *, softmax_scale, gamma, exclude_positive=False, distance,
                              weights=None):
@@ -241,7 +113,7 @@ def direction_proxy_nca_loss(x, labels, proxies, *, softmax_scale, gamma, exclud
         return den
 
     chunks = [(None, None, None, sl, sl) for sl in column_chunks(n, c)]
-    lse = _ColumnLSE.apply(fn, chunks, n, q, f, labels, p, torch.arange(c))
+    lse = ColumnLSE.apply(fn, chunks, n, q, f, labels, p, torch.arange(c))
     losses = lse - (softmax_scale * sg) * _pair_values(q, f, distance)
     if weights is not None:
         losses = losses * weights.to(losses.dtype)
@@ -291,7 +163,7 @@ def _avg_nonzero(losses, valid, zero):
 
 def _all_triplets(q, r, labels, lab_r, self_mode, *, margin, gamma, swap, smooth_loss, distance):
     n, m = q.shape[0], r.shape[0]
-    budget = min(TILE, max(64, n * m // 16))  # ≥ 64: tiny batches need no finer cut
+    budget = min(RB.TILE, max(64, n * m // 16))  # ≥ 64: tiny batches need no finer cut
     jk = min(m, max(1, math.isqrt(budget)))
     c = max(1, min(n, budget // (jk * jk)))
 

@@ -12,7 +12,7 @@ while the tile is hot:
 
 The proxy-proxy regulariser is row-local in the proxies: Q_kc = p̂_k · Σ_{j∈c} p̂_j, so proxy blocks meet the
 C class sums (C×D, O(C·N·D) to form) — a (blk × C) tile, never the (C·N)×C matrix. Both run on the
-row-block engine of ``direction.py`` (forward under no_grad, backward recomputes each block).
+row-block engine of ``row_blocks.py`` (forward under no_grad, backward recomputes each block).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..._registry import Unsupported, register
 from ..reference.proxy_gml import other_count, row_losses
-from .direction import _Blocks, row_blocks
+from .row_blocks import _Blocks, row_blocks
 
 
 def _select(s, own, k_other):
