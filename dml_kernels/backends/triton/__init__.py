@@ -34,3 +34,4 @@ from . import row_stats  # noqa: F401,E402  (per-row reduction statistics: <loss
 from . import ranking_losses  # noqa: F401,E402 - FastAP: per-row soft histograms on the pair engine
 from . import contrastive_losses  # noqa: F401,E402 - NT-Xent, SupCon, NCA, Circle, TCM, IPV: row statistics on the pair engine
 from . import margin_softmax  # noqa: F401,E402 - the margin-softmax family on the class engine (target-logit epilogue, grouped centres)
+from . import pair_margin_losses  # noqa: F401,E402 - TupletMargin, MarginLoss, SNR contrastive: row statistics on the pair engine

@@ -185,6 +185,12 @@ def contrastive_losses_variants():
     yield from contrastive_losses.aot_variants()
 
 
+def pair_margin_losses_variants():
+    """TupletMargin, MarginLoss, the SNR contrastive loss (their module lists them)."""
+    from . import pair_margin_losses
+    yield from pair_margin_losses.aot_variants()
+
+
 def margin_softmax_variants():
     """The margin-softmax family on the class engine (its module lists them, in the proxy losses' convention)."""
     from . import margin_softmax
@@ -196,5 +202,6 @@ def margin_softmax_variants():
 def variants():
     """Every launch above, in the order of the generators."""
     for gen in (row_stats_variants, ranking_variants, direction_variants, proxy_gml_variants,
-                language_guidance_variants, contrastive_losses_variants, margin_softmax_variants):
+                language_guidance_variants, contrastive_losses_variants, margin_softmax_variants,
+                pair_margin_losses_variants):
         yield from gen()
