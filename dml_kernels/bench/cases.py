@@ -471,3 +471,24 @@ for _name, _pts in (("cpu-quick", lambda: [Point("direction_ms", B) for B in (40
                      + [Point(k, 4096, C=C, D=128, dtype="bfloat16") for C in (100000,)
                         for k in ("direction_proxy_nca", "proxy_gml")])):
     PRESETS[_name] = (lambda base, extra: lambda: base() + extra())(PRESETS[_name], _pts)
+
+
+# --------------------------------------------------------------------------- the self-supervised shape (issue 12)
+# SimCLR / CLIP: the B rows are two views of B/2 pairs (rows [0, B/2) and [B/2, B): slices of x, so both views get
+# the gradient), PML's SelfSupervisedLoss(NTXentLoss()) with symmetric=True — NT-Xent over the B rows of the two
+# views with labels arange(B/2) twice (each row's one positive is its other view). Same GEMM floor as any pair case.
+def _two_views(t):
+    half = t["x"].shape[0] // 2
+    return t["x"][:half], t["x"][half:2 * half]
+
+
+def _self_supervised_dk(t, b):
+    from ..losses import NTXentLoss, SelfSupervisedLoss
+    return SelfSupervisedLoss(NTXentLoss(backend=b, **_KW), symmetric=True)(*_two_views(t))
+
+
+CASES["ntxent_self_supervised"] = Case(
+    "ntxent_self_supervised", "ntxent_loss", "self_supervised", "pair", _self_supervised_dk,
+    lambda t: _no_extra(lambda: _pml()[0].SelfSupervisedLoss(_pml()[0].NTXentLoss(), symmetric=True)(*_two_views(t))),
+    "SelfSupervisedLoss(NTXentLoss()) on the two halves of the B rows",
+    note="B rows = B/2 pairs of two views (symmetric=True)")
