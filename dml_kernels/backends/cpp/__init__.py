@@ -14,6 +14,7 @@ Map (the same in every backend package; the engines themselves are C++, in ``csr
 * ``row_stats.py``    — per-row reduction statistics of contrastive / triplet elements for a non-default reducer.
 * ``row_blocks.py``   — the row-block engine in torch (BLAS tiles of a block of rows × all references, forward
   under no_grad, backward recomputes each block): direction, ProxyGML and other row-local losses.
+* ``mining.py``       — per-row miners (batch easy/hard; pair margin as packed bits) in O(block × M), row blocks.
 * ``evaluation.py``   — k-nearest neighbours in O(block × chunk) memory (torch.mm + top-k merge, no C++).
 """
 from . import class_losses, contrastive_losses, evaluation, margin_softmax, pair_losses, similarity  # noqa: F401
@@ -22,3 +23,4 @@ from .loader import unavailable_reason  # noqa: F401  (the registry's availabili
 from . import language_guidance  # noqa: F401,E402 - language guidance (seed 002 eq. 29) in O(block × B), torch.mm tiles
 from . import ranking_losses  # noqa: F401,E402 - FastAP / RankedList in O(block × N): torch.mm row blocks, per-row statistics
 from . import direction, proxy_gml  # noqa: F401,E402 - direction regularisation, ProxyGML in O(block × M): row blocks
+from . import mining  # noqa: F401,E402 - per-row miners (batch easy/hard, pair margin) in O(block × M): torch row blocks

@@ -10,6 +10,7 @@ Map (the same in every backend package):
 * ``class_engine.py`` — the N×C engine of the class-weight losses: row LSEs over class (proxy) tiles,
   column LSEs per class block, the gradient kernel for both sides.
 * ``similarity.py``   — the materialised similarity matrix and batch-hard mining.
+* ``mining.py``       — the per-row miners on the pair engine: batch easy/hard, pair margin as packed bits.
 * ``pair_losses.py``  — registers the pair family; each loss's epilogue is its own file
   (``multi_similarity.py``, ``lifted_structure.py``, ``contrastive.py``, ``n_pairs.py``, ``triplet.py``).
 * ``class_losses.py`` — the class-weight family (ProxyNCA, Proxy Anchor): autograd Functions + launches.
@@ -35,3 +36,4 @@ from . import ranking_losses  # noqa: F401,E402 - FastAP: per-row soft histogram
 from . import contrastive_losses  # noqa: F401,E402 - NT-Xent, SupCon, NCA, Circle, TCM, IPV: row statistics on the pair engine
 from . import margin_softmax  # noqa: F401,E402 - the margin-softmax family on the class engine (target-logit epilogue, grouped centres)
 from . import pair_margin_losses  # noqa: F401,E402 - TupletMargin, MarginLoss, SNR contrastive: row statistics on the pair engine
+from . import mining  # noqa: F401,E402 - per-row miners (batch easy/hard, pair margin) on the pair engine, packed bits
