@@ -5,11 +5,19 @@ from __future__ import annotations
 import torch
 
 from ..._registry import Unsupported
-from .common import _LSE, _LSE1, _both, _need, _out, _prep, _sg, _zero
+from .common import _DIST, _LSE, _LSE1, _both, _need, _out, _prep, _sg, _zero
 
 
 @_both
 def proxy_nca_loss(x, labels, proxies, *, softmax_scale, exclude_positive=False, distance, weights=None):
+    if _fast_class_path(x) and _DIST[distance.name] != 1:
+        s = softmax_scale * _sg(distance)
+        q, r, code = _prep(x, proxies.to(x.dtype), distance)
+
+        def rows(v, rest, has_rest, q, ry):
+            t = s * v
+            return rest - t if exclude_positive else torch.where(has_rest, torch.logaddexp(t, rest), t) - t
+        return _out(_class_ce(q, r, labels, weights, rows, scale=s, sq_euclid=code == 2), x)
     _need(x, "pair_reduce")
     q, r, code = _prep(x, proxies.to(x.dtype), distance)
     classes = torch.arange(proxies.shape[0], device=x.device)
@@ -83,3 +91,144 @@ def proxy_anchor_class_terms(x, labels, proxies, *, margin, alpha, distance):
 def _row(v, x):
     """A per-row statistic in the dtype losses come back in (see _out)."""
     return v if x.dtype in (torch.float16, torch.bfloat16) else v.to(x.dtype)
+
+
+# ----------------------------------------------------------------- the CPU class engine (softmax CE over classes)
+# Mean-reduced softmax cross-entropies over C class columns (the margin family, ProxyNCA), CPU tensors, when a
+# gradient is wanted: the gradient is formed in the forward, Cut-Cross-Entropy style — row blocks of all C
+# logits (one torch.mm), the row LSE, the softmax weights, then dq_blk = E·R and dR += Eᵀ·q_blk: 3 GEMMs and no
+# recompute (pair_reduce's forward + backward take 4). A column normalisation (Ŵ = W / max(‖w_c‖, eps)) is a
+# per-column scale of the tiles, never a normalised C×D copy; its backward is one pass over dR at the end.
+# Memory: one block of ≤ _BLOCK_ELEMS logits, dq and dR (the size of the inputs); backward = grad_output ×
+# the saved gradients. A create_graph=True backward raises (the saved gradients are constants).
+
+_BLOCK_ELEMS = 1 << 22  # logits per row block (16 MiB in fp32)
+
+
+def _fast_class_path(x, *tensors):
+    """The class engine serves CPU tensors outside torch.compile (elsewhere pair_reduce's form runs)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _class_ce(q, R, labels, weights, row_loss, *, scale, col_norm=False, col_eps=1e-12, sq_euclid=False):
+    """mean_i(w_i · row_loss_i) where row_loss(v, rest, has_rest, q_i, r_{y_i}) gets v_i = the target's value,
+    rest_i = LSE over c ≠ y_i of scale·value_ic. value_ic = q_i·r̂_c (r̂_c = r_c / max(‖r_c‖, 1e-12) when
+    ``col_norm``, eps = ``col_eps``, else r_c) or, ``sq_euclid``, max(‖q_i‖² + ‖r_c‖² − 2 q_i·r_c, 0) (the kernels' formula).
+    q (B×D) and R (C×D) in the kernel dtype; differentiable in both (first order)."""
+    need = torch.is_grad_enabled() and (q.requires_grad or R.requires_grad)
+    if not need:
+        with torch.no_grad():
+            return _ClassCE.run(q, R, labels, weights, row_loss, scale, col_norm and col_eps, sq_euclid, False,
+                                False)[0]
+    return _ClassCE.apply(q, R, labels, weights, row_loss, scale, col_norm and col_eps, sq_euclid)
+
+
+class _ClassCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, R, labels, weights, row_loss, scale, col_norm, sq_euclid):
+        loss, dq, dR = _ClassCE.run(q, R, labels, weights, row_loss, scale, col_norm, sq_euclid,
+                                    ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        ctx.save_for_backward(dq, dR)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        if torch.is_grad_enabled():
+            raise RuntimeError("double backward (create_graph=True) through the fused C++ class engine is not "
+                               "supported; use backend='reference' for second-order gradients")
+        dq, dR = ctx.saved_tensors
+        return (None if dq is None else dq * g), (None if dR is None else dR * g), None, None, None, None, None, None
+
+    @staticmethod
+    def run(q, R, labels, weights, row_loss, scale, col_norm, sq_euclid, need_q, need_r):
+        assert not (col_norm and sq_euclid)
+        q, R = q.detach(), R.detach()
+        B, D = q.shape
+        C = R.shape[0]
+        dt = q.dtype
+        any_grad = need_q or need_r
+        if col_norm:
+            norm = torch.linalg.vector_norm(R, dim=1)
+            s = 1.0 / norm.clamp_min(col_norm)  # col_norm: the eps
+            col = s * scale  # logits of the non-target columns = A_ic · s_c · scale
+        if sq_euclid:
+            qn, rn = q.pow(2).sum(1), R.pow(2).sum(1)
+            colsum = torch.zeros(C, dtype=dt) if need_r else None
+        w = None if weights is None else weights.to(dt)
+        dq = torch.zeros_like(q) if need_q else None
+        G = torch.zeros_like(R) if need_r else None
+        total = torch.zeros((), dtype=dt)
+        direct = []
+        nb = max(1, min(B, _BLOCK_ELEMS // max(C, 1)))
+        buf = torch.empty(min(nb, B), C, dtype=dt)
+        for b0 in range(0, B, nb):
+            qb, yb = q[b0:b0 + nb], labels[b0:b0 + nb]
+            n = qb.shape[0]
+            A = torch.mm(qb, R.t(), out=buf[:n])
+            idx = yb.unsqueeze(1)
+            if sq_euclid:  # A ← raw squared distances (clamped below; the clamp's gradient is 0 where raw < 0)
+                A.mul_(-2).add_(qn[b0:b0 + n].unsqueeze(1)).add_(rn)
+                cut = A < 0
+                A.clamp_min_(0)
+                v = A.gather(1, idx).squeeze(1)
+                A.mul_(scale)
+            elif col_norm:
+                v = A.gather(1, idx).squeeze(1) * s[yb]
+                A.mul_(col)
+            else:
+                v = A.gather(1, idx).squeeze(1)
+                A.mul_(scale)
+            A.scatter_(1, idx, float("-inf"))
+            m = A.amax(1) if C > 1 else torch.zeros(n, dtype=dt)
+            A.sub_(m.unsqueeze(1)).exp_()  # P' = exp(logit − m): the softmax over c ≠ y_i times S_i
+            S = A.sum(1)
+            rest = m + S.log()
+            has_rest = torch.full((n,), C > 1)
+            ry = R[yb]
+            if not any_grad:
+                losses = row_loss(v, rest, has_rest, qb, ry)
+                total += (losses if w is None else losses * w[b0:b0 + n]).sum()
+                continue
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_() for t in (v, rest, qb, ry)]
+                losses = row_loss(*leaves[:2], has_rest, *leaves[2:])
+                if w is not None:
+                    losses = losses * w[b0:b0 + n]
+                gv, grest, gq, gry = torch.autograd.grad(losses.sum() / B, leaves, allow_unused=True)
+                total += losses.detach().sum()
+            zero = torch.zeros(n, dtype=dt)
+            gv = zero if gv is None else gv
+            rho = zero if grest is None else torch.where(S > 0, grest * scale / S, 0)  # dL/dvalue = rho_i · P'_ic
+            if sq_euclid:  # d value / d(q·r) = −2 where raw ≥ 0; the norm terms from the row / column sums
+                A.masked_fill_(cut, 0)
+                gv = gv * ~cut.gather(1, idx).squeeze(1)
+                rho, gv = -2 * rho, -2 * gv
+                rowsum = rho * A.sum(1) + gv
+            if need_r:  # G += Eᵀ·q_blk (dL/dr̂ with col_norm, else dL/dr)
+                G.addmm_(A.t(), qb * rho.unsqueeze(1))
+                G.index_add_(0, yb, qb * gv.unsqueeze(1))
+                if gry is not None:  # the loss's own use of the raw target columns (LargeMargin's ‖w_y‖)
+                    direct.append((yb, gry))
+                if sq_euclid:
+                    colsum.add_(A.t() @ rho).index_add_(0, yb, gv)
+            if need_q:
+                if col_norm:
+                    A.mul_(s)
+                    ty = ry * (gv * s[yb]).unsqueeze(1)
+                else:
+                    ty = ry * gv.unsqueeze(1)
+                db = torch.mm(A, R) * rho.unsqueeze(1) + ty
+                if sq_euclid:
+                    db.addcmul_(qb, rowsum.unsqueeze(1), value=-1)
+                if gq is not None:
+                    db.add_(gq)
+                dq[b0:b0 + n] = db
+        if need_r:
+            if sq_euclid:
+                G.addcmul_(R, colsum.unsqueeze(1), value=-1)
+            if col_norm:  # dL/dr_c = s_c (g_c − r̂_c (r̂_c·g_c)), the projection dropped where the norm is clamped
+                coef = torch.linalg.vecdot(R, G) * s.pow(3) * (norm >= col_norm)
+                G.mul_(s.unsqueeze(1)).addcmul_(R, coef.unsqueeze(1), value=-1)
+            for yb, gry in direct:
+                G.index_add_(0, yb, gry)
+        return total / B, dq, G

@@ -18,6 +18,7 @@ import torch
 
 from ..reference.margin_softmax import arcface_target, cosface_target, large_margin_target
 from ..._registry import Unsupported
+from .class_losses import _class_ce, _fast_class_path
 from .common import _DIST, _LSE, _NormalizeRows, _both, _kernel_dtype, _need, _out
 
 
@@ -36,6 +37,24 @@ def _ce(target, rest, has_rest, weights):
     return losses.mean()
 
 
+def _ce_rows(target_of):
+    """The class engine's row loss: CE_i = logaddexp(t'_i, rest_i) − t'_i, t' = target_of(v, q_i, w_{y_i})."""
+    def rows(v, rest, has_rest, q, ry):
+        t = target_of(v, q, ry)
+        return torch.where(has_rest, torch.logaddexp(t, rest), t) - t
+    return rows
+
+
+def _engine(x, labels, W, weights, target_of, *, scale, normalize_x, col_norm, col_eps=1e-12):
+    """The loss on the CPU class engine (class_losses._class_ce): W's columns as its C×D rows, a view."""
+    dt = _kernel_dtype(x)
+    q = x.to(dt)
+    if normalize_x:
+        q = _NormalizeRows.apply(q, 1e-12)
+    return _out(_class_ce(q, W.t().to(dt), labels, weights, _ce_rows(target_of), scale=scale,
+                          col_norm=col_norm, col_eps=col_eps), x)
+
+
 def _columns(W, dt, normalize):
     """W (D×C) → its columns as C×D rows in the kernel dtype, unit-norm if asked (O(C·D), the weight's size)."""
     r = W.t().to(dt)
@@ -44,6 +63,11 @@ def _columns(W, dt, normalize):
 
 @_both
 def normalized_softmax_loss(x, labels, W, *, temperature, distance, weights=None):
+    sg = 1.0 if distance.is_similarity else -1.0
+    if _fast_class_path(x) and _DIST[distance.name] == 0:
+        # PML normalises W's columns, and a normalising distance again: w / max(max(‖w‖, ε)·…) = w / max(‖w‖, ε²)
+        return _engine(x, labels, W, weights, lambda v, q, ry: v * (sg / temperature), scale=sg / temperature,
+                       normalize_x=distance.normalize, col_norm=True, col_eps=1e-24 if distance.normalize else 1e-12)
     _need(x, "pair_reduce")
     dt = _kernel_dtype(x)
     q = x.to(dt)
@@ -52,12 +76,14 @@ def normalized_softmax_loss(x, labels, W, *, temperature, distance, weights=None
     r = _columns(W, dt, True)  # PML normalises W's columns whatever the distance
     if distance.normalize:  # the distance normalises them again (PML does; a no-op up to rounding)
         r = _NormalizeRows.apply(r, 1e-12)
-    sg = 1.0 if distance.is_similarity else -1.0
     target, rest, has_rest = _row_stats(q, r, labels, _DIST[distance.name], sg / temperature)
     return _out(_ce(sg * target / temperature, rest, has_rest, weights), x)
 
 
 def _cos_margin(x, labels, W, transform, margin, scale, weights):
+    if _fast_class_path(x):
+        return _engine(x, labels, W, weights, lambda v, q, ry: scale * transform(v, margin), scale=scale,
+                       normalize_x=True, col_norm=True)
     _need(x, "pair_reduce")
     dt = _kernel_dtype(x)
     q = _NormalizeRows.apply(x.to(dt), 1e-12)
@@ -78,6 +104,12 @@ def arcface_loss(x, labels, W, *, margin, scale, weights=None):
 
 @_both
 def large_margin_softmax_loss(x, labels, W, *, margin, scale, weights=None):
+    if _fast_class_path(x):
+        def target(v, q, ry):
+            x_norm, w_norm = torch.linalg.vector_norm(q, dim=1), torch.linalg.vector_norm(ry, dim=1)
+            t = v / (x_norm.clamp_min(1e-12) * w_norm.clamp_min(1e-12))
+            return large_margin_target(t, margin) * w_norm * x_norm * scale
+        return _engine(x, labels, W, weights, target, scale=scale, normalize_x=False, col_norm=False)
     _need(x, "pair_reduce")
     dt = _kernel_dtype(x)
     q = x.to(dt)
@@ -92,6 +124,11 @@ def large_margin_softmax_loss(x, labels, W, *, margin, scale, weights=None):
 
 @_both
 def sphereface_loss(x, labels, W, *, margin, scale, weights=None):
+    if _fast_class_path(x):
+        def target(v, q, ry):
+            x_norm = torch.linalg.vector_norm(q, dim=1)
+            return large_margin_target(v / x_norm.clamp_min(1e-12), margin) * x_norm * scale
+        return _engine(x, labels, W, weights, target, scale=scale, normalize_x=False, col_norm=True)
     _need(x, "pair_reduce")
     dt = _kernel_dtype(x)
     q = x.to(dt)

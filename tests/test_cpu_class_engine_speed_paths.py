@@ -1,0 +1,169 @@
+"""The CPU class engine (backends/cpp/class_losses._class_ce): the margin-softmax family and ProxyNCA with the
+gradient formed in the forward (row blocks of all C logits, 3 GEMMs, a per-column normalisation scale instead of
+a normalised C×D copy). Exact against the reference in float64 (values, embedding and class-weight gradients,
+miner weights, frozen inputs, no-grad calls, C = 1), against a plain-loop CosFace, memory bounded by one row block
+(never B×C), no host sync, a clear refusal of create_graph=True, retain_graph backwards, fp16 embeddings with fp32
+weights left untouched."""
+import math
+
+import pytest
+import torch
+
+import dml_kernels.functional as F
+from dml_kernels import _registry
+from dml_kernels.backends.cpp import class_losses as cl
+from memory import TensorWatch
+
+pytestmark = pytest.mark.skipif(_registry.unavailable_reason("cpu", "cpu") is not None, reason="cpu backend unavailable")
+
+LOSSES = {
+    "normalized_softmax": lambda x, y, W, b, **kw: F.normalized_softmax_loss(x, y, W, backend=b, **kw),
+    "normalized_softmax_T": lambda x, y, W, b, **kw: F.normalized_softmax_loss(x, y, W, temperature=0.3, backend=b,
+                                                                               **kw),
+    "cosface": lambda x, y, W, b, **kw: F.cosface_loss(x, y, W, backend=b, **kw),
+    "arcface": lambda x, y, W, b, **kw: F.arcface_loss(x, y, W, margin=40.0, backend=b, **kw),
+    "large_margin_softmax": lambda x, y, W, b, **kw: F.large_margin_softmax_loss(x, y, W, backend=b, **kw),
+    "sphereface": lambda x, y, W, b, **kw: F.sphereface_loss(x, y, W, margin=3, backend=b, **kw),
+    "proxy_nca": lambda x, y, W, b, **kw: F.proxy_nca_loss(x, y, W.t(), backend=b, **kw),
+    "proxy_nca_cosine": lambda x, y, W, b, **kw: F.proxy_nca_loss(x, y, W.t(), distance="cosine", softmax_scale=4,
+                                                                  backend=b, **kw),
+    "proxy_nca_exclude": lambda x, y, W, b, **kw: F.proxy_nca_loss(x, y, W.t(), exclude_positive=True,
+                                                                   softmax_scale=3, backend=b, **kw),
+    "proxy_nca_dot": lambda x, y, W, b, **kw: F.proxy_nca_loss(x, y, W.t(), distance="dot", backend=b, **kw),
+}
+
+
+def _grads(name, backend, B=29, D=7, C=23, seed=0, x_grad=True, w_grad=True, miner=False, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g, dtype=dtype)
+    if name not in ("large_margin_softmax", "sphereface"):  # (these two take x·w_c unnormalised: at x = 0 the
+        x[3] = 0  # zero embedding  # cpu backend's subgradient differs from the reference's, as before this engine)
+    W = torch.randn(D, C, generator=g, dtype=dtype)
+    if name != "large_margin_softmax" and C > 5:  # (same: LargeMargin's raw x·w_c at a clamped column, as before)
+        W[:, 5] *= 1e-14  # a column below the normalisation eps (no projection in its gradient)
+    y = torch.randint(0, C, (B,), generator=g)
+    x.requires_grad_(x_grad)
+    W.requires_grad_(w_grad)
+    kw = {}
+    if miner:  # a pair miner's indices: PML weights each row by how often it appears as an anchor
+        a = torch.randint(0, B, (40,), generator=g)
+        kw["indices_tuple"] = (a, torch.randint(0, B, (40,), generator=g), a, torch.randint(0, B, (40,), generator=g))
+    loss = LOSSES[name](x, y, W, backend, **kw)
+    wrt = [t for t in (x, W) if t.requires_grad and torch.is_grad_enabled()]
+    return [loss.detach()] + list(torch.autograd.grad(loss, wrt)) if wrt else [loss]
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("variant", ["plain", "miner", "frozen_x", "frozen_W"])
+def test_exact_against_reference_fp64(name, variant):
+    kw = {"miner": variant == "miner", "x_grad": variant != "frozen_x", "w_grad": variant != "frozen_W"}
+    if variant == "miner" and name.startswith("proxy_nca"):
+        kw["miner"] = False  # (ProxyNCA's miner weights: covered by the plain-op test below)
+    want, got = _grads(name, "reference", **kw), _grads(name, "cpu", **kw)
+    assert len(want) == len(got)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+
+
+def test_block_boundaries_and_weights(monkeypatch):
+    """Several row blocks (a 5-row block size: 29 rows = 6 blocks), explicit per-row weights on the raw ops."""
+    from dml_kernels.backends.cpp import margin_softmax as cms
+    from dml_kernels.backends.reference import class_losses as rcl, margin_softmax as rms
+    from dml_kernels.distances import parse_distance
+    monkeypatch.setattr(cl, "_BLOCK_ELEMS", 5 * 23)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(29, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(7, 23, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 23, (29,), generator=g)
+    w = torch.rand(29, dtype=torch.float64, generator=g)
+    dist = parse_distance(None, True, default="squared_euclidean")
+    for ours, ref, kw in ((cms.cosface_loss, rms.cosface_loss, dict(margin=0.35, scale=64.0)),
+                          (cms.large_margin_softmax_loss, rms.large_margin_softmax_loss, dict(margin=4, scale=1.0)),
+                          (lambda x, y, W, **k: cl.proxy_nca_loss(x, y, W.t(), **k),
+                           lambda x, y, W, **k: rcl.proxy_nca_loss(x, y, W.t(), **k),
+                           dict(softmax_scale=2.0, distance=dist))):
+        a = ours(x, y, W, weights=w, **kw)
+        b = ref(x, y, W, weights=w, **kw)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        for u, v in zip(torch.autograd.grad(a, (x, W)), torch.autograd.grad(b, (x, W))):
+            torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-9)
+
+
+def test_cosface_against_plain_loops():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 4, dtype=torch.float64, generator=g)
+    W = torch.randn(4, 5, dtype=torch.float64, generator=g)
+    y = torch.tensor([0, 4, 2, 2, 1, 3])
+    m, s = 0.35, 64.0
+    want = 0.0
+    for i in range(6):
+        xn = math.sqrt(sum(float(v) ** 2 for v in x[i]))
+        logits = []
+        for c in range(5):
+            wn = math.sqrt(sum(float(W[k, c]) ** 2 for k in range(4)))
+            cos = sum(float(x[i, k]) * float(W[k, c]) for k in range(4)) / (xn * wn)
+            logits.append(s * (cos - m) if c == int(y[i]) else s * cos)
+        top = max(logits)
+        want += top + math.log(sum(math.exp(v - top) for v in logits)) - logits[int(y[i])]
+    got = F.cosface_loss(x, y, W, margin=m, scale=s, backend="cpu")
+    assert abs(float(got) - want / 6) < 1e-9 * max(1.0, abs(want))
+
+
+@pytest.mark.parametrize("name", ["cosface", "proxy_nca"])
+def test_no_grad_and_single_class(name):
+    with torch.no_grad():
+        got = _grads(name, "cpu")
+        assert len(got) == 1 and got[0].grad_fn is None
+        torch.testing.assert_close(got[0], _grads(name, "reference")[0], rtol=1e-9, atol=1e-9)
+    for a, b in zip(_grads(name, "cpu", C=1), _grads(name, "reference", C=1)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["normalized_softmax", "arcface", "sphereface", "proxy_nca"])
+def test_memory_one_row_block_and_no_sync(name, monkeypatch):
+    """B = 256, C = 512, D = 8 with 16-row blocks: no tensor of B×C entries (the reference's logits) is formed, in
+    the forward or the backward, and nothing syncs with the host."""
+    monkeypatch.setattr(cl, "_BLOCK_ELEMS", 16 * 512)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g, requires_grad=True)
+    W = torch.randn(8, 512, generator=g, requires_grad=True)
+    y = torch.randint(0, 512, (256,), generator=g)
+    with TensorWatch() as watch:
+        LOSSES[name](x, y, W, "cpu", check_inputs=False).backward()
+    assert watch.largest <= 16 * 512 * 4, (watch.largest, watch.largest_op)
+    assert not watch.syncs, watch.syncs
+
+
+def test_double_backward_refused_and_retain_graph_repeatable():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 7, (9,), generator=g)
+    loss = F.cosface_loss(x, y, W, backend="cpu")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    loss = F.arcface_loss(x, y, W, backend="cpu")
+    first = torch.autograd.grad(loss * 3, (x, W), retain_graph=True)
+    second = torch.autograd.grad(loss * 3, (x, W))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["cosface", "large_margin_softmax", "proxy_nca"])
+def test_fp16_embeddings_fp32_weights_not_cast(name):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 8, generator=g).half().requires_grad_()
+    W = torch.randn(8, 10, generator=g, requires_grad=True)
+    y = torch.randint(0, 10, (12,), generator=g)
+    x0, W0 = x.detach().clone(), W.detach().clone()
+    loss = LOSSES[name](x, y, W, "cpu")
+    loss.backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == torch.float16 and W.grad.dtype == torch.float32
+    assert W.dtype == torch.float32 and torch.equal(W.detach(), W0) and torch.equal(x.detach(), x0)
+    xr, Wr = x.detach().double().requires_grad_(), W.detach().double().requires_grad_()  # same values, fp64
+    ref = LOSSES[name](xr, y, Wr, "reference")
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    scale = float(Wr.grad.abs().max())  # fp32 arithmetic (ProxyNCA: 2 − 2cos cancels; pair_reduce: 2.8e-4·scale too)
+    torch.testing.assert_close(W.grad.double(), Wr.grad, rtol=0, atol=5e-4 * scale)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=0, atol=2e-3 * float(xr.grad.abs().max()))
