@@ -199,9 +199,21 @@ def margin_softmax_variants():
         yield ptr["x_ptr"], fn, _proxy_signature(fn, ptr, acc, consts), consts, {"num_warps": warps, "num_stages": 2}
 
 
+def margin_softmax_row_stats_variants():
+    """``margin_softmax_row_stats`` (row_stats.py): the margin-softmax kernels with SHARD (a class-column mask, the
+    rest LSE for every row) in the six CE forms the op launches (value kinds, ‖w_y‖², sub-centres, SoftTriple)."""
+    from . import margin_softmax
+    from .aot_signatures import _proxy_signature
+    for fn, ptr, acc, consts, warps in margin_softmax.aot_variants():
+        if consts["LOSS"] == 0:
+            consts = dict(consts, SHARD=True)
+            yield ptr["x_ptr"], fn, _proxy_signature(fn, ptr, acc, consts), consts, {"num_warps": warps,
+                                                                                     "num_stages": 2}
+
+
 def variants():
     """Every launch above, in the order of the generators."""
     for gen in (row_stats_variants, ranking_variants, direction_variants, proxy_gml_variants,
                 language_guidance_variants, contrastive_losses_variants, margin_softmax_variants,
-                pair_margin_losses_variants):
+                pair_margin_losses_variants, margin_softmax_row_stats_variants):
         yield from gen()

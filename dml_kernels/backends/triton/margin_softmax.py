@@ -52,11 +52,12 @@ _GPU = {"half": (64, 128, 64, 128, 8), "fp32": (64, 64, 32, 64, 8), "fp64": (32,
 
 
 @triton.jit
-def _tile(x_ptr, sxb, sxd, w_ptr, swc, swd, rw_ptr, bw_ptr, rows, rmask, rx, ax, g0, c_end, D, KC, inv_gamma,
-          KIND: tl.constexpr, GROUP: tl.constexpr, BB: tl.constexpr, BG: tl.constexpr, KP: tl.constexpr,
+def _tile(x_ptr, sxb, sxd, w_ptr, swc, swd, rw_ptr, bw_ptr, cm_ptr, rows, rmask, rx, ax, g0, c_end, D, KC, inv_gamma,
+          KIND: tl.constexpr, GROUP: tl.constexpr, SHARD: tl.constexpr, BB: tl.constexpr, BG: tl.constexpr, KP: tl.constexpr,
           BK: tl.constexpr, CD: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
     """Classes [g0, g0 + BG) ∩ [·, c_end) × rows: (slot values, unclamped squared distance, per-class value cv,
-    slot column indices, valid slots, slot 1/‖w‖, class indices, valid classes)."""
+    slot column indices, valid slots, slot 1/‖w‖, class indices, valid classes — SHARD: only the classes whose
+    cm_ptr flag is nonzero)."""
     W: tl.constexpr = BG * KP
     s = tl.arange(0, W)
     cls = g0 + s // KP
@@ -68,6 +69,8 @@ def _tile(x_ptr, sxb, sxd, w_ptr, swc, swd, rw_ptr, bw_ptr, rows, rmask, rx, ax,
     val, dd = tile_values(raw, rx, rw, ax, bw, KIND, False)
     gcls = g0 + tl.arange(0, BG)
     cmask = gcls < c_end
+    if SHARD:  # margin_softmax_row_stats: the classes taking part (Partial FC's sampled ones)
+        cmask = cmask & (tl.load(cm_ptr + gcls, mask=cmask, other=0.0) != 0)
     if GROUP == 0:
         cv = val
     elif GROUP == 1:  # SubCenterArcFace: the max over the class's centres
@@ -113,13 +116,14 @@ def _slot_grad(val, svalid, cv, gcv, inv_gamma, GROUP: tl.constexpr, BB: tl.cons
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, sxb, sxd, w_ptr, swc, swd, y_ptr, rx_ptr, ax_ptr, rw_ptr, bw_ptr,
+def _fwd_kernel(x_ptr, sxb, sxd, w_ptr, swc, swd, y_ptr, rx_ptr, ax_ptr, rw_ptr, bw_ptr, cm_ptr,
                 m_ptr, l_ptr, t_ptr, b_ptr, sc_ptr, B, C, D, KC, tiles_per_split,
-                LOSS: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr, WSQ: tl.constexpr,
+                LOSS: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr, WSQ: tl.constexpr, SHARD: tl.constexpr,
                 BB: tl.constexpr, BG: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
                 CD: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
     """Program (row block, class split): the target's value t (0 if not in this split), the partial online LSE
-    (m, l) of the other classes' k·value (LOSS 0) or Σ (clamp(v) − δ)² in l (LOSS 1), and ‖w_y‖² (WSQ)."""
+    (m, l) of the other classes' k·value (LOSS 0) or Σ (clamp(v) − δ)² in l (LOSS 1), and ‖w_y‖² (WSQ). SHARD (one
+    class shard's statistics): the LSE also for rows whose label is not a class here, over cm_ptr's classes."""
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     k = tl.load(sc_ptr)
@@ -134,12 +138,12 @@ def _fwd_kernel(x_ptr, sxb, sxd, w_ptr, swc, swd, y_ptr, rx_ptr, ax_ptr, rw_ptr,
     c_begin, c_end = K._split_range(pid_s, tiles_per_split, BG, C)
     for g0 in range(c_begin, c_end, BG):
         val, dd, cv, col, svalid, rw, gcls, cmask = _tile(
-            x_ptr, sxb, sxd, w_ptr, swc, swd, rw_ptr, bw_ptr, rows, rmask, rx, ax, g0, c_end, D, KC, inv_gamma,
-            KIND, GROUP, BB, BG, KP, BK, CD, ACC, EMU_BF16, PREC)
+            x_ptr, sxb, sxd, w_ptr, swc, swd, rw_ptr, bw_ptr, cm_ptr, rows, rmask, rx, ax, g0, c_end, D, KC,
+            inv_gamma, KIND, GROUP, SHARD, BB, BG, KP, BK, CD, ACC, EMU_BF16, PREC)
         is_tgt = (y[:, None] == gcls[None, :]) & valid[:, None] & cmask[None, :]
         t += tl.sum(tl.where(is_tgt, cv, 0.0), axis=1)
         if LOSS == 0:
-            allowed = valid[:, None] & cmask[None, :] & (~is_tgt)
+            allowed = (rmask if SHARD else valid)[:, None] & cmask[None, :] & (~is_tgt)
             m, l = lse_update(m, l, tl.where(allowed, k * cv, float("-inf")), 1)
             if WSQ:  # K = 1: slots are classes
                 bt += tl.sum(tl.where(is_tgt, tl.load(bw_ptr + col, mask=svalid, other=0.0)[None, :], 0.0), axis=1)
@@ -154,10 +158,10 @@ def _fwd_kernel(x_ptr, sxb, sxd, w_ptr, swc, swd, y_ptr, rx_ptr, ax_ptr, rw_ptr,
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, sxb, sxd, w_ptr, swc, swd, y_ptr, rx_ptr, ax_ptr, rw_ptr, bw_ptr,
+def _bwd_kernel(x_ptr, sxb, sxd, w_ptr, swc, swd, y_ptr, rx_ptr, ax_ptr, rw_ptr, bw_ptr, cm_ptr,
                 r_ptr, gr_ptr, gt_ptr, gb_ptr, out_ptr, sc_ptr, B, C, D, KC, tiles_per_split,
                 COLUMNS: tl.constexpr, LOSS: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr,
-                WSQ: tl.constexpr, NORM_TERM: tl.constexpr, SCALE_G: tl.constexpr,
+                WSQ: tl.constexpr, SHARD: tl.constexpr, NORM_TERM: tl.constexpr, SCALE_G: tl.constexpr,
                 BB: tl.constexpr, BG: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
                 CD: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
     """One program per (owned block, D chunk, split): dL/du of a row block over the split's class tiles (rows),
@@ -206,13 +210,13 @@ def _bwd_kernel(x_ptr, sxb, sxd, w_ptr, swc, swd, y_ptr, rx_ptr, ax_ptr, rw_ptr,
         r0 = tl.load(r_ptr + rows, mask=rmask, other=0.0)
         gr = tl.load(gr_ptr + rows, mask=rmask, other=0.0)
         val, dd, cv, col, svalid, rw, gcls, cmask = _tile(
-            x_ptr, sxb, sxd, w_ptr, swc, swd, rw_ptr, bw_ptr, rows, rmask, rx, ax, c0, c_end, D, KC, inv_gamma,
-            KIND, GROUP, BB, BG, KP, BK, CD, ACC, EMU_BF16, PREC)
+            x_ptr, sxb, sxd, w_ptr, swc, swd, rw_ptr, bw_ptr, cm_ptr, rows, rmask, rx, ax, c0, c_end, D, KC,
+            inv_gamma, KIND, GROUP, SHARD, BB, BG, KP, BK, CD, ACC, EMU_BF16, PREC)
         valid = rmask & (y >= 0) & (y < C)
         is_tgt = (y[:, None] == gcls[None, :]) & valid[:, None] & cmask[None, :]
         if LOSS == 0:
             gt = tl.load(gt_ptr + rows, mask=rmask, other=0.0)
-            allowed = valid[:, None] & cmask[None, :] & (~is_tgt)
+            allowed = (rmask if SHARD else valid)[:, None] & cmask[None, :] & (~is_tgt)
             e = tl.exp(tl.where(allowed, k * cv - r0[:, None], float("-inf")))
             gcv = (gr * k)[:, None] * e + tl.where(is_tgt, gt[:, None], 0.0)
         else:  # d/dv (clamp(v, −1, 1) − δ)²: 2(v − δ) where −1 ≤ v ≤ 1 (torch's clamp passes the bounds)
@@ -260,6 +264,7 @@ class _Cfg:
     scale: float  # k: the non-target logits are k·value
     inv_gamma: float
     compute: torch.dtype
+    shard: bool = False  # margin_softmax_row_stats: rest for every row, over the classes of a column mask
 
 
 def _blocks(kc, D, compute, device):
@@ -316,7 +321,7 @@ class _ClassStats(torch.autograd.Function):
     """(t, r, b) per row, see the module docstring; W is D×(C·K), read through its transpose's strides."""
 
     @staticmethod
-    def forward(ctx, x, W, labels, cfg):
+    def forward(ctx, x, W, labels, cfg, cm=None):
         B, D = x.shape
         C = W.shape[1] // cfg.kc
         acc = CL._acc(cfg.compute)
@@ -328,9 +333,11 @@ class _ClassStats(torch.autograd.Function):
         m = torch.empty((n_s, B), dtype=acc, device=x.device)
         l_, t, b = torch.empty_like(m), torch.empty_like(m), torch.empty_like(m)
         sc = CL._device_scalars([cfg.scale, cfg.inv_gamma], acc, x.device)
+        cm = rx if cm is None else cm  # read only with SHARD
         _fwd_kernel[(triton.cdiv(B, bb), n_s)](
-            x, x.stride(0), x.stride(1), W, wt.stride(0), wt.stride(1), labels, rx, ax, rw, bw, m, l_, t, b, sc,
-            B, C, D, cfg.kc, tps, LOSS=cfg.loss, KIND=cfg.kind, GROUP=cfg.group, WSQ=cfg.wsq, BB=bb, BG=bg, KP=kp,
+            x, x.stride(0), x.stride(1), W, wt.stride(0), wt.stride(1), labels, rx, ax, rw, bw, cm, m, l_, t, b, sc,
+            B, C, D, cfg.kc, tps, LOSS=cfg.loss, KIND=cfg.kind, GROUP=cfg.group, WSQ=cfg.wsq, SHARD=cfg.shard,
+            BB=bb, BG=bg, KP=kp,
             BK=bk, CD=CL._TL[cfg.compute], ACC=CL._TL[acc], EMU_BF16=CL._interpreting() and
             cfg.compute == torch.bfloat16, PREC=CL._prec(cfg.compute), num_warps=nw, num_stages=2)
         if cfg.loss == 1:
@@ -342,7 +349,7 @@ class _ClassStats(torch.autograd.Function):
             mx_safe = torch.where(torch.isfinite(mx), mx, 0)
             r = mx_safe + torch.log((l_ * torch.exp(m - mx_safe)).sum(0))
         ctx.cfg = cfg
-        ctx.norms = (rx, ax, px, rw, bw, pw)
+        ctx.norms = (rx, ax, px, rw, bw, pw, cm)
         ctx.save_for_backward(x, W, labels, r)
         return t.sum(0), r, b.sum(0)
 
@@ -351,7 +358,7 @@ class _ClassStats(torch.autograd.Function):
         refuse_double_backward()
         x, W, labels, r = ctx.saved_tensors
         cfg = ctx.cfg
-        rx, ax, px, rw, bw, pw = ctx.norms
+        rx, ax, px, rw, bw, pw, cm = ctx.norms
         B, D = x.shape
         C = W.shape[1] // cfg.kc
         acc = CL._acc(cfg.compute)
@@ -360,7 +367,7 @@ class _ClassStats(torch.autograd.Function):
         g_t, g_r, g_b = (z if g is None else g.to(acc).contiguous() for g in (g_t, g_r, g_b))  # expanded grads: stride 0
         sc = CL._device_scalars([cfg.scale, cfg.inv_gamma], acc, x.device)
         bb, bg, kp, bk, bd, nw = _blocks(cfg.kc, D, cfg.compute, x.device)
-        common = dict(LOSS=cfg.loss, KIND=cfg.kind, GROUP=cfg.group, WSQ=cfg.wsq, SCALE_G=cfg.compute == torch.float16,
+        common = dict(LOSS=cfg.loss, KIND=cfg.kind, GROUP=cfg.group, WSQ=cfg.wsq, SHARD=cfg.shard, SCALE_G=cfg.compute == torch.float16,
                       BB=bb, BG=bg, KP=kp, BK=bk, BD=bd, CD=CL._TL[cfg.compute], ACC=CL._TL[acc],
                       EMU_BF16=CL._interpreting() and cfg.compute == torch.bfloat16, PREC=CL._prec(cfg.compute),
                       num_warps=nw, num_stages=2)
@@ -375,16 +382,16 @@ class _ClassStats(torch.autograd.Function):
             n_s, tps = _splits(other, n_o * n_d, own * D * acc.itemsize, x.device)
             partial = torch.empty((n_s, own, D), dtype=acc, device=x.device)
             _bwd_kernel[(n_o, n_d, n_s)](
-                x, x.stride(0), x.stride(1), W, wt.stride(0), wt.stride(1), labels, rx, ax, rw, bw, r, g_r, g_t,
+                x, x.stride(0), x.stride(1), W, wt.stride(0), wt.stride(1), labels, rx, ax, rw, bw, cm, r, g_r, g_t,
                 g_b, partial, sc, B, C, D, cfg.kc, tps, COLUMNS=columns,
                 NORM_TERM=cfg.kind != 0 or (cfg.wsq and columns), **common)
             partial = partial[0] if n_s == 1 else partial.sum(0)
             grads.append(_chain(partial, t, rr, pr, mode, t.dtype, bd))
         gx, gw = grads
-        return gx, (None if gw is None else gw.t()), None, None
+        return gx, (None if gw is None else gw.t()), None, None, None
 
 
-def _stats(x, labels, W, **cfg):
+def _stats(x, labels, W, cm=None, **cfg):
     if x.device.type not in ("cuda", "cpu") or W.device != x.device:
         raise Unsupported("the triton margin-softmax losses need embeddings and W on one CUDA device (or CPU under "
                           "TRITON_INTERPRET=1)")
@@ -392,7 +399,7 @@ def _stats(x, labels, W, **cfg):
         raise Unsupported(f"the triton margin-softmax losses compute in a float dtype, not {x.dtype}")
     cfg.setdefault("inv_gamma", 1.0)
     cfg = _Cfg(compute=CL._compute_dtype(x), **cfg)
-    return _ClassStats.apply(x, W, labels.contiguous(), cfg)
+    return _ClassStats.apply(x, W, labels.contiguous(), cfg, cm)
 
 
 def _ce(x, labels, C, target, rest, weights):
@@ -497,7 +504,7 @@ def aot_variants():
                    PREC="tf32" if dtype == "fp32" else "ieee", BB=bb, BK=bk)
         for loss, kind, group, wsq in forms:
             kp = 4 if group else 1
-            consts = dict(LOSS=loss, KIND=kind, GROUP=group, WSQ=wsq, BG=w // kp, KP=kp, **dev)
+            consts = dict(LOSS=loss, KIND=kind, GROUP=group, WSQ=wsq, SHARD=False, BG=w // kp, KP=kp, **dev)
             yield _fwd_kernel, ptr, acc, consts, nw
             for columns in (False, True):
                 yield _bwd_kernel, ptr, acc, dict(consts, COLUMNS=columns, NORM_TERM=kind != 0 or (wsq and columns),

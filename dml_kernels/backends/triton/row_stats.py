@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..._registry import register
+from . import margin_softmax as MS
 from . import pair_engine
 from .pair_engine import SUM
 from .similarity import batch_hard_indices
@@ -287,7 +288,84 @@ def triplet_margin_loss_row_stats(x, labels, ref, ref_labels, *, margin, swap=Fa
     return _row_stats(TripletStats(float(margin), bool(smooth_loss), bands[0]), x, labels, ref, ref_labels, distance)
 
 
-__all__ = ["contrastive_loss_row_stats", "triplet_margin_loss_row_stats"]
+# ----------------------------------------------------------------------- margin softmax: one class shard's rows
+
+
+def _shard_config(loss, p):
+    """(the class engine's configuration for ``loss``'s values, the target logit from the target's value t, the
+    raw dot ‖w_y‖² b and ‖x‖ — the reference's margin transforms)."""
+    from ..reference.margin_softmax import arcface_target, cosface_target, large_margin_target
+
+    if loss == "normalized_softmax_loss":
+        dist = p["distance"]
+        if dist.name not in MS.CL._KIND:
+            raise pair_engine.Unsupported(f"margin_softmax_row_stats: distance {dist.name!r} is not on the class engine")
+        k = (1.0 if dist.is_similarity else -1.0) / float(p["temperature"])
+        cfg = dict(kind=MS.CL._KIND[dist.name], kc=1, norm_x=int(dist.normalize), norm_w=True, scale=k)
+        return cfg, lambda t, b, xn: k * t
+    if loss in ("cosface_loss", "arcface_loss", "subcenter_arcface_loss"):
+        s, m = float(p["scale"]), p["margin"]
+        f = cosface_target if loss == "cosface_loss" else arcface_target
+        kc = int(p.get("sub_centers", 1))
+        return (dict(kind=0, kc=kc, group=1 if kc > 1 else 0, norm_x=1, norm_w=True, scale=s),
+                lambda t, b, xn: s * f(t, m))
+    if loss == "soft_triple_loss":
+        dist = p["distance"]
+        if dist.name not in ("cosine", "dot"):
+            raise pair_engine.Unsupported(f"margin_softmax_row_stats: soft_triple_loss with {dist.name!r}")
+        kc, la = int(p["centers_per_class"]), float(p["la"])
+        return (dict(kind=0, kc=kc, group=2 if kc > 1 else 0, norm_x=int(dist.normalize), norm_w=dist.normalize,
+                     scale=la, inv_gamma=1.0 / float(p["gamma"])), lambda t, b, xn: la * (t - p["margin"]))
+    s, m, lm = float(p["scale"]), p["margin"], loss == "large_margin_softmax_loss"
+
+    def target(dot, wsq, xn):  # t = PML's cosine; LargeMargin: raw dots, SphereFace: dots with unit columns
+        wn = wsq.sqrt() if lm else 1.0
+        t = dot / (xn.clamp_min(MS._EPS) * (wn.clamp_min(MS._EPS) if lm else 1.0))
+        return large_margin_target(t, m) * wn * xn * s
+    return dict(kind=0, kc=1, norm_x=0, norm_w=not lm, wsq=lm, scale=s), target
+
+
+def margin_softmax_row_stats(x, labels, W, *, loss, columns=None, **p):
+    """One class shard's per-row statistics (the reference's contract, ``dml_kernels/_ops.py``) on the
+    margin-softmax family's class engine (``margin_softmax._ClassStats`` with SHARD: the rest LSE for every row,
+    over the classes of ``columns``): (target logit with the margin, or 0; has_target; LSE of the other taking-part
+    classes' logits, or 0; has_rest), O(B) outputs, no B×C buffer, no host sync."""
+    if loss not in MARGIN_SOFTMAX_ROW_STATS_LOSSES:
+        raise ValueError(f"margin_softmax_row_stats: unknown loss {loss!r}; one of {MARGIN_SOFTMAX_ROW_STATS_LOSSES}")
+    if W.shape[1] == 0:  # an empty shard (C < world size): nothing here, still graph-attached
+        z = (x * 0).sum(1) + (W * 0).sum()
+        none = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        return z, none, z, none
+    cfg, target_of = _shard_config(loss, p)
+    cfg = {**dict(loss=0, group=0, wsq=False, shard=True), **cfg}
+    C = W.shape[1] // cfg["kc"]
+    labels = labels.to(device=x.device, dtype=torch.long)
+    inside = (labels >= 0) & (labels < C)
+    acc = MS.CL._acc(MS.CL._compute_dtype(x))
+    if columns is None:
+        cm = torch.ones(C, dtype=acc, device=x.device)
+        has_target, taking_part = inside, torch.full((), C, device=x.device)
+    else:
+        columns = columns.to(device=x.device, dtype=torch.bool)
+        cm = columns.to(acc)
+        has_target = inside & columns[labels.clamp(0, C - 1)]
+        taking_part = columns.sum()
+    t, rest, wsq = MS._stats(x, labels, W, cm=cm, **cfg)
+    xn = torch.linalg.vector_norm(x.to(t.dtype), dim=1)
+    wsq = torch.where(has_target, wsq, 1)  # rows without a target: finite (their target is zeroed below)
+    target = torch.where(has_target, target_of(torch.where(has_target, t, 0), wsq, xn), 0)
+    has_rest = taking_part - has_target.long() > 0
+    rest = torch.where(has_rest, rest, 0)
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        target, rest = target.to(x.dtype), rest.to(x.dtype)
+    return target, has_target, rest, has_rest
+
+
+MARGIN_SOFTMAX_ROW_STATS_LOSSES = ("normalized_softmax_loss", "cosface_loss", "arcface_loss",
+                                   "large_margin_softmax_loss", "sphereface_loss", "subcenter_arcface_loss",
+                                   "soft_triple_loss")
+
+__all__ = ["contrastive_loss_row_stats", "triplet_margin_loss_row_stats", "margin_softmax_row_stats"]
 
 for _name in __all__:
     register(_name, "triton")(globals()[_name])
