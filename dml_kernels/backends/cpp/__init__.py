@@ -8,7 +8,8 @@ Map (the same in every backend package; the engines themselves are C++, in ``csr
 * ``similarity.py``   — the similarity matrix and the miners.
 * ``pair_losses.py``  — the pair family.
 * ``class_losses.py`` — the class-weight family (proxies), and one class shard's statistics.
-* ``contrastive_losses.py`` — NCA, SupCon, NTXent on ``pair_reduce`` (+ O(N) row terms).
+* ``contrastive_losses.py`` — NCA, SupCon on ``pair_reduce`` (+ O(N) row terms); Circle, ThresholdConsistentMargin,
+  IntraPairVariance, NT-Xent on row blocks (per-row statistics, the gradient formed in the same sweep).
 * ``margin_softmax.py`` — NormalizedSoftmax, CosFace, ArcFace, LargeMargin, SphereFace (one ``pair_reduce``:
   target logit and the LSE of the rest per row, then the margin in O(B)), P2SGrad.
 * ``row_stats.py``    — per-row reduction statistics of contrastive / triplet elements for a non-default reducer.

@@ -1,14 +1,31 @@
-"""The contrastive family on the C++ kernels: NCA is one ``pair_reduce`` call (per-row LSE over the positive
-pairs and over the negative pairs; the all-pairs LSE is their logaddexp) plus O(N) tensor ops — no N×M
-buffer, forward or backward. SupCon (cpu) is the same call plus the positive-pair row sums, which are
-linear in per-class sums of the reference vectors for a similarity or the squared euclidean distance.
-NT-Xent (cpu) is the negative-set LSE of the same call plus one term per positive pair (O(P) memory)."""
+"""The contrastive family on the cpu backend, no N×M buffer forward or backward.
+
+* NCA: one ``pair_reduce`` call (per-row LSE over the positive pairs and over the negative pairs; the all-pairs
+  LSE is their logaddexp) plus O(N) tensor ops. SupCon: the same call plus the positive-pair row sums, linear
+  in per-class sums of the reference vectors for a similarity or the squared euclidean distance.
+* Circle, ThresholdConsistentMargin, NT-Xent, IntraPairVariance: row blocks (:class:`_Sweep`, torch BLAS tiles of
+  a block of rows × all M references, ``row_blocks.block_rows``) reduced to per-row statistics while the tile is
+  hot (:class:`_RowTerms`, the Triton forms' statistics): O(N) outputs, forward under no_grad; the backward
+  recomputes each tile, forms its dL/dv from the saved row statistics and the upstream gradients, and pulls it
+  to q and r with two GEMMs accumulated in place. A row block holds each row's whole negative set, so NT-Xent's
+  negative LSE and its per-positive terms are one pass; IntraPairVariance's global means are a first pass and
+  their gradient is folded into the backward's one pass. No host sync.
+* Explicit pairs: Circle takes a PackedPairMask (rows unpacked per block); NT-Xent, TCM, IPV take PML's 4-tuple
+  (duplicates count) by its O(T) pair values (``_PairDots``, T the tuple's length).
+"""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from ..._pairs import PackedPairMask, unpack_bits
 from ..._registry import Unsupported, register
-from .common import _LSE, _both, _need, _out, _prep, _sg, _zero
+from ...distances import Distance
+from . import row_blocks as RB
+from .common import _LSE, _bits, _both, _need, _out, _prep, _sg, _zero
+
+_COSINE = Distance("cosine", True)
+_TILE = 1 << 18  # elements of a tile (≤ row_blocks.TILE): a block's handful of tile-sized temporaries stay ~1 MiB each
 
 
 @_both
@@ -110,54 +127,456 @@ class _PairDots(torch.autograd.Function):
         return dq, dr, None, None
 
 
-def _positive_pairs(labels, ref_labels, self_mode):
-    """Every positive (query, reference) pair in row-major order, from the sorted reference labels: O(P)."""
-    rl = labels if self_mode else ref_labels
-    srt, order = torch.sort(rl, stable=True)
-    lo = torch.searchsorted(srt, labels, right=False)
-    hi = torch.searchsorted(srt, labels, right=True)
-    counts = hi - lo
-    a = torch.repeat_interleave(torch.arange(labels.shape[0], device=labels.device), counts)
-    start = torch.cumsum(counts, 0) - counts
-    offset = torch.arange(a.shape[0], device=labels.device) - start[a]
-    p = order[lo[a] + offset]
-    if self_mode:
-        keep = p != a
-        a, p = a[keep], p[keep]
-    # row-major order within a row: by reference index (the sort is stable, so it already is)
-    return a, p
+
+# --------------------------------------------------------------------------- row blocks: per-row statistics
+
+
+def _dense_ids(labels, ref_labels):
+    """Labels as int32 ids in [0, N + M) (a sort, no host sync): cheap tile comparisons, class-sum slots."""
+    both = labels if ref_labels is None else torch.cat([labels, ref_labels])
+    srt, order = torch.sort(both)
+    new = torch.ones_like(srt)
+    new[1:] = srt[1:] != srt[:-1]
+    ids = torch.empty_like(srt).scatter_(0, order, torch.cumsum(new, 0) - 1).to(torch.int32)
+    n = labels.shape[0]
+    return ids[:n], (ids if ref_labels is None else ids[n:])
+
+
+class _Sweep:
+    """Row blocks of q (N×D) against all M references r (q itself in self mode, the (i, i) pair then no
+    positive): each block's tile l = k·v of the distance's values and its positive / negative masks (labels,
+    or the rows of a PackedPairMask); ``accumulate`` pulls a dL/dl tile back to q and r with two GEMMs
+    accumulated in place. Blocks: ``row_blocks.block_rows`` (a tile of ≤ TILE elements, never the matrix)."""
+
+    def __init__(self, q, r, labels, ref_labels, pairs, code, k=1.0):
+        self.self_mode, self.code, self.k = r is None, code, float(k)
+        self.bits = _bits(pairs, q.device)
+        if self.bits[0] is None:
+            self.qid, self.rid = _dense_ids(labels, None if r is None else ref_labels)
+        self.set(q, r)
+
+    def set(self, q, r):
+        self.q, self.r = q, (q if r is None else r)
+        self.n, self.m = q.shape[0], self.r.shape[0]
+        if self.code:
+            self.qq, self.rr = torch.linalg.vecdot(q, q), torch.linalg.vecdot(self.r, self.r)
+
+    def counts(self):
+        """(#P_i, #N_i) per row of a label sweep, from the class sizes (no tile)."""
+        same = torch.zeros(self.n + self.m, dtype=torch.long).index_add_(0, self.rid.long(),
+                                                                        torch.ones_like(self.rid, dtype=torch.long))
+        same = same[self.qid.long()]
+        return same - int(self.self_mode), self.m - same
+
+    def blocks(self):
+        return RB.spans(self.n, max(1, min(RB.block_rows(self.n, self.m), _TILE // max(self.m, 1))))
+
+    def tile(self, r0, r1):
+        """(l, pos, neg) of rows r0:r1; l = k·v, v the distance's values as the reference's pairwise matrix."""
+        qb = self.q[r0:r1]
+        if self.code == 0:
+            v = (qb * self.k if self.k != 1 else qb) @ self.r.T
+        else:  # (|q|² + |r|²) − 2 q·r, clamped at 0; euclidean: its square root
+            raw = torch.addmm(self.qq[r0:r1, None] + self.rr[None, :], qb, self.r.T, alpha=-2)
+            self.raw = raw
+            self.v = raw.clamp_min(0) if self.code == 2 else raw.clamp_min(0).sqrt_()
+            v = self.v * self.k if self.k != 1 else self.v
+        if self.bits[0] is not None:
+            return v, unpack_bits(self.bits[0][r0:r1], self.m), unpack_bits(self.bits[1][r0:r1], self.m)
+        pos = self.qid[r0:r1, None] == self.rid[None, :]
+        neg = pos.logical_not()
+        if self.self_mode:
+            pos[:, r0:r1].fill_diagonal_(False)
+        return v, pos, neg
+
+    def accumulate(self, w, r0, r1, dq, dr):
+        """dq[r0:r1] += ∂(Σ w·l)/∂q_b, dr += ∂(Σ w·l)/∂r for the last tile (dr is dq in self mode)."""
+        alpha = self.k
+        if self.code:  # dv/d(sq): 1/(2v) (0 at v = 0, as the reference), or 1 where the clamp passes
+            w = torch.where(self.v > 0, w / (2 * self.v), 0) if self.code == 1 else w.where(self.raw >= 0, 0)
+            alpha = -2.0 * self.k
+        qb = self.q[r0:r1]
+        if dq is not None:
+            dq[r0:r1].addmm_(w, self.r, alpha=alpha)
+            if self.code:
+                dq[r0:r1].addcmul_(qb, w.sum(1, keepdim=True), value=-alpha)
+        if dr is not None:
+            dr.addmm_(w.T, qb, alpha=alpha)
+            if self.code:
+                dr.addcmul_(self.r, w.sum(0)[:, None], value=-alpha)
+
+    def grads(self, need_q, need_r):
+        dq = torch.zeros_like(self.q) if need_q or (self.self_mode and need_r) else None
+        return dq, (dq if self.self_mode else (torch.zeros_like(self.r) if need_r else None))
+
+
+class _Eager(torch.autograd.Function):
+    """A scalar loss whose gradient is formed in the forward's one sweep: per block, the tile, its rows'
+    statistics (complete: a block holds its rows' whole reference set) and dL/dl up to global factors, pulled to
+    q and r at once (3 GEMMs in all — no recomputing sweep); ``spec.finish`` scales by the global factors. The
+    backward multiplies the saved O((N + M)·D) gradients by the upstream scalar."""
+
+    @staticmethod
+    def forward(ctx, spec, sweep, want_grad, q, r):
+        dq, dr = sweep.grads(want_grad and q.requires_grad, want_grad and r is not None and r.requires_grad)
+        grad = dq is not None or dr is not None
+        stats = []
+        for r0, r1 in sweep.blocks():
+            st, w = spec.block(*sweep.tile(r0, r1), r0, r1, grad)
+            stats.append(st)
+            if grad:
+                sweep.accumulate(w, r0, r1, dq, dr)
+        loss, dq, dr = spec.finish(sweep, torch.cat(stats, 1), dq, dr)
+        ctx.save_for_backward(dq, None if sweep.self_mode else dr)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        if torch.is_grad_enabled():
+            raise RuntimeError("double backward (create_graph=True) through a fused cpu contrastive loss is not "
+                               "supported; use backend='reference' for second-order gradients")
+        dq, dr = ctx.saved_tensors
+        return (None, None, None, None if dq is None else g * dq, None if dr is None else g * dr)
+
+
+class _RowTerms(torch.autograd.Function):
+    """(vals (K, N), counts (2, N)) = spec.forward(sweep): O(N) outputs, forward under no_grad; backward: per
+    block the tile recomputed and spec.backward's dL/dl pulled to q and r — for losses whose gradient has
+    global factors the sweep cannot know (ThresholdConsistentMargin's counts of active terms)."""
+
+    @staticmethod
+    def forward(ctx, spec, sweep, q, r):
+        vals, counts, saved = spec.forward(sweep)
+        ctx.spec, ctx.sweep = spec, sweep
+        ctx.save_for_backward(q, r, *saved)
+        ctx.mark_non_differentiable(counts)
+        return vals, counts
+
+    @staticmethod
+    def backward(ctx, g, _g_counts):
+        if torch.is_grad_enabled():
+            raise RuntimeError("double backward (create_graph=True) through a fused cpu contrastive loss is not "
+                               "supported; use backend='reference' for second-order gradients")
+        q, r, *saved = ctx.saved_tensors
+        sweep = ctx.sweep
+        sweep.set(q, r)
+        weights = ctx.spec.backward(saved, g)
+        dq, dr = sweep.grads(ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+        for r0, r1 in sweep.blocks():
+            sweep.accumulate(weights(*sweep.tile(r0, r1), r0, r1), r0, r1, dq, dr)
+        return None, None, dq, (None if sweep.self_mode else dr)
+
+
+def _sweep(x, labels, ref, ref_labels, distance, pairs=None, k=1.0):
+    q, r, code = _prep(x, ref, distance)
+    return _Sweep(q, r, labels, ref_labels, pairs, code, k), q, r
+
+
+def _rows(spec, x, labels, ref, ref_labels, distance):
+    sweep, q, r = _sweep(x, labels, ref, ref_labels, distance)
+    return _RowTerms.apply(spec, sweep, q, r)
+
+
+def _eager(spec, x, labels, ref, ref_labels, distance, pairs=None, k=1.0):
+    sweep, q, r = _sweep(x, labels, ref, ref_labels, distance, pairs, k)
+    return _out(_Eager.apply(spec, sweep, torch.is_grad_enabled(), q, r), x)
+
+
+def _lse_parts(t):
+    """Per row of t (−inf outside the set): (LSE, 0 for an empty row; e = exp(t − max) in place; Σ e ≥ 1, or 0
+    for an empty row) — e / Σe is the LSE's gradient, so a caller reuses it instead of a second exp."""
+    mx = t.amax(1)
+    mx = torch.where(mx > float("-inf"), mx, 0)
+    e = t.sub_(mx[:, None]).exp_()
+    s = e.sum(1)
+    return torch.where(s > 0, mx + torch.log(s.clamp_min(1)), 0), e, s
+
+
+def _pair_rule_few(tp, tn, pair_rule):
+    return (tp <= 1) & (tn <= 1) if pair_rule else torch.zeros((), dtype=torch.bool)
+
+
+class _Circle:
+    """Per row z = LSE_P(−γ[1+m−v]₊(v−1+m)) + LSE_N(γ[v+m]₊(v−m)) (the weights [·]₊ constant: PML detaches them),
+    loss softplus(z) on rows with a positive and a negative; AvgNonZero over the rows."""
+
+    def __init__(self, m, gamma, pair_rule, packed):
+        self.m, self.gamma, self.pair_rule, self.packed = float(m), float(gamma), pair_rule, packed
+
+    def block(self, v, pos, neg, r0, r1, grad):
+        m, gamma = self.m, self.gamma
+        wp, wn = torch.rsub(v, 1 + m).clamp_min_(0), (v + m).clamp_min_(0)
+        lp, ep, sp = _lse_parts(torch.where(pos, (v - (1 - m)).mul_(wp).mul_(-gamma), float("-inf")))
+        ln, en, sn = _lse_parts(torch.where(neg, (v - m).mul_(wn).mul_(gamma), float("-inf")))
+        both = (sp > 0) & (sn > 0)
+        z = torch.where(both, lp + ln, 0)
+        value = F.softplus(z) * both  # torch's softplus, as the reference: z above 20 is returned as is
+        st = torch.stack([value, pos.sum(1), neg.sum(1)]) if self.packed else value[None]
+        if not grad:
+            return st, None
+        f = torch.where(z > 20, 1, torch.sigmoid(z)) * (both & (value > 0))
+        ep.mul_(wp).mul_((-gamma * f / sp.clamp_min(1))[:, None])
+        return st, ep.add_(en.mul_(wn).mul_((gamma * f / sn.clamp_min(1))[:, None]))
+
+    def finish(self, sweep, st, dq, dr):
+        value = st[0]
+        count = (value > 0).sum()
+        scale = torch.where(count > 0, 1 / count.clamp_min(1).to(value.dtype), 0)
+        npos, nneg = (st[1], st[2]) if self.packed else sweep.counts()
+        scale = torch.where(_pair_rule_few(npos.sum(), nneg.sum(), self.pair_rule), 0, scale)
+        return value.sum() * scale, *_scaled(sweep, dq, dr, scale)
+
+
+def _scaled(sweep, dq, dr, scale):
+    """(dq, dr) times the global factor, in place (dr is dq in self mode: scaled once)."""
+    return (None if dq is None else dq.mul_(scale),
+            None if dr is None or sweep.self_mode else dr.mul_(scale))
+
+
+@register("circle_loss", "cpu")
+def circle_loss(x, labels, ref, ref_labels, *, m, gamma, distance, pairs=None, pair_rule=True):
+    """One row-block sweep: per row LSE_P and LSE_N, the row loss and its dL/dv tile (the LSEs' softmax weights
+    from the same exp), pulled to the embeddings at once; O(N) statistics. Pairs as a PackedPairMask."""
+    if pairs is not None and not isinstance(pairs, PackedPairMask):
+        raise Unsupported("the cpu circle_loss takes pairs as a PackedPairMask")
+    return _eager(_Circle(m, gamma, pair_rule, pairs is not None), x, labels, ref, ref_labels, distance, pairs)
+
+
+class _TCM:
+    """vals: Σ_P [v ≤ m⁺](m⁺ − v), Σ_N [v ≥ m⁻](v − m⁻) per row; counts: the active terms per row."""
+
+    def __init__(self, margin_plus, margin_minus):
+        self.mp, self.mn = float(margin_plus), float(margin_minus)
+
+    def active(self, v, pos, neg):
+        return pos & (v <= self.mp), neg & (v >= self.mn)
+
+    def forward(self, sweep):
+        def fn(v, pos, neg, r0, r1):
+            ap, an = self.active(v, pos, neg)
+            return torch.stack([torch.where(ap, self.mp - v, 0).sum(1), torch.where(an, v - self.mn, 0).sum(1),
+                                ap.sum(1), an.sum(1)])
+
+        stats = torch.cat([fn(*sweep.tile(r0, r1), r0, r1) for r0, r1 in sweep.blocks()], 1)
+        return stats[:2], stats[2:].long(), ()
+
+    def backward(self, saved, g):
+        def weights(v, pos, neg, r0, r1):
+            ap, an = self.active(v, pos, neg)
+            return torch.where(an, g[1, r0:r1, None], 0) - torch.where(ap, g[0, r0:r1, None], 0)
+        return weights
+
+
+def _segment_lse(vals, idx, n):
+    """(LSE of vals grouped by idx (n groups; 0 for an empty one), whether a group is nonempty): O(len(vals))."""
+    has = vals.new_zeros(n).index_add_(0, idx, torch.ones_like(vals)) > 0
+    mx = vals.new_full((n,), float("-inf")).scatter_reduce_(0, idx, vals.detach(), "amax")
+    mx = torch.where(has, mx, 0)
+    total = vals.new_zeros(n).index_add(0, idx, torch.exp(vals - mx[idx]))
+    return torch.where(has, mx + torch.log(torch.where(has, total, 1)), 0), has
+
+
+def _listed_values(q, r, a, b, code):
+    """The distance's value of each listed pair (q[a_t], r[b_t]) — O(T) memory (``_PairDots``), T the input's
+    length; the euclidean root has a zero gradient at 0, as the reference's matrix."""
+    dot = _PairDots.apply(q, r, a, b)
+    if code == 0:
+        return dot
+    sq = (torch.linalg.vecdot(q, q)[a] + torch.linalg.vecdot(r, r)[b] - 2 * dot).clamp_min(0)
+    if code == 2:
+        return sq
+    positive = sq > 0
+    return torch.where(positive, sq.where(positive, 1).sqrt(), 0)
+
+
+def _listed(x, ref, distance, pairs):
+    """(values of the positive pairs, anchors, values of the negative pairs, anchors) of PML's 4-tuple."""
+    q, r, code = _prep(x, ref, distance)
+    rr = q if r is None else r
+    a1, p, a2, n = (t.to(x.device) for t in pairs)
+    return _listed_values(q, rr, a1, p, code), a1, _listed_values(q, rr, a2, n, code), a2
+
+
+@register("threshold_consistent_margin_loss", "cpu")
+def threshold_consistent_margin_loss(x, labels, *, lambda_plus, lambda_minus, margin_plus, margin_minus,
+                                     pairs=None):
+    """λ⁺·mean of the active positive terms + λ⁻·mean of the active negative terms (cosine, self mode): one
+    row-block pass of per-row sums and counts; a PML 4-tuple (duplicates count) by its O(T) pair values."""
+    dist = _COSINE
+    if pairs is not None:
+        pv, _, nv, _ = _listed(x, None, dist, pairs)
+        lo, hi = pv <= margin_plus, nv >= margin_minus
+        sp, sn = torch.where(lo, margin_plus - pv, 0).sum(), torch.where(hi, nv - margin_minus, 0).sum()
+        cp, cn = lo.sum(), hi.sum()
+    else:
+        vals, cnt = _rows(_TCM(margin_plus, margin_minus), x, labels, None, None, dist)
+        sp, sn, cp, cn = vals[0].sum(), vals[1].sum(), cnt[0].sum(), cnt[1].sum()
+    total = _zero(x).to(sp.dtype)
+    total = total + torch.where(cp > 0, lambda_plus * sp / cp.clamp_min(1), 0)
+    return _out(total + torch.where(cn > 0, lambda_minus * sn / cn.clamp_min(1), 0), x)
+
+
+class _NTXent:
+    """Per row T_i = Σ_P softplus(A_i − l), A_i = LSE_N l (l = ±v/τ), and dT_i/dl: −σ(A_i − l) on P,
+    W_i·e^{l − A_i} on N (W_i = Σ_P σ(A_i − l)), e^{l − A_i} the negative LSE's own exp; loss Σ T / #P."""
+
+    def __init__(self, pair_rule):
+        self.pair_rule = pair_rule
+
+    def block(self, l, pos, neg, r0, r1, grad):
+        a, e, s = _lse_parts(torch.where(neg, l, float("-inf")))
+        a = torch.where(s > 0, a, float("-inf"))  # no negative: every term of the row is 0
+        z = torch.where(pos, a[:, None] - l, float("-inf"))
+        value = F.softplus(z, 1.0, 40.0).sum(1)  # exact to e^-40 (the default threshold 20 is 2e-9 off)
+        if not grad:
+            return value[None], None
+        sig = torch.sigmoid(z)
+        return value[None], e.mul_((sig.sum(1) / s.clamp_min(1))[:, None]).sub_(sig)
+
+    def finish(self, sweep, st, dq, dr):
+        npos, nneg = sweep.counts()
+        tp, tn = npos.sum(), nneg.sum()
+        empty = (tp == 0) | (tn == 0) | _pair_rule_few(tp, tn, self.pair_rule)
+        scale = torch.where(empty, 0, 1 / tp.clamp_min(1).to(st.dtype))
+        return st[0].sum() * scale, *_scaled(sweep, dq, dr, scale)
 
 
 @register("ntxent_loss", "cpu")
 def ntxent_loss(x, labels, ref, ref_labels, *, temperature, distance, pairs=None, pair_rule=True):
-    """Mean over positive pairs (a, p) of softplus(A_a − s_ap), A_a = LSE over row a's negatives of s/τ (one
-    pair_reduce call); the positive pairs are enumerated from the sorted labels (O(P)) and their values are
-    sparse dot products (``_PairDots``): memory O(P + (N + M)·D), no N×M buffer."""
-    if pairs is not None:
-        raise Unsupported("the C++ ntxent_loss takes no explicit pairs (PML counts duplicate pairs)")
-    _need(x, "pair_reduce")
-    q, r, code = _prep(x, ref, distance)
-    sg = _sg(distance)
-    s = sg / float(temperature)
-    _, neg_lse, _, cnt = torch.ops.dml_kernels.pair_reduce(
-        q, r, labels, ref_labels, None, None, code, _LSE, s, 0.0, s, 0.0, None)
-    rr = q if r is None else r
-    a, p = _positive_pairs(labels, ref_labels, r is None)
-    zero = _zero(x).to(neg_lse.dtype)
-    total_neg = cnt[1].sum()
-    if a.shape[0] == 0 or int(total_neg) == 0 or (pair_rule and a.shape[0] <= 1 and int(total_neg) <= 1):
-        return _out(zero, x)
-    dot = _PairDots.apply(q, rr, a, p)
-    if code == 0:
-        v = dot
-    else:
-        sq = (torch.linalg.vecdot(q, q)[a] + torch.linalg.vecdot(rr, rr)[p] - 2 * dot).clamp_min(0)
-        if code == 2:
-            v = sq
-        else:
-            positive = sq > 0
-            v = torch.where(positive, sq.where(positive, 1).sqrt(), 0)
-    sp = s * v
-    has_neg = cnt[1][a] > 0
-    losses = torch.where(has_neg, torch.logaddexp(torch.zeros_like(sp), neg_lse[a] - sp), 0)
+    """Mean over positive pairs (a, p) of softplus(A_a − l_ap), A_a = LSE over row a's negatives of l = ±v/τ:
+    a block holds its rows' whole negative sets, so one sweep gives the loss and its gradient (O(N) statistics,
+    no N×M buffer, no host sync). A PML 4-tuple (duplicate pairs count): its O(T) pair values, per-anchor LSEs."""
+    k = _sg(distance) / float(temperature)
+    if pairs is None:
+        return _eager(_NTXent(pair_rule), x, labels, ref, ref_labels, distance, k=k)
+    pv, a1, nv, a2 = _listed(x, ref, distance, pairs)
+    if len(a1) == 0 or len(a2) == 0 or (pair_rule and len(a1) <= 1 and len(a2) <= 1):
+        return _out(_zero(x).to(pv.dtype), x)
+    a, has = _segment_lse(k * nv, a2, x.shape[0])
+    losses = torch.where(has[a1], F.softplus(a[a1] - k * pv, 1.0, 40.0), 0)
     return _out(losses.mean(), x)
+
+
+def _set_sums(q, r, qid, rid, code):
+    """(Σ_P v, Σ_N v, #P, #N) over the label pairs, in closed form from class sums — O((N + M)·D), no tile; linear
+    in v for a similarity and the squared euclidean distance; differentiable. r is None in self mode."""
+    self_mode = r is None
+    r = q if self_mode else r
+    n, m, slots = q.shape[0], r.shape[0], q.shape[0] + r.shape[0]
+    rid, qid = rid.long(), qid.long()
+    cls = r.new_zeros(slots, r.shape[1]).index_add(0, rid, r)[qid]  # Σ of row i's class in r
+    cnt = r.new_zeros(slots).index_add(0, rid, torch.ones_like(r[:, 0]))[qid]
+    dot = torch.linalg.vecdot(q, cls)
+    cross = torch.linalg.vecdot(q.sum(0), r.sum(0))
+    qq = torch.linalg.vecdot(q, q)
+    if code == 0:
+        same, total, diag = dot.sum(), cross, (qq.sum() if self_mode else 0)
+    else:  # Σ (|q|² + |r|² − 2 q·r); the (i, i) terms are 0
+        rr = torch.linalg.vecdot(r, r)
+        rsq = r.new_zeros(slots).index_add(0, rid, rr)[qid]
+        same = (cnt * qq + rsq - 2 * dot).sum()
+        total, diag = m * qq.sum() + n * rr.sum() - 2 * cross, 0
+    npos = cnt.sum() - (n if self_mode else 0)
+    return same - diag, total - same, npos, n * m - cnt.sum()
+
+
+class _IPV:
+    """mean_P h_P² + mean_N h_N², h the hinge around (1∓ε)·μ (the global means, in closed form before the sweep):
+    per block Σh², Σh and dL/dv = 2h·∂h/∂v/#set; the means' gradient (Σ 2h·∂h/∂μ/#set²) by the same closed
+    form after the sweep. Similarity h_P = [(1−ε⁺)μ_P − v]₊, h_N = [v − (1+ε⁻)μ_N]₊; a distance reversed."""
+
+    def __init__(self, pos_eps, neg_eps, similarity, pair_rule):
+        self.pair_rule = pair_rule
+        if similarity:  # (∂h/∂v, ∂h/∂μ) of h_P and h_N
+            self.cp, self.cn = (-1.0, 1 - pos_eps), (1.0, -(1 + neg_eps))
+        else:
+            self.cp, self.cn = (1.0, -(1 + pos_eps)), (-1.0, 1 - neg_eps)
+
+    def prepare(self, sweep):
+        with torch.no_grad():
+            sp, sn, self.np, self.nn = _set_sums(sweep.q, None if sweep.self_mode else sweep.r, sweep.qid,
+                                                 sweep.rid, sweep.code)
+        self.mu = (sp / self.np.clamp_min(1), sn / self.nn.clamp_min(1))
+        self.fp = 2 * self.cp[0] / self.np.clamp_min(1)
+        self.fn = 2 * self.cn[0] / self.nn.clamp_min(1)
+
+    def hinges(self, v, pos, neg):
+        hp = torch.where(pos, (self.cp[0] * v + self.cp[1] * self.mu[0]).clamp_min_(0), 0)
+        hn = torch.where(neg, (self.cn[0] * v + self.cn[1] * self.mu[1]).clamp_min_(0), 0)
+        return hp, hn
+
+    def block(self, v, pos, neg, r0, r1, grad):
+        hp, hn = self.hinges(v, pos, neg)
+        st = torch.stack([torch.linalg.vecdot(hp, hp), torch.linalg.vecdot(hn, hn), hp.sum(1), hn.sum(1)])
+        return st, (hp.mul_(self.fp).add_(hn.mul_(self.fn)) if grad else None)
+
+    def finish(self, sweep, st, dq, dr):
+        tp, tn = self.np.clamp_min(1), self.nn.clamp_min(1)
+        loss = torch.where(self.np > 0, st[0].sum() / tp, 0) + torch.where(self.nn > 0, st[1].sum() / tn, 0)
+        keep = torch.logical_not(_pair_rule_few(self.np, self.nn, self.pair_rule)).to(loss.dtype)
+        if dq is not None or dr is not None:  # through the means: c·∂(Σ_set v)/∂(q, r), c = Σ 2h·∂h/∂μ / #set²
+            cp, cn = 2 * self.cp[1] * st[2].sum() / tp ** 2, 2 * self.cn[1] * st[3].sum() / tn ** 2
+            leaves = [t.detach().requires_grad_() for t in (sweep.q, sweep.r)]
+            with torch.enable_grad():
+                sp, sn, _, _ = _set_sums(leaves[0], None if sweep.self_mode else leaves[1], sweep.qid, sweep.rid,
+                                         sweep.code)
+                gq, gr = torch.autograd.grad(cp * sp + cn * sn, leaves, allow_unused=True)
+            dq = None if dq is None else dq.add_(gq).mul_(keep)
+            dr = None if dr is None or sweep.self_mode else dr.add_(gr).mul_(keep)
+        return loss * keep, dq, dr
+
+
+class _IPVTwoPass:
+    """The euclidean (square-root) distance, not linear in the embeddings' sums: pass 1 Σ_P v, Σ_N v per row → the
+    means; pass 2 Σ_P h², Σ_N h² per row and Σh (for the means' gradient); a recomputing backward (_RowTerms)
+    whose dL/dv adds the means' gradient (Σ_i g_i·2·∂h/∂μ·Σh_i)/#set on every pair of the set."""
+
+    def __init__(self, ipv):
+        self.ipv = ipv
+
+    def forward(self, sweep):
+        ipv = self.ipv
+        one = torch.cat([torch.stack([torch.where(pos, v, 0).sum(1), torch.where(neg, v, 0).sum(1), pos.sum(1),
+                                      neg.sum(1)]) for v, pos, neg in (sweep.tile(*b) for b in sweep.blocks())], 1)
+        self.total = one[2:].sum(1).clamp_min(1)
+        ipv.mu = one[:2].sum(1) / self.total
+        two = torch.cat([ipv.block(*sweep.tile(r0, r1), r0, r1, False)[0] for r0, r1 in sweep.blocks()], 1)
+        return two[:2], one[2:].long(), (two[2:],)
+
+    def backward(self, saved, g):
+        ipv, (hsum,) = self.ipv, saved
+        dmu = 2 * (g * hsum).sum(1) * g.new_tensor([ipv.cp[1], ipv.cn[1]]) / self.total
+
+        def weights(v, pos, neg, r0, r1):
+            hp, hn = ipv.hinges(v, pos, neg)
+            w = torch.where(pos, (2 * ipv.cp[0]) * g[0, r0:r1, None] * hp + dmu[0], 0)
+            return w + torch.where(neg, (2 * ipv.cn[0]) * g[1, r0:r1, None] * hn + dmu[1], 0)
+        return weights
+
+
+@register("intra_pair_variance_loss", "cpu")
+def intra_pair_variance_loss(x, labels, ref, ref_labels, *, pos_eps, neg_eps, distance, pairs=None, pair_rule=True):
+    """mean_P h_P² + mean_N h_N² around the (differentiable) global means: a similarity or the squared euclidean
+    distance takes the means from class sums and one sweep gives loss and gradient; the euclidean distance two
+    sweeps forward and one backward. O(N) statistics. A PML 4-tuple (duplicates count): its O(T) pair values."""
+    ipv = _IPV(float(pos_eps), float(neg_eps), distance.is_similarity, pair_rule)
+    if pairs is None and distance.name != "euclidean":
+        sweep, q, r = _sweep(x, labels, ref, ref_labels, distance)
+        ipv.prepare(sweep)
+        return _out(_Eager.apply(ipv, sweep, torch.is_grad_enabled(), q, r), x)
+    zero = _zero(x)
+    if pairs is None:
+        vals, cnt = _rows(_IPVTwoPass(ipv), x, labels, ref, ref_labels, distance)
+        tp, tn = cnt[0].sum(), cnt[1].sum()
+        loss = (torch.where(tp > 0, vals[0].sum() / tp.clamp_min(1), 0)
+                + torch.where(tn > 0, vals[1].sum() / tn.clamp_min(1), 0))
+        return _out(torch.where(_pair_rule_few(tp, tn, pair_rule), 0, loss) + zero, x)
+    pv, a1, nv, a2 = _listed(x, ref, distance, pairs)
+    if pair_rule and len(a1) <= 1 and len(a2) <= 1:
+        return _out(zero.to(pv.dtype), x)
+    total = zero.to(pv.dtype)
+    for vals, eps, inc in ((pv, pos_eps, distance.is_similarity), (nv, neg_eps, not distance.is_similarity)):
+        if len(vals):
+            mean = vals.mean()
+            total = total + torch.relu((1 - eps) * mean - vals if inc else vals - (1 + eps) * mean).pow(2).mean()
+    return _out(total, x)
