@@ -285,9 +285,19 @@ def test_pair_margin_bits_equal_reference_naive_and_pml(backend, ref):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_pair_margin_exact_ties_equal_pml(backend):
+    """Integer points (unnormalised euclidean and dot: exact values equal to the margins): both bounds strict."""
+    y = torch.tensor([0, 0, 1, 1, 0, 2, 1, 1, 1, 0, 2])
+    x = torch.arange(11, dtype=torch.float64).unsqueeze(1)
+    for case, margins in (("euclidean/raw", (2.0, 3.0)), ("dot/raw", (12.0, 20.0))):
+        kw = dict(pos_margin=margins[0], neg_margin=margins[1])
+        _same(_our_miner("PairMarginMiner", case, backend, **kw)(x, y), _pml_miner("PairMarginMiner", case, **kw)(x, y))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_pair_margin_mask_feeds_multi_similarity(backend):
     """The packed mask goes to MultiSimilarityLoss as indices_tuple (no index tuple, no N×M mask): equal to PML's
-    loss on PML's PairMarginMiner tuple."""
+    loss (value and gradient) on PML's PairMarginMiner tuple."""
     pl = pytest.importorskip("pytorch_metric_learning.losses")
     x, y = make("random", n=19, d=5)
     x.requires_grad_()
@@ -298,6 +308,11 @@ def test_pair_margin_mask_feeds_multi_similarity(backend):
     g1, = torch.autograd.grad(ours, x)
     g2, = torch.autograd.grad(theirs, x)
     assert torch.allclose(g1, g2, atol=1e-9, rtol=0)
+    # ContrastiveLoss takes the mask too — on the reference backend (the cpu / Triton contrastive forms have no
+    # explicit-pair form yet): equal to PML's on PML's tuple (the mask has no duplicate pairs to count)
+    ours = dk.losses.ContrastiveLoss(backend="reference")(x, y, mask)
+    theirs = pl.ContrastiveLoss()(x, y, pm.PairMarginMiner(pos_margin=0.6, neg_margin=1.1)(x, y))
+    assert abs(ours.item() - theirs.item()) < 1e-9
 
 
 # ------------------------------------------------------------------------- memory, syncs, inputs, refusals

@@ -211,9 +211,16 @@ def margin_softmax_row_stats_variants():
                                                                                      "num_stages": 2}
 
 
+def mining_variants():
+    """The per-row miners (``mining.py``: batch easy/hard in each strategy form, pair margin; its module lists them)."""
+    from . import mining
+    yield from mining.aot_variants()
+
+
 def variants():
     """Every launch above, in the order of the generators."""
     for gen in (row_stats_variants, ranking_variants, direction_variants, proxy_gml_variants,
                 language_guidance_variants, contrastive_losses_variants, margin_softmax_variants,
                 pair_margin_losses_variants, margin_softmax_row_stats_variants):
         yield from gen()
+    yield from mining_variants()  # the per-row miners (mining.py)
