@@ -17,6 +17,7 @@ Map (the same in every backend package; the engines themselves are C++, in ``csr
   under no_grad, backward recomputes each block): direction, ProxyGML and other row-local losses.
 * ``mining.py``       — per-row miners (batch easy/hard; pair margin as packed bits) in O(block × M), row blocks.
 * ``pair_margin_losses.py`` — TupletMargin, Margin (all / given triplets), SNR contrastive on row blocks.
+* ``grouped_columns.py`` — SubCenterArcFace, SoftTriple (K centres per class) in O(B × chunk), torch.mm tiles.
 * ``evaluation.py``   — k-nearest neighbours in O(block × chunk) memory (torch.mm + top-k merge, no C++).
 """
 from . import class_losses, contrastive_losses, evaluation, margin_softmax, pair_losses, similarity  # noqa: F401
@@ -27,3 +28,4 @@ from . import ranking_losses  # noqa: F401,E402 - FastAP / RankedList in O(block
 from . import direction, proxy_gml  # noqa: F401,E402 - direction regularisation, ProxyGML in O(block × M): row blocks
 from . import mining  # noqa: F401,E402 - per-row miners (batch easy/hard, pair margin) in O(block × M): torch row blocks
 from . import pair_margin_losses  # noqa: F401,E402 - TupletMargin, Margin, SNR contrastive in O(block × M): row blocks
+from . import grouped_columns  # noqa: F401,E402 - SubCenterArcFace / SoftTriple in O(B × chunk): whole-class column chunks
