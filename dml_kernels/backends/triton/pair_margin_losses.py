@@ -48,12 +48,12 @@ TUP1, TUP2, MARGIN, SNR = range(4)
 
 
 @triton.jit
-def _tuplet_pos(v, st):
-    """(scale·cos(acos v − m), its derivative in v); NaN outside [−1, 1] as acos."""
+def _tuplet_pos(v, pos, st):
+    """(scale·cos(acos v − m), its derivative in v) on the positive pairs (NaN outside [−1, 1], as acos)."""
     k = _par(st, 0)
     cm = _par(st, 1)
     sm = _par(st, 2)
-    root = tl.sqrt(1.0 - v * v)
+    root = tl.sqrt(tl.where(pos, 1.0 - v * v, 1.0))
     return k * (v * cm + root * sm), k * (cm - v * sm / root)
 
 
@@ -64,7 +64,7 @@ def pm_fwd(v, pos, neg, ia, ib, na, nb, st, nst, p0, p1, p2, p3, DIST: tl.conste
     if FLAG == 0:  # TupletMargin pass 1: LSE_N scale·v, |P|, |N|
         return tl.where(neg, _par(st, 0) * v, float("-inf")), fp, fn, v, v, v
     elif FLAG == 1:  # TupletMargin pass 2, rows: A, has_neg
-        c, dc = _tuplet_pos(v, st)
+        c, dc = _tuplet_pos(v, pos, st)
         keep = pos & (_row(st, nst, 1, ia, na) > 0)
         z = _row(st, nst, 0, ia, na) - c
         return tl.where(keep, _softplus(z), 0.0), tl.where(keep, _sigmoid(z), 0.0), v, v, v, v
@@ -86,7 +86,7 @@ def pm_fwd(v, pos, neg, ia, ib, na, nb, st, nst, p0, p1, p2, p3, DIST: tl.conste
 def pm_bwd(v, pos, neg, ia, ib, na, nb, st, nst, sc, p0, p1, p2, p3, DIST: tl.constexpr, FLAG: tl.constexpr):
     """dL/dv of a tile from the anchors' forward statistics and upstream gradients (rows of st)."""
     if FLAG == 1:  # rows: A, has_neg, g·W, g
-        c, dc = _tuplet_pos(v, st)
+        c, dc = _tuplet_pos(v, pos, st)
         a = _row(st, nst, 0, ia, na)
         keep = pos & (_row(st, nst, 1, ia, na) > 0)
         w = tl.where(keep, -_row(st, nst, 3, ia, na) * _sigmoid(a - c) * dc, 0.0)
