@@ -202,6 +202,22 @@ def test_ref_emb_odd_sizes(n, m, tile):
                                                   backend=backend), x, r, beta)
 
 
+@pytest.mark.parametrize("m", [None, 133])
+def test_multi_row_blocks(m):
+    """N = 151: blocks of several rows (Margin / SNR 2, Tuplet 4; the small-N tests run 1-row blocks) with a
+    ragged last block — SNR's (positive sums, negative sums) layout per block, the multiplicities per row."""
+    x, y, r, ry = _data(151, 4, m=m or 5, classes=9, seed=8)
+    args = () if m is None else (None, r, ry)
+    inputs = (x,) if m is None else (x, r)
+    beta = torch.linspace(0.6, 1.4, 9, dtype=torch.float64)
+    _same(lambda *t, backend: tuplet(t[0], y, *args[:1], *t[1:], *args[2:], margin=12, scale=5, backend=backend),
+          *inputs)
+    _same(lambda *t, backend: snr(t[0], y, *args[:1], *t[1:], *args[2:], pos_margin=0.5, neg_margin=1.5,
+                                  backend=backend), *inputs)
+    _same(lambda *t, backend: F.margin_loss(t[0], y, *args[:1], *t[1:-1], *args[2:], beta=t[-1], learn_beta=True,
+                                            nu=0.1, backend=backend), *inputs, beta)
+
+
 @pytest.mark.parametrize("distance,normalize", [("euclidean", True), ("squared_euclidean", False), ("cosine", True),
                                                 ("dot", False), ("euclidean", False)])
 def test_margin_distances(distance, normalize, tile):

@@ -492,3 +492,21 @@ CASES["ntxent_self_supervised"] = Case(
     lambda t: _no_extra(lambda: _pml()[0].SelfSupervisedLoss(_pml()[0].NTXentLoss(), symmetric=True)(*_two_views(t))),
     "SelfSupervisedLoss(NTXentLoss()) on the two halves of the B rows",
     note="B rows = B/2 pairs of two views (symmetric=True)")
+
+
+# --------------------------------------------------------------------------- TupletMargin, Margin, SNR (issue 12)
+# PML's defaults on both sides (TupletMargin: margin 5.73°, scale 64, cosine; MarginLoss: margin 0.2, β = 1.2 as a
+# (1,) tensor, ν = 0, all triplets, euclidean; SNR contrastive: margins 0 / 1 on normalised rows), PK batches. The
+# reference / PML MarginLoss enumerate every triplet (a B×B×B mask) and PML's SNRDistance forms a B×B×D tensor.
+CASES["tuplet_margin"] = _plain_pair("tuplet_margin", "tuplet_margin_loss", "TupletMarginLoss")
+CASES["margin"] = Case(
+    "margin", "margin_loss", "all", "pair",
+    lambda t, b: _F().margin_loss(t["x"], t["labels"], beta=torch.tensor([1.2], device=t["x"].device), backend=b,
+                                  **_KW),
+    lambda t: _no_extra(lambda: _pml()[0].MarginLoss()(t["x"], t["labels"])), "MarginLoss() (all triplets)",
+    note="every (a, p, n) triplet: the reference and PML build a B×B×B mask and O(B·P·B) index lists")
+CASES["snr_contrastive"] = Case(
+    "snr_contrastive", "snr_contrastive_loss", "plain", "pair",
+    lambda t, b: _F().signal_to_noise_ratio_contrastive_loss(t["x"], t["labels"], backend=b, **_KW),
+    lambda t: _no_extra(lambda: _pml()[0].SignalToNoiseRatioContrastiveLoss()(t["x"], t["labels"])),
+    "SignalToNoiseRatioContrastiveLoss()", note="PML's SNRDistance forms a B×B×D difference tensor")
