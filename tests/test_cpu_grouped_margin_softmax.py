@@ -161,7 +161,7 @@ def test_miner_weights(op, kw, k, engine):
 MODULES = [("SubCenterArcFaceLoss", {"sub_centers": 3, "scale": 10}),
            ("SubCenterArcFaceLoss", {"sub_centers": 1, "scale": 6, "margin": 20.0}),
            ("SoftTripleLoss", {"centers_per_class": 3, "la": 5, "gamma": 0.5, "margin": 0.2}),
-           ("SoftTripleLoss", {"centers_per_class": 1})]
+           ("SoftTripleLoss", {"centers_per_class": 2, "la": 6, "gamma": 0.3}), ("SoftTripleLoss", {"centers_per_class": 1})]
 
 
 def _module_step(module, x, y, *args):
@@ -172,7 +172,7 @@ def _module_step(module, x, y, *args):
 
 
 @pytest.mark.parametrize("size", ["C<B", "C>>B", "absent"])
-@pytest.mark.parametrize("name,kw", MODULES, ids=["subcenter-K3", "subcenter-K1", "softtriple-K3", "softtriple-K1"])
+@pytest.mark.parametrize("name,kw", MODULES, ids=["subcenter-K3", "subcenter-K1", "softtriple-K3", "softtriple-K2", "softtriple-K1"])
 def test_modules_equal_pml_float64(name, kw, size, engine):
     b, d, c, _, tile = SIZES[size]
     engine(tile, 2)

@@ -90,11 +90,16 @@ class _Ctx:
 
 
 def _reduce(s, c, cfg):
-    """Class values v (B × c) of a centre-major tile s and, for SoftTriple, (e = e^{(S − max)/γ} (B × K·c), Σ_k e)."""
+    """Class values v (B × c) of a centre-major tile s and, for SoftTriple, (e = e^{(S − max)/γ} (B × K·c), Σ_k e) —
+    at K = 2 (None, p_0 = σ((S_0 − S_1)/γ))."""
     k = cfg.k
     if k == 1:
         return s.clone(), None, None
     blocks = [s[:, i * c:(i + 1) * c] for i in range(k)]
+    if k == 2 and cfg.group == "softmax":  # p_0 = σ((S_0 − S_1)/γ), v = S_1 + p_0 (S_0 − S_1): (v, None, p_0)
+        d = blocks[0] - blocks[1]
+        p0 = torch.mul(d, cfg.inv_gamma).sigmoid_()
+        return d.mul_(p0).add_(blocks[1]), None, p0
     m = torch.maximum(blocks[0], blocks[1])
     for blk in blocks[2:]:
         torch.maximum(m, blk, out=m)
@@ -168,6 +173,13 @@ def _pass2(cx, rest, g_t, g_r, dW, need_q, chunks):
                 torch.mul(rem, s[:, i * c:(i + 1) * c] == v, out=ds[:, i * c:(i + 1) * c])
                 rem = rem - ds[:, i * c:(i + 1) * c]
             ds[:, (k - 1) * c:].copy_(rem)
+        elif e is None:  # K = 2: p_0 (α + β·S_0), (1 − p_0)(α + β·S_1), α = g (1 − v/γ), β = g/γ
+            beta = g * cfg.inv_gamma
+            alpha = torch.addcmul(g, beta, v, value=-1.0)
+            ds = torch.empty(s.shape, dtype=s.dtype)
+            torch.mul(torch.addcmul(alpha, beta, s[:, :c]), den, out=ds[:, :c])
+            a1 = torch.addcmul(alpha, beta, s[:, c:])
+            torch.sub(a1, a1.mul(den), out=ds[:, c:])
         else:  # p_k (1 + (S_k − v)/γ)·g = e_k/den·(α + β·S_k), α = g (1 − v/γ), β = g/γ
             gd = g.div_(den)
             beta = gd * cfg.inv_gamma
