@@ -260,8 +260,9 @@ def preset_cpu_full():
 
 
 def preset_gpu():
-    """≤ 10 min on one H100 (a time budget guards it): bf16 main sweep B 4096 … 65536 (MS with mining from 1024), D=128; D=512, fp16
-    and fp32 at two sizes; M up to 65536; C up to 1M. Cells are ordered most important first."""
+    """≤ 10 min on one H100 (a time budget guards it): bf16 main sweep B 4096 … 65536 (MS with mining from
+    1024), D=128; D=512, fp16 and fp32 at two sizes; M up to 65536; C up to 1M. Cells are ordered most
+    important first."""
     pts = []
     for B in (4096, 16384, 65536, 1024):
         pts.append(Point("ms_mining", B, D=128, dtype="bfloat16"))

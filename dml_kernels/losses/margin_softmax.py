@@ -217,7 +217,8 @@ class CosFaceLoss(_MarginLoss):
 
 class SubCenterArcFaceLoss(ArcFaceLoss):
     """PML's SubCenterArcFaceLoss: ``W`` is (embedding_size, num_classes·sub_centers), column c·K + k; the class
-    cosine is the max over its K sub-centres. Reference backend only for now (``auto`` falls back)."""
+    cosine is the max over its K sub-centres. Fused on triton and cpu (grouped columns: the K sub-centres of a
+    class in one tile, never a B×C·K buffer)."""
     _op = "subcenter_arcface_loss"
 
     def __init__(self, num_classes, embedding_size, *, margin=28.6, scale=64, sub_centers=3, **kwargs):
@@ -272,7 +273,8 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
 
 class SoftTripleLoss(_WeightLoss):
     """PML's SoftTripleLoss: ``fc`` is (embedding_size, num_classes·centers_per_class), column c·K + k, initialised
-    kaiming_uniform_(a=√5) as PML's. ``self.gamma`` is 1/gamma, as PML stores it. Reference backend only for now."""
+    kaiming_uniform_(a=√5) as PML's. ``self.gamma`` is 1/gamma, as PML stores it. Fused on triton and cpu
+    (grouped columns)."""
     _op = "soft_triple_loss"
     _weight_name = "fc"
     _default_distance = "cosine"

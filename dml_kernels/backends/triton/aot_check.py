@@ -5,11 +5,12 @@ type changes, unsupported dtype combinations, a global that is not a constexpr..
 dml_kernels.backends.triton.aot_check [cc] [--quick] [--usage]`` lowers every kernel × epilogue × dtype of the
 pair engine (with the tile shapes of ``pair_engine.GPU_BLOCKS``), of the k-NN op (``knn.GPU_BLOCKS``), of the
 proxy losses (``class_losses._GPU_CFG``) and of the later fused losses (``aot_fused.py``: row statistics, FastAP,
-RankedList, HistogramLoss, direction regularisation, ProxyGML, language guidance, the contrastive family, the
-margin-softmax family, with their launchers' CUDA tiles) through Triton's whole pipeline down to a cubin for
+RankedList, HistogramLoss, direction regularisation, ProxyGML, language guidance, the contrastive family and
+TupletMargin / Margin / SNR, the margin-softmax family and its class-shard row statistics, the fused miners,
+with their launchers' CUDA tiles) through Triton's whole pipeline down to a cubin for
 ``sm_<cc>`` (default 90; ``ptxas`` ships with Triton), and exits non-zero listing the failures (120 pair-engine
-+ 80 proxy + 284 fused = 484 variants, a few seconds each).
-``--quick`` (159 variants): every variant in bf16 (in fp32 for kernels that compute fp16 / bf16 inputs in fp32)
++ 80 proxy + 474 fused = 674 variants, a few seconds each).
+``--quick`` (207 variants): every variant in bf16 (in fp32 for kernels that compute fp16 / bf16 inputs in fp32)
 plus one fp64 variant of each kernel form. ``--usage``: print registers and spill stack per variant
 (``cuobjdump -res-usage``). Run it with TRITON_INTERPRET unset.
 """
