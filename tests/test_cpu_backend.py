@@ -37,6 +37,11 @@ CPU_OPS |= {"language_guidance_loss"}  # O(block × B) torch.mm tiles (tests/tes
 CPU_OPS |= {"fastap_loss", "ranked_list_loss"}  # O(block × N) torch.mm row blocks (tests/test_ranking_fused.py)
 CPU_OPS |= {"direction_multi_similarity_loss", "direction_proxy_nca_loss", "direction_triplet_margin_loss",
             "proxy_gml_loss"}  # O(block × M) row blocks (tests/test_cpu_seed_methods.py)
+CPU_OPS |= {"circle_loss", "threshold_consistent_margin_loss",
+            "intra_pair_variance_loss"}  # row blocks (tests/test_cpu_contrastive_rowblocks.py)
+CPU_OPS |= {"tuplet_margin_loss", "margin_loss", "snr_contrastive_loss"}  # tests/test_cpu_pair_margin_losses.py
+CPU_OPS |= {"subcenter_arcface_loss", "soft_triple_loss"}  # grouped columns (tests/test_cpu_grouped_margin_softmax.py)
+CPU_OPS |= {"batch_easy_hard_mining", "pair_margin_mining"}  # per-row miners (tests/test_fused_miners.py)
 TIGHT = dict(rtol=1e-10, atol=1e-10)
 
 
