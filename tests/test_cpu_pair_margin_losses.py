@@ -369,7 +369,8 @@ def test_gradcheck():
 def test_double_backward_is_refused():
     x, y = _data(6, 3)
     x.requires_grad_()
-    for fn in (lambda: tuplet(x, y, backend="cpu"), lambda: snr(x, y, neg_margin=3, backend="cpu")):
+    for fn in (lambda: tuplet(x, y, backend="cpu"), lambda: snr(x, y, neg_margin=3, backend="cpu"),
+               lambda: F.margin_loss(x, y, beta=torch.tensor([0.9]), backend="cpu")):
         with pytest.raises(RuntimeError, match="double backward"):
             torch.autograd.grad(fn(), x, create_graph=True)
 

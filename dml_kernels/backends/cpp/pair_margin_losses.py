@@ -3,8 +3,7 @@
 backend's ``contrastive_losses.py``).
 
 No C++ is needed: every term is a function of one query row's own similarities plus O(N) row statistics, so
-row blocks meet all M references through one BLAS tile and form their row terms while it is hot, on the
-row-block engine of ``row_blocks.py`` (forward under ``no_grad``, backward recomputes each block):
+row blocks meet all M references through one BLAS tile and form their row terms while it is hot:
 
 * TupletMargin — per anchor a: L_a = LSE over its negatives of scale·s_an; per positive pair (a, p)
   softplus(L_a − scale·cos(acos s_ap − margin)) (0 without a negative), summed in the block: never a
@@ -15,10 +14,14 @@ row-block engine of ``row_blocks.py`` (forward under ``no_grad``, backward recom
   Σ_a |N_a|·#{h⁺ > 0} + |P_a|·#{h⁻ > 0}, from exact per-row counts (int64 totals). β_a = beta[labels[a]] for
   a per-class β (gradient to β through the gather); ν·β as PML's regulariser (already reduced for a scalar
   β; Σ_triplets ν·β_a / divisor per class). Given triplets: O(T) gathers (``_PairDots``), T being the input.
+
 * SNR contrastive — var(q − r)/var(q) (PML's SNRDistance: unbiased variances; the ÷(D − 1) cancels) is
   (‖c_q‖² + ‖c_r‖² − 2·c_q·c_r)/‖c_q‖² with c the row minus its mean: a tile of centred dot products plus O(N)
   row norms. Two AvgNonZero means (positive and negative pairs): each block returns both row sums, laid out
   as out[2·r0 : 2·r1] = (positive sums, negative sums).
+
+TupletMargin and Margin form their gradient while each tile is hot (the loss is a scalar; three GEMMs a block,
+no recompute; O((N + M)·D) kept), SNR recomputes its blocks backward on the engine.
 
 Explicit pair tuples for TupletMargin / SNR (PML counts duplicated pairs) raise ``Unsupported`` (``auto`` →
 reference). No host sync; double backward raises (the engine's rule).
@@ -32,13 +35,21 @@ import torch
 from ..._registry import Unsupported, register
 from .common import _NormalizeRows, _kernel_dtype, _out, _prep, _zero
 from .contrastive_losses import _PairDots
-from .row_blocks import _Blocks, block_rows, spans, values
+from .row_blocks import _Blocks, block_rows, spans
 
 
-def _quarter_blocks(n, m):
-    """Row spans of a quarter of the engine's block: the autograd-recomputed blocks (Margin, SNR) keep ~10 tiles
-    alive in their backward, so at N = 2048 (blocks of N/16 rows) a full block would peak near one N×M matrix."""
-    return spans(n, max(1, block_rows(n, m) // 4))
+def _engine_blocks(n, m, part):
+    """Row spans of 1/part of the engine's block (≤ 1/16 of N×M; a block keeps several tiles alive, so at
+    N = 2048 a full block would peak near one N×M matrix), yet ≥ 2^16 elements where the engine's block allows
+    (tiny blocks cost more in per-op overhead than their GEMMs)."""
+    full = block_rows(n, m)
+    return spans(n, max(1, full // part, min(full, (1 << 16) // max(m, 1))))
+
+
+def _refuse_double_backward(op):
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"double backward (create_graph=True) through the fused cpu {op} is not supported; use "
+                           "backend='reference' for second-order gradients")
 
 
 def _no_pairs(op, pairs):
@@ -79,7 +90,7 @@ class _Tuplet(torch.autograd.Function):
         cm, sm = math.cos(margin), math.sin(margin)
         total = q.new_zeros(())
         cnt = q.new_zeros(2, n)
-        for r0, r1 in spans(n, max(1, block_rows(n, m) // 2)):  # ~7 tiles live: half the engine's block
+        for r0, r1 in _engine_blocks(n, m, 2):  # ~7 tiles live
             qb, lb = q[r0:r1], labels[r0:r1]
             s = qb @ r.T
             same = lb[:, None] == lr[None, :]
@@ -121,9 +132,7 @@ class _Tuplet(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_cnt):
-        if torch.is_grad_enabled():
-            raise RuntimeError("double backward (create_graph=True) through the fused cpu tuplet_margin_loss is "
-                               "not supported; use backend='reference' for second-order gradients")
+        _refuse_double_backward("tuplet_margin_loss")
         dq, dr = ctx.saved_tensors
         return (None if dq is None else dq * g, None if dr is None else dr * g, None, None, None, None, None)
 
@@ -177,6 +186,86 @@ def _margin_given(q, rr, labels, beta_c, per_class, triplets, *, margin, nu, lea
     return loss
 
 
+class _MarginAll(torch.autograd.Function):
+    """(Σ_a |N_a|·Σ_{P_a} h⁺ + |P_a|·Σ_{N_a} h⁻, int64 counts (4, N): |P_a|, |N_a|, #{h⁺ > 0}, #{h⁻ > 0}) over all
+    triplets, h⁺ = relu(margin(d, β_a) + m), h⁻ = relu(margin(β_a, d) + m) = relu(2m − (margin(d, β_a) + m)).
+
+    A scalar, so the gradient is formed while each tile is hot (three GEMMs a block, no recompute): ∂/∂d is
+    sg·[h > 0]·(|N_a| on a positive, −|P_a| on a negative) (sg = +1 for a distance, −1 for a similarity), chained
+    through the distance (euclidean: /2d, 0 at d = 0; squared: the ‖·‖² terms as row / column sums);
+    ∂/∂β_a = −sg·(|N_a|·#{h⁺ > 0} − |P_a|·#{h⁻ > 0})."""
+
+    @staticmethod
+    def forward(ctx, q, r, b_row, labels, lr, self_mode, margin, distance):
+        n, m = q.shape[0], r.shape[0]
+        need_q, need_r, need_b = ctx.needs_input_grad[:3]
+        grads = need_q or need_r
+        dq = torch.zeros_like(q) if need_q else None
+        dr = torch.zeros_like(r) if need_r else None
+        db = torch.zeros_like(b_row) if need_b else None
+        sg = -1.0 if distance.is_similarity else 1.0
+        rr = torch.linalg.vecdot(r, r)
+        total = q.new_zeros(())
+        cnt = torch.zeros(4, n, dtype=torch.int64)
+        for r0, r1 in _engine_blocks(n, m, 2):
+            qb, lb, bb = q[r0:r1], labels[r0:r1], b_row[r0:r1]
+            g = qb @ r.T
+            if distance.is_similarity:
+                d = g
+            else:
+                pre = g.mul_(-2).add_(torch.linalg.vecdot(qb, qb)[:, None]).add_(rr[None, :])
+                live = pre >= 0  # the clamp's gradient mask (torch's clamp_min passes at equality)
+                d = pre.clamp_min_(0)
+                if not distance.squared:
+                    d = d.sqrt_()
+            same = lb[:, None] == lr[None, :]
+            n_same = same.sum(1)
+            n_pos = n_same - 1 if self_mode else n_same
+            n_neg = m - n_same
+            a = torch.mul(d, sg).add_((margin - sg * bb)[:, None])  # margin(d, β) + m
+            h = torch.where(same, a, 2 * margin - a).clamp_min_(0)  # each pair's hinge in its role
+            del a
+            if self_mode:
+                k = torch.arange(r1 - r0)
+                h[k, k + r0] = 0  # (a, a) is neither a positive nor a negative pair
+            act = h > 0
+            hp = h * same
+            k_pos = (hp > 0).sum(1)
+            k_neg = act.sum(1) - k_pos
+            total = total + (n_neg * hp.sum(1) + n_pos * h.sub_(hp).sum(1)).sum()  # h − hp: exact negatives' part
+            del h, hp
+            cnt[0, r0:r1], cnt[1, r0:r1], cnt[2, r0:r1], cnt[3, r0:r1] = n_pos, n_neg, k_pos, k_neg
+            if need_b:
+                db[r0:r1] = -sg * (n_neg * k_pos - n_pos * k_neg).to(q.dtype)
+            if not grads:
+                continue
+            w = torch.where(same, n_neg[:, None].to(q.dtype), -n_pos[:, None].to(q.dtype)).mul_(act).mul_(sg)
+            del act, same
+            if not distance.is_similarity:
+                if distance.squared:
+                    w.mul_(live)
+                else:
+                    nz = d > 0
+                    w.div_(torch.where(nz, 2 * d, 1)).mul_(nz)
+                w.mul_(-2)  # ∂‖q − r‖²/∂(q·r); the ‖q‖², ‖r‖² terms: row / column sums below
+            if need_q:
+                dq[r0:r1] = w @ r
+                if not distance.is_similarity:
+                    dq[r0:r1] -= w.sum(1)[:, None] * qb
+            if need_r:
+                dr.addmm_(w.T, qb)
+                if not distance.is_similarity:
+                    dr -= w.sum(0)[:, None] * r
+        ctx.save_for_backward(dq, dr, db)
+        ctx.mark_non_differentiable(cnt)
+        return total, cnt
+
+    @staticmethod
+    def backward(ctx, g, _g_cnt):
+        _refuse_double_backward("margin_loss")
+        return tuple(None if t is None else t * g for t in ctx.saved_tensors) + (None,) * 5
+
+
 @register("margin_loss", "cpu")
 def margin_loss(x, labels, ref, ref_labels, beta, *, margin, nu, learn_beta, distance, triplets=None):
     q, r, _ = _prep(x, ref, distance)
@@ -189,24 +278,12 @@ def margin_loss(x, labels, ref, ref_labels, beta, *, margin, nu, learn_beta, dis
         loss = _margin_given(q, rr, labels, beta_c, per_class, triplets, margin=margin, nu=nu, learn_beta=learn_beta,
                              distance=distance, zero=zero)
         return _out(loss, x)
-    n, m = q.shape[0], rr.shape[0]
+    n = q.shape[0]
     b_row = beta_c[labels] if per_class else beta_c.reshape(1).expand(n)
-
-    def fn(qb, lb, ib, bb, rv, lv):
-        d = values(qb, rv, distance)[1]
-        pos, neg = _masks(lb, ib, lv, self_mode)
-        hp = torch.relu(distance.margin(d, bb[:, None]) + margin).where(pos, 0)
-        hn = torch.relu(distance.margin(bb[:, None], d) + margin).where(neg, 0)
-        n_pos, n_neg = pos.sum(1), neg.sum(1)
-        value = n_neg.to(d.dtype) * hp.sum(1) + n_pos.to(d.dtype) * hn.sum(1)
-        return value, torch.stack([n_pos, n_neg, (hp > 0).sum(1), (hn > 0).sum(1)]).to(d.dtype)
-
-    blocks = [((r0, r1), ((r0, r1),) * 4 + (None, None)) for r0, r1 in _quarter_blocks(n, m)]
-    sums, cnt = _Blocks.apply(fn, blocks, n, 4, q, labels, torch.arange(n), b_row, rr, lr)
-    c = cnt.to(torch.int64)  # per-row counts ≤ M: exact in the compute dtype; products and totals in int64
+    total, cnt = _MarginAll.apply(q, rr, b_row, labels, lr, self_mode, margin, distance)
+    c = cnt
     mult = c[0] * c[1]  # triplets per anchor
     divisor = (c[1] * c[2]).sum() + (c[0] * c[3]).sum()
-    total = sums.sum()
     if learn_beta and per_class:
         total = total + nu * (mult.to(b_row.dtype) * b_row).sum()
     loss = torch.where(divisor > 0, total / divisor.clamp_min(1).to(total.dtype), zero)
@@ -247,9 +324,9 @@ def snr_contrastive_loss(x, labels, ref, ref_labels, *, pos_margin, neg_margin, 
 
     # out[2·r0 : 2·r1] = (the block's positive-pair row sums, its negative-pair row sums)
     blocks = [((2 * r0, 2 * r1), ((r0, r1), (r0, r1), (r0, r1), (r0, r1), None, None, None))
-              for r0, r1 in _quarter_blocks(n, m)]
+              for r0, r1 in _engine_blocks(n, m, 4)]
     sums, cnt = _Blocks.apply(fn, blocks, 2 * n, 2, cq, nq, labels, torch.arange(n), cr, nr, lr)
-    first = torch.cat([torch.arange(r0, r1) + r0 for r0, r1 in _quarter_blocks(n, m)])
+    first = torch.cat([torch.arange(r0, r1) + r0 for r0, r1 in _engine_blocks(n, m, 4)])
     is_pos = torch.zeros(2 * n, dtype=torch.bool).index_fill_(0, first, True)
     zero = _zero(x).to(sums.dtype)
     loss = zero
