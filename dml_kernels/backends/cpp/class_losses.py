@@ -111,6 +111,17 @@ def _fast_class_path(x, *tensors):
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def _row_dots(a, b):
+    """(a_c · b_c) per row in one pass (einsum's batched dot; vecdot / (a*b).sum(1) form an a-sized temporary)."""
+    return torch.einsum("cd,cd->c", a, b)
+
+
+def _add_rows(G, idx, src):
+    """G[idx] += src (repeated indices accumulate). Along dim 1 of the transposed view: index_add_ along dim 0 of
+    a C×D tensor runs a parallel region over all of G (measured 150 ms for 128 rows on a busy 2-core machine)."""
+    G.t().index_add_(1, idx, src.t())
+
+
 def _has_class_rows():
     """The extension has the fused row op (an older build of the library may not: the torch passes then run)."""
     return has_kernel("class_rows", "cpu")
@@ -158,7 +169,7 @@ class _ClassCE(torch.autograd.Function):
             s = 1.0 / norm.clamp_min(col_norm)  # col_norm: the eps
             col = s * scale  # logits of the non-target columns = A_ic · s_c · scale
         if sq_euclid:
-            qn, rn = q.pow(2).sum(1), R.pow(2).sum(1)
+            qn, rn = _row_dots(q, q), _row_dots(R, R)
             colsum = torch.zeros(C, dtype=dt) if need_r else None
         w = None if weights is None else weights.to(dt)
         dq = torch.zeros_like(q) if need_q else None
@@ -199,7 +210,7 @@ class _ClassCE(torch.autograd.Function):
                 S = A.sum(1)
             rest = m + S.log()
             has_rest = torch.full((n,), C > 1)
-            ry = R[yb]
+            ry = R.index_select(0, yb)
             if not any_grad:
                 losses = row_loss(v, rest, has_rest, qb, ry)
                 total += (losses if w is None else losses * w[b0:b0 + n]).sum()
@@ -224,7 +235,7 @@ class _ClassCE(torch.autograd.Function):
                 rowsum = rho * Sw + gv
             if need_r:  # G += Eᵀ·q_blk (dL/dr̂ with col_norm — s_c·dL/dr̂ when fused: A holds P'·s —, else dL/dr)
                 G.addmm_(A.t(), qb * rho.unsqueeze(1), beta=0 if b0 == 0 else 1)
-                G.index_add_(0, yb, qb * (gv * s[yb] if fused and col_norm else gv).unsqueeze(1))
+                _add_rows(G, yb, qb * (gv * s[yb] if fused and col_norm else gv).unsqueeze(1))
                 if gry is not None:  # the loss's own use of the raw target columns (LargeMargin's ‖w_y‖)
                     direct.append((yb, gry))
                 if sq_euclid:
@@ -249,11 +260,11 @@ class _ClassCE(torch.autograd.Function):
                 G.addcmul_(R, colsum.unsqueeze(1), value=-1)
             if col_norm:  # dL/dr_c = s_c (g_c − r̂_c (r̂_c·g_c)), the projection dropped where the norm is clamped
                 if fused:  # G = s_c·dL/dr̂ already: dL/dr_c = g_c − r_c s_c² (r_c·g_c)
-                    coef = torch.linalg.vecdot(R, G) * s.pow(2) * (norm >= col_norm)
+                    coef = _row_dots(R, G) * s.pow(2) * (norm >= col_norm)
                     G.addcmul_(R, coef.unsqueeze(1), value=-1)
                 else:
-                    coef = torch.linalg.vecdot(R, G) * s.pow(3) * (norm >= col_norm)
+                    coef = _row_dots(R, G) * s.pow(3) * (norm >= col_norm)
                     G.mul_(s.unsqueeze(1)).addcmul_(R, coef.unsqueeze(1), value=-1)
             for yb, gry in direct:
-                G.index_add_(0, yb, gry)
+                _add_rows(G, yb, gry)
         return total / B, dq, G
