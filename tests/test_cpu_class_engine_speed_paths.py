@@ -274,3 +274,23 @@ def test_torch_fallback_without_the_op(name, monkeypatch):
     monkeypatch.setattr(cl, "_has_class_rows", lambda: False)
     for a, b in zip(_grads(name, "cpu"), _grads(name, "reference")):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("layout", ["DxC", "CxD_view"])
+def test_p2sgrad_gram_function_first_and_second_order(layout):
+    """P2SGrad's Gram Function (two D×D×C GEMMs): values, gradients and second-order gradients equal the reference
+    (fp64, 1e-10), W as PML's D×C leaf or as the transposed view of a C×D leaf (the benchmark's proxies)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    base = 0.9 * torch.nn.functional.normalize(torch.randn(4, 9, generator=g, dtype=torch.float64), dim=0)
+    leaf = (base if layout == "DxC" else base.t().contiguous()).requires_grad_()
+    y = torch.tensor([0, 8, 2, 2, 1, 8, 3])
+    out = []
+    for backend in ("cpu", "reference"):
+        W = leaf if layout == "DxC" else leaf.t()
+        loss = F.p2sgrad_loss(x, y, W, backend=backend)
+        gx, gw = torch.autograd.grad(loss, (x, leaf), create_graph=True)
+        hx, hw = torch.autograd.grad(gw.pow(2).sum() + gx.pow(3).sum(), (x, leaf))
+        out.append([loss, gx, gw, hx, hw])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
