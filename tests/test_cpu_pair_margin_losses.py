@@ -470,10 +470,10 @@ def test_no_tensor_to_python_conversions(monkeypatch):
 
 @requires_clear_refs
 @pytest.mark.parametrize("fn", ["tuplet_margin_loss", "signal_to_noise_ratio_contrastive_loss", "margin_loss"])
-def test_peak_memory_at_2048(fn):
-    """Peak resident memory of forward + backward at N = 2048 (fp32, D = 16): under half of one N×N fp32 matrix
+def test_peak_memory_at_4096(fn):
+    """Peak resident memory of forward + backward at N = 4096 (fp32, D = 16): under half of one N×N fp32 matrix
     for cpu (one more N×N buffer fails it), more than one for the reference."""
-    n, d = 2048, 16
+    n, d = 4096, 16
     x = torch.randn(n, d)
     y = torch.randperm(n) % (n // 4)
     nxn = n * n * 4
