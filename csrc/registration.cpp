@@ -47,4 +47,9 @@ TORCH_LIBRARY(dml_kernels, m) {
         "float high) -> (Tensor, Tensor)");
   m.def("triplet_stats_backward(Tensor grad_sums, Tensor q, Tensor? r, Tensor labels, Tensor? ref_labels, int dist, "
         "float margin, float low, float high) -> (Tensor, Tensor)");
+  // The CPU class engine's row work on one block of class logits (cpu/class_ops.cpp; CPU only): A (n×C) is
+  // overwritten with the non-target softmax numerators exp(logit − m) (0 at the target and at clamped squared
+  // distances; times col_scale with scale_out); returns (4, n) rows [target value, m, Σ_{c≠y} exp, Σ of the row].
+  m.def("class_rows(Tensor(a!) A, Tensor labels, float scale, Tensor? col_scale, Tensor? qn, Tensor? rn, "
+        "bool scale_out=False) -> Tensor");
 }

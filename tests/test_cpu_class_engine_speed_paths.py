@@ -167,3 +167,130 @@ def test_fp16_embeddings_fp32_weights_not_cast(name):
     scale = float(Wr.grad.abs().max())  # fp32 arithmetic (ProxyNCA: 2 − 2cos cancels; pair_reduce: 2.8e-4·scale too)
     torch.testing.assert_close(W.grad.double(), Wr.grad, rtol=0, atol=5e-4 * scale)
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=0, atol=2e-3 * float(xr.grad.abs().max()))
+
+
+# ----------------------------------------------------------------- the fused row op (csrc/cpu/class_ops.cpp)
+
+def _naive_class_rows(A, y, scale, cs=None, qn=None, rn=None):
+    """Plain loops over class_rows' formula: (written block, stats rows [v, m, S, W])."""
+    n, C = A.shape
+    rows, stats = [], []
+    for i in range(n):
+        yi = int(y[i])
+        raw = [float(qn[i]) + float(rn[c]) - 2 * float(A[i, c]) for c in range(C)] if rn is not None else None
+        if raw is not None:
+            value = [max(r, 0.0) for r in raw]
+        else:
+            value = [float(A[i, c]) * (1.0 if cs is None else float(cs[c])) for c in range(C)]
+        logits = [scale * value[c] for c in range(C)]
+        others = [logits[c] for c in range(C) if c != yi]
+        m = max(others) if others else 0.0
+        row = []
+        for c in range(C):
+            cut = raw is not None and raw[c] < 0
+            row.append(0.0 if c == yi or cut else math.exp(logits[c] - m))
+        rows.append(row)
+        stats.append([raw[yi] if raw is not None else value[yi], m, sum(math.exp(t - m) for t in others), sum(row)])
+    return torch.tensor(rows, dtype=torch.float64).reshape(n, C), torch.tensor(stats, dtype=torch.float64).reshape(n, 4).t()
+
+
+def _class_rows_case(variant, dtype, n=7, C=37):
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(n, C, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, C, (n,), generator=g)
+    y[0] = 0
+    y[1] = C - 1
+    cs = qn = rn = None
+    if variant == "col_scale":
+        cs = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+    if variant == "sq_euclid":
+        qn = torch.rand(n, generator=g, dtype=torch.float64) * 4
+        rn = torch.rand(C, generator=g, dtype=torch.float64) * 4
+        A[2, min(3, C - 1)] = A[2, y[2]] = 100.0  # clamped squared distances, one at the target (raw < 0)
+    cast = (lambda t: None if t is None else t.to(dtype))
+    return cast(A), y, cast(cs), cast(qn), cast(rn)
+
+
+@pytest.mark.parametrize("variant", ["plain", "col_scale", "sq_euclid"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("C", [37, 1, 2500])
+def test_class_rows_op_against_plain_loops(variant, dtype, C):
+    if not cl._has_class_rows():
+        pytest.skip("the loaded extension has no class_rows")
+    A, y, cs, qn, rn = _class_rows_case(variant, dtype, C=C)
+    if C == 1:
+        y.zero_()
+    scale = -1.7 if variant == "sq_euclid" else 2.5
+    want_rows, want_stats = _naive_class_rows(A, y, scale, cs, qn, rn)
+    got = A.clone()
+    stats = torch.ops.dml_kernels.class_rows(got, y, scale, cs, qn, rn)
+    if cs is not None:  # scale_out: the written row times the column scale, the statistics unchanged
+        got2 = A.clone()
+        stats2 = torch.ops.dml_kernels.class_rows(got2, y, scale, cs, qn, rn, True)
+        torch.testing.assert_close(stats2, stats, rtol=0, atol=0)
+        torch.testing.assert_close(got2, got * cs, rtol=0, atol=0)
+    # fp32: exp(x) of an fp32 argument |x| ≤ ~40 carries |x|·2^-24 ≈ 2.4e-6 relative error (torch's exp alike)
+    tol = dict(rtol=1e-12, atol=1e-300) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-30)
+    torch.testing.assert_close(stats.double(), want_stats, **tol)
+    torch.testing.assert_close(got.double(), want_rows, **tol)
+
+
+def test_class_rows_opcheck_and_errors():
+    if not cl._has_class_rows():
+        pytest.skip("the loaded extension has no class_rows")
+    op = torch.ops.dml_kernels.class_rows
+    for variant in ("plain", "col_scale", "sq_euclid"):
+        A, y, cs, qn, rn = _class_rows_case(variant, torch.float64)
+        torch.library.opcheck(op.default, (A, y, 1.5, cs, qn, rn, variant == "col_scale"))
+    A, y, *_ = _class_rows_case("plain", torch.float64)
+    with pytest.raises(RuntimeError, match="outside"):
+        op(A, torch.full_like(y, 37), 1.0, None, None, None)
+    with pytest.raises(RuntimeError, match="labels must be int64"):
+        op(A, y.int(), 1.0, None, None, None)
+    with pytest.raises(RuntimeError, match="qn and rn"):
+        op(A, y, 1.0, None, torch.zeros(7, dtype=torch.float64), None)
+
+
+def test_far_apart_classes_exact():
+    """Logits thousands apart (ProxyNCA's squared distances to far proxies): the row maximum over the non-target
+    columns is the stabiliser — a maximum over every column (the target's ≈ 0) or none underflows every exp."""
+    g = torch.Generator().manual_seed(5)
+    P = torch.randn(7, 4, generator=g, dtype=torch.float64) * 30
+    y = torch.randint(0, 7, (9,), generator=g)
+    x = (P[y] + 0.1 * torch.randn(9, 4, generator=g, dtype=torch.float64)).requires_grad_()
+    P.requires_grad_()
+    for kw in (dict(exclude_positive=True), dict(exclude_positive=True, softmax_scale=0.5), {}):
+        a = F.proxy_nca_loss(x, y, P, backend="cpu", normalize_embeddings=False, **kw)
+        b = F.proxy_nca_loss(x, y, P, backend="reference", normalize_embeddings=False, **kw)
+        assert torch.isfinite(b) and float(b) < -500 if kw else True
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        for u, v in zip(torch.autograd.grad(a, (x, P)), torch.autograd.grad(b, (x, P))):
+            torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["normalized_softmax", "cosface", "proxy_nca", "proxy_nca_exclude"])
+def test_torch_fallback_without_the_op(name, monkeypatch):
+    """An extension built before class_rows: the same engine in torch passes, still exact."""
+    monkeypatch.setattr(cl, "_has_class_rows", lambda: False)
+    for a, b in zip(_grads(name, "cpu"), _grads(name, "reference")):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("layout", ["DxC", "CxD_view"])
+def test_p2sgrad_gram_function_first_and_second_order(layout):
+    """P2SGrad's Gram Function (two D×D×C GEMMs): values, gradients and second-order gradients equal the reference
+    (fp64, 1e-10), W as PML's D×C leaf or as the transposed view of a C×D leaf (the benchmark's proxies)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    base = 0.9 * torch.nn.functional.normalize(torch.randn(4, 9, generator=g, dtype=torch.float64), dim=0)
+    leaf = (base if layout == "DxC" else base.t().contiguous()).requires_grad_()
+    y = torch.tensor([0, 8, 2, 2, 1, 8, 3])
+    out = []
+    for backend in ("cpu", "reference"):
+        W = leaf if layout == "DxC" else leaf.t()
+        loss = F.p2sgrad_loss(x, y, W, backend=backend)
+        gx, gw = torch.autograd.grad(loss, (x, leaf), create_graph=True)
+        hx, hw = torch.autograd.grad(gw.pow(2).sum() + gx.pow(3).sum(), (x, leaf))
+        out.append([loss, gx, gw, hx, hw])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -154,15 +154,42 @@ def p2sgrad_loss(x, labels, weight):
     dt = _kernel_dtype(x)
     q = x.to(dt)
     w = weight.to(dt)
-    if bool((w.detach().pow(2).sum(0) > 1 + 1e-6).any()):
+    if bool((torch.linalg.vector_norm(w.detach(), dim=0) > (1 + 1e-6) ** 0.5).any()):
         raise Unsupported("p2sgrad_loss: a weight column longer than 1 (cosines PML clamps): the C++ Gram form "
                           "assumes unit-ball columns; the reference and triton backends clamp exactly")
-    n, c = q.shape[0], w.shape[1]
     x_norm = q.pow(2).sum(1).pow(0.5)  # PML's modulus (no eps)
-    gram = w @ w.t()
-    sq = ((q @ gram) * q).sum(1) / x_norm ** 2
-    target = (q * w.t()[labels]).sum(1) / x_norm
-    return _out((sq.sum() - 2 * target.sum() + n) / (n * c), x)
+    return _out(_P2SGram.apply(q / x_norm.unsqueeze(1), w, labels), x)
+
+
+class _P2SGram(torch.autograd.Function):
+    """(Σ_i ûᵢᵀ (W Wᵀ) ûᵢ − 2 Σ_i ûᵢ·w_{yᵢ} + N) / (N·C) for unit rows û (N×D) and W (D×C): the Gram G = W Wᵀ in the
+    forward, dW = 2k (ÛᵀÛ) W − 2k Σ_i ûᵢ e_{yᵢ}ᵀ in the backward (k = g / (N·C)) — two D×D×C GEMMs in all (autograd
+    through ``W @ W.t()`` takes three: one per operand) and one D×C gradient (no zero-filled gather gradient added
+    to it). Under ``create_graph=True`` the backward recomputes G differentiably (exact to second order)."""
+
+    @staticmethod
+    def forward(ctx, u, w, labels):
+        gram = w @ w.t()
+        wy = w.t().index_select(0, labels)
+        n, c = u.shape[0], w.shape[1]
+        ctx.save_for_backward(u, w, labels, gram)
+        return ((u @ gram) * u).sum().sub(2 * torch.linalg.vecdot(u, wy).sum()).add(n).div(n * c)
+
+    @staticmethod
+    def backward(ctx, g):
+        u, w, labels, gram = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            gram = w @ w.t()
+        k = g * (2.0 / (u.shape[0] * w.shape[1]))
+        du = dw = None
+        if ctx.needs_input_grad[0]:
+            du = (u @ gram - w.t().index_select(0, labels)) * k
+        if ctx.needs_input_grad[1]:
+            m = (u.t() @ u) * k
+            # in w's own layout (a transposed view of a C×D leaf: computed C×D, so no copy to the leaf's strides)
+            dw = (w.t() @ m).t() if w.stride(0) == 1 and w.stride(1) != 1 else m @ w
+            dw.index_add_(1, labels, u.t() * -k)
+        return du, dw, None
 
 
 # ----------------------------------------------------------------- statistics of one class shard (distributed)
