@@ -27,3 +27,25 @@ def _seed():
 
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a whole test module (restored after): on a busy 2-core machine a 2-thread tiny
+    GEMM or reduction waits ~20–30 ms on the thread-pool barrier, which the cpu row-block forms and PML's small
+    ops would pay per call. Use with ``pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=[None, 40], ids=["tile-default", "tile-40"])
+def tile(request, monkeypatch):
+    """The cpu row-block engine's tile (``backends/cpp/row_blocks.TILE``): the default, and a 40-element one —
+    blocks of a few rows and a ragged last block. Returns the tile in force."""
+    from dml_kernels.backends.cpp import row_blocks
+
+    if request.param is not None:
+        monkeypatch.setattr(row_blocks, "TILE", request.param)
+    return row_blocks.TILE

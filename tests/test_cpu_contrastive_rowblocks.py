@@ -25,22 +25,8 @@ from pytorch_metric_learning import miners as pm  # noqa: E402
 
 F = dk.functional
 TOL = 1e-9
-pytestmark = pytest.mark.skipif(_registry.unavailable_reason("cpu", "cpu") is not None, reason="no cpu backend")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One BLAS thread: a busy 2-core machine makes a 2-thread tiny GEMM wait on the thread barrier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(params=[RB.TILE, 40], ids=["tile-default", "tile-40"])
-def tile(request, monkeypatch):
-    monkeypatch.setattr(RB, "TILE", request.param)
-    return request.param
+pytestmark = [pytest.mark.skipif(_registry.unavailable_reason("cpu", "cpu") is not None, reason="no cpu backend"),
+              pytest.mark.usefixtures("one_thread")]  # one_thread, tile: tests/conftest.py
 
 
 def _run(fn, inputs, backend):

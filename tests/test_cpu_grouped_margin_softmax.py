@@ -3,7 +3,7 @@ chunks in torch, gradients formed in the forward, the first pass's tiles kept in
 B ≤ D. Against independent naive loops over PML's formulas, the reference backend and PML 2.9 itself (float64, 1e-9,
 values, embedding and weight gradients; PML's state_dict loaded into ours with strict=True), for C < B, C ≫ B, C not
 a chunk multiple, absent classes, K = 1 and K = 3, B > D (tiles recomputed) and B ≤ D (tiles stashed), W in PML's
-D × C·K layout and as the transpose of a C·K × D matrix, 1–3 worker threads; miner weights; exact ties between
+D × C·K layout and as the transpose of a C·K × D matrix; miner weights; exact ties between
 sub-centres; ArcFace's other branch; gradcheck; fp32; retain_graph; a watch of every tensor (no B×C or B×C·K buffer:
 fails on the reference) and of host syncs; peak RSS."""
 import math
@@ -28,13 +28,11 @@ pytestmark = pytest.mark.skipif(not all("cpu" in _registry.implemented(op) for o
 
 @pytest.fixture
 def engine(monkeypatch):
-    """Small chunks and a chosen number of worker threads: ``engine(tile, threads)``."""
-    from dml_kernels.backends.cpp import grouped_columns as GC
+    """Small chunks: ``engine(tile)``."""
     from dml_kernels.backends.cpp import row_blocks
 
-    def set_(tile, threads=1):
+    def set_(tile):
         monkeypatch.setattr(row_blocks, "TILE", tile)
-        monkeypatch.setattr(GC, "THREADS", threads)
     return set_
 
 
@@ -132,21 +130,21 @@ def _fn(op, y, kw, backend, **more):
     return lambda x, W: getattr(F, op)(x, y, W, backend=backend, **kw, **more)
 
 
-@pytest.mark.parametrize("threads,colmajor", [(1, False), (3, True)], ids=["1t", "3t-colmajor"])
+@pytest.mark.parametrize("colmajor", [False, True], ids=["rowmajor", "colmajor"])
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("op,kw,k", CASES, ids=IDS)
-def test_equals_reference_and_naive(op, kw, k, size, threads, colmajor, engine):
+def test_equals_reference_and_naive(op, kw, k, size, colmajor, engine):
     x, y, W, tile = _data(size, k, colmajor=colmajor)
-    engine(tile, threads)
+    engine(tile)
     got = _grads(_fn(op, y, kw, "cpu"), x, W)
     _same(got, _grads(_fn(op, y, kw, "reference"), x, W))
-    if threads == 1 and size in ("C>>B", "absent"):  # the loops are slow; a stashed and a recomputed shape
+    if not colmajor and size in ("C>>B", "absent"):  # the loops are slow; a stashed and a recomputed shape
         _same(got, _grads(lambda a, w: naive(op, a, y, w, _kw(op, kw)), x, W))
 
 
 @pytest.mark.parametrize("op,kw,k", CASES, ids=IDS)
 def test_miner_weights(op, kw, k, engine):
-    engine(36, 2)
+    engine(36)
     x, y, W, _ = _data("C<B", k, seed=3)
     tup = pm.MultiSimilarityMiner(epsilon=0.3)(x, y)
     counts = [sum(int((t == i).sum()) for t in tup) for i in range(x.shape[0])]
@@ -175,7 +173,7 @@ def _module_step(module, x, y, *args):
 @pytest.mark.parametrize("name,kw", MODULES, ids=["subcenter-K3", "subcenter-K1", "softtriple-K3", "softtriple-K2", "softtriple-K1"])
 def test_modules_equal_pml_float64(name, kw, size, engine):
     b, d, c, _, tile = SIZES[size]
-    engine(tile, 2)
+    engine(tile)
     x, y, _, _ = _data(size, 1)
     torch.manual_seed(0)
     theirs = getattr(pl, name)(num_classes=c, embedding_size=d, **kw).double()
@@ -194,7 +192,7 @@ def test_modules_equal_pml_float64(name, kw, size, engine):
 
 def test_subcenter_ties_take_the_first_centre(engine):
     """Exact duplicate sub-centres: torch.max (the reference, PML) gives the gradient to the first; so must we."""
-    engine(36, 2)
+    engine(36)
     x, y, W, _ = _data("C>>B", 3, seed=5)
     W = W.clone()
     W[:, 1::3] = W[:, 0::3]  # centre 1 = centre 0 of every class
@@ -207,7 +205,7 @@ def test_subcenter_ties_take_the_first_centre(engine):
 
 def test_arcface_past_pi_minus_margin_and_single_class(engine):
     """Targets almost opposite their centre (ArcFace's cos θ − m·sin m branch); C = 1 (no other class: loss 0)."""
-    engine(8, 2)
+    engine(8)
     g = torch.Generator().manual_seed(1)
     W = torch.randn(3, 8, dtype=torch.float64, generator=g)
     y = torch.tensor([0, 1, 2, 3, 0, 1])
@@ -223,7 +221,7 @@ def test_arcface_past_pi_minus_margin_and_single_class(engine):
 
 @pytest.mark.parametrize("op,kw,k", [CASES[0], CASES[2], CASES[4]], ids=[IDS[0], IDS[2], IDS[4]])
 def test_gradcheck(op, kw, k, engine):
-    engine(8, 2)
+    engine(8)
     g = torch.Generator().manual_seed(7)
     for b, d in ((4, 3), (3, 5)):  # B > D (recomputed tiles) and B ≤ D (stashed)
         x = torch.randn(b, d, dtype=torch.float64, generator=g, requires_grad=True)
@@ -234,7 +232,7 @@ def test_gradcheck(op, kw, k, engine):
 
 @pytest.mark.parametrize("op,kw,k", [CASES[0], CASES[2]], ids=[IDS[0], IDS[2]])
 def test_float32_close_to_reference(op, kw, k, engine):
-    engine(36, 2)
+    engine(36)
     x, y, W, _ = _data("C>>B", k)
     got = _grads(_fn(op, y, kw, "cpu"), x.float(), W.float())
     assert got[0].dtype == got[1].dtype == got[2].dtype == torch.float32
@@ -243,7 +241,7 @@ def test_float32_close_to_reference(op, kw, k, engine):
 
 def test_retain_graph_and_upstream_scale(engine):
     """A second backward recomputes the gradients (the first consumed the forward's); grad_output scales them."""
-    engine(36, 2)
+    engine(36)
     x, y, W, _ = _data("C>>B", 3)
     kw = CASES[0][1]
     xr, Wr = x.clone().requires_grad_(), W.clone().requires_grad_()
@@ -256,7 +254,7 @@ def test_retain_graph_and_upstream_scale(engine):
 
 def test_out_of_range_label_contributes_zero(engine):
     """check_inputs=False with a label outside [0, C): that row's loss is 0 (the triton form's rule; PML raises)."""
-    engine(36, 1)
+    engine(36)
     x, y, W, _ = _data("C>>B", 3)
     bad = y.clone()
     bad[0] = 70
@@ -267,7 +265,7 @@ def test_out_of_range_label_contributes_zero(engine):
 
 
 def test_inputs_untouched_and_double_backward_refused(engine):
-    engine(36, 2)
+    engine(36)
     x, y, W, _ = _data("C>>B", 3)
     x0, W0 = x.clone(), W.clone()
     xx, ww = x.clone().requires_grad_(), W.clone().requires_grad_()
@@ -305,7 +303,7 @@ def test_no_batch_by_class_buffer_and_no_sync(op, kw, k, b, d, engine):
     ones (the gradient buffer), never a B×C or B×C·K one, and never sync; the same watch sees the reference's."""
     c = 96 if b > d else 40
     tile = b * k * 4  # 4 classes per chunk
-    engine(tile, 2)  # threads: the watch runs inline (a dispatch mode is thread-local)
+    engine(tile)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, d, dtype=torch.float64, generator=g)
     y = torch.randint(0, c, (b,), generator=g)
@@ -327,7 +325,7 @@ def test_no_batch_by_class_buffer_and_no_sync(op, kw, k, b, d, engine):
 
 def test_no_tensor_to_python_conversions(monkeypatch, engine):
     """With check_inputs=False nothing turns a tensor into a Python value (the CUDA sync check's CPU stand-in)."""
-    engine(36, 2)
+    engine(36)
     runs = [(op, kw, _data("C>>B", k)) for op, kw, k in CASES]
     calls = []
     for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist"):

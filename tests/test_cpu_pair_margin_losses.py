@@ -14,7 +14,6 @@ import torch
 
 import dml_kernels as dk
 from dml_kernels import _registry
-from dml_kernels.backends.cpp import row_blocks as RB
 from memory import TensorWatch, peak_extra_bytes, requires_clear_refs
 from patterns import PATTERNS, make
 
@@ -26,23 +25,8 @@ from pytorch_metric_learning import regularizers as preg  # noqa: E402
 
 F = dk.functional
 TOL = 1e-9
-pytestmark = pytest.mark.skipif(_registry.unavailable_reason("cpu", "cpu") is not None, reason="no cpu backend")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One BLAS thread: a busy 2-core machine makes a 2-thread tiny GEMM wait on the thread barrier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(params=[RB.TILE, 40], ids=["tile-default", "tile-40"])
-def tile(request, monkeypatch):
-    """The default tile and a 40-element one (blocks of 1–4 rows, a ragged last block)."""
-    monkeypatch.setattr(RB, "TILE", request.param)
-    return request.param
+pytestmark = [pytest.mark.skipif(_registry.unavailable_reason("cpu", "cpu") is not None, reason="no cpu backend"),
+              pytest.mark.usefixtures("one_thread")]  # one_thread, tile: tests/conftest.py
 
 
 def _grads(fn, inputs):

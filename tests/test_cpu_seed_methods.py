@@ -13,22 +13,13 @@ import torch
 
 import dml_kernels as dk
 from dml_kernels import _registry
-from dml_kernels.backends.cpp import row_blocks as RB
 from patterns import PATTERNS
 from memory import TensorWatch
 
 F = dk.functional
 TOL = 1e-9
-pytestmark = pytest.mark.skipif(_registry.unavailable_reason("cpu", "cpu") is not None, reason="no cpu backend")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One BLAS thread: a busy 2-core machine makes a 2-thread tiny GEMM wait ~30 ms on the thread barrier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.skipif(_registry.unavailable_reason("cpu", "cpu") is not None, reason="no cpu backend"),
+              pytest.mark.usefixtures("one_thread")]  # one_thread, tile: tests/conftest.py
 
 
 def _run(fn, inputs, backend):
@@ -55,13 +46,6 @@ def _data(n, d, m=None, classes=3, seed=0):
     if m is None:
         return x, None, None
     return x, torch.randn(m, d, dtype=torch.float64, generator=g), torch.randint(0, classes, (m,), generator=g)
-
-
-@pytest.fixture(params=[RB.TILE, 40], ids=["tile-default", "tile-40"])
-def tile(request, monkeypatch):
-    """The default tile, and a 40-element one: blocks of 1–2 rows, (J, K) chunks of 6, ragged last blocks."""
-    monkeypatch.setattr(RB, "TILE", request.param)
-    return request.param
 
 
 # ------------------------------------------------------------------------------------------ direction: MS

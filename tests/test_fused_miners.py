@@ -34,13 +34,7 @@ RANGES = [(None, None), ((0.3, 1.2), None), (None, (-0.5, 0.9)), ((0.1, 1.5), (0
 HAS_CPU = _registry.unavailable_reason("cpu", "cpu") is None
 BACKENDS = [pytest.param("cpu", marks=pytest.mark.skipif(not HAS_CPU, reason="no cpu backend")), "triton"]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _op(op, backend, x, y, r, ry, **kw):

@@ -28,15 +28,7 @@ DISTANCES = {
 STRATEGIES = [(p, n) for p in ("easy", "semihard", "hard", "all") for n in ("easy", "semihard", "hard", "all")
               if not ("semihard" in (p, n) and (p == n or "all" in (p, n)))]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """PML's ``torch.min(dim=1)`` takes ~20 ms per call on a busy 2-core machine with 2 threads (pool wake-up);
-    one thread keeps this file fast. Both sides run under the same setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _ours(name, dist_case="default", **kw):

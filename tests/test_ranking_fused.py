@@ -163,14 +163,15 @@ def test_memory_watch_fails_on_the_reference(op):
 @pytest.mark.skipif(DEVICE != "cpu" or not __import__("memory").HAS_CLEAR_REFS, reason="cpu peak RSS (Linux)")
 @pytest.mark.parametrize("op", [op for op in OPS if "cpu" in fused(op)])
 def test_cpu_peak_rss_far_below_one_n_by_n_matrix(op, monkeypatch):
-    """N = 2048, fp32, forward + backward with 32-row blocks: the cpu form's peak extra RSS stays under half of
-    one N×N fp32 matrix (16 MiB); the reference's exceeds a whole one. (Every large block is counted, see
-    tests/memory.py: the cpu form's peak is ~2 MiB at any N from 512 to 4096 — block temporaries and fixed
-    autograd overhead — so N = 1024's 2 MiB bound was too tight.)"""
+    """fp32, forward + backward with 32-row blocks: the cpu form's peak extra RSS at N = 4096 stays under half of
+    one N×N fp32 matrix (32 MiB); the reference's at N = 2048 exceeds a whole one (16 MiB). (Every large block is
+    counted, see tests/memory.py: the cpu form's peak is ~2 MiB at any N from 512 to 4096 — block temporaries and
+    fixed autograd overhead — but in the full suite the allocator state earlier modules leave adds a few MiB:
+    at N = 2048 that reached the 8 MiB bound, so the cpu side is measured at N = 4096.)"""
     from dml_kernels.backends.cpp import ranking_losses as cpu_rank
     from memory import peak_extra_bytes
-    monkeypatch.setattr(cpu_rank, "TILE", 32 * 2048)
-    n = 2048
+    n = 4096
+    monkeypatch.setattr(cpu_rank, "TILE", 32 * n)
     x, y = torch.randn(n, 8), torch.randint(0, 20, (n,))
     kw = KW[op][0]
 
@@ -179,8 +180,8 @@ def test_cpu_peak_rss_far_below_one_n_by_n_matrix(op, monkeypatch):
         _call(op, backend, xr, yy, **kw).backward()
 
     step("cpu")  # one-time initialisations (thread pools, the autograd engine) are not the loss's memory
-    nn_bytes = n * n * 4
     fused_peak = peak_extra_bytes(lambda: step("cpu"))
-    reference_peak = peak_extra_bytes(lambda: step("reference"))
-    assert fused_peak < nn_bytes / 2, (fused_peak, nn_bytes)
-    assert reference_peak > nn_bytes, (reference_peak, nn_bytes)
+    assert fused_peak < n * n * 4 / 2, (fused_peak, n * n * 4)
+    half = n // 2
+    reference_peak = peak_extra_bytes(lambda: step("reference", x[:half], y[:half]))
+    assert reference_peak > half * half * 4, (reference_peak, half * half * 4)
