@@ -41,7 +41,8 @@ import sys
 import torch
 torch.ops.load_library(sys.argv[1])
 for op in ("pair_values", "pair_values_backward", "pair_reduce", "pair_reduce_backward", "ms_thresholds", "ms_mask",
-           "batch_hard"):
+           "batch_hard",
+           "pair_terms", "pair_terms_backward"):
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dml_kernels::{op}", key), (op, key)
 print("cuda_compile_check: OK, CPU and CUDA kernels registered in", sys.argv[1])

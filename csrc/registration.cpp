@@ -47,6 +47,14 @@ TORCH_LIBRARY(dml_kernels, m) {
         "float high) -> (Tensor, Tensor)");
   m.def("triplet_stats_backward(Tensor grad_sums, Tensor q, Tensor? r, Tensor labels, Tensor? ref_labels, int dist, "
         "float margin, float low, float high) -> (Tensor, Tensor)");
+  // The contrastive family's loss-specific pair terms (pair_terms.h: loss codes, params, row statistics), per
+  // query row and set: sums (2, N) [pos, neg] = Σ or log Σ e^ (per loss) of the terms, counts (4, N) int64 [pos
+  // pairs, neg pairs, active pos terms, active neg terms]; row_stats (K, N), K the loss's statistics count.
+  m.def("pair_terms(Tensor q, Tensor? r, Tensor? labels, Tensor? ref_labels, Tensor? pos_bits, Tensor? neg_bits, "
+        "int dist, int loss, float[] params, Tensor row_stats) -> (Tensor, Tensor)");
+  m.def("pair_terms_backward(Tensor grad_sums, Tensor q, Tensor? r, Tensor? labels, Tensor? ref_labels, "
+        "Tensor? pos_bits, Tensor? neg_bits, int dist, int loss, float[] params, Tensor row_stats, Tensor sums, "
+        "bool need_r) -> (Tensor, Tensor, Tensor)");
   // The CPU class engine's row work on one block of class logits (cpu/class_ops.cpp; CPU only): A (n×C) is
   // overwritten with the non-target softmax numerators exp(logit − m) (0 at the target and at clamped squared
   // distances; times col_scale with scale_out); returns (4, n) rows [target value, m, Σ_{c≠y} exp, Σ of the row].
