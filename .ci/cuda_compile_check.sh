@@ -45,5 +45,8 @@ for op in ("pair_values", "pair_values_backward", "pair_reduce", "pair_reduce_ba
            "pair_terms", "pair_terms_backward"):
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dml_kernels::{op}", key), (op, key)
+for op in ("grouped_class_rows", "grouped_class_rows_backward"):  # grouped columns (SubCenterArcFace, SoftTriple)
+    for key in ("CPU", "CUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dml_kernels::{op}", key), (op, key)
 print("cuda_compile_check: OK, CPU and CUDA kernels registered in", sys.argv[1])
 PY

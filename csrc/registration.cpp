@@ -60,4 +60,10 @@ TORCH_LIBRARY(dml_kernels, m) {
   // distances; times col_scale with scale_out); returns (4, n) rows [target value, m, Σ_{c≠y} exp, Σ of the row].
   m.def("class_rows(Tensor(a!) A, Tensor labels, float scale, Tensor? col_scale, Tensor? qn, Tensor? rn, "
         "bool scale_out=False) -> Tensor");
+  // Grouped-column class losses (SubCenterArcFace, SoftTriple; grouped_classes.h): x (B×D), W (D×C·K, PML's layout,
+  // any strides), K centres per class reduced by mode (0 = max, 1 = softmax over the centres at 1/γ), params =
+  // [a, 1/γ, w_eps (> 0: W's columns normalised)]. Per row: (t = the target class's value, rest = LSE_{c≠y} a·v_c).
+  m.def("grouped_class_rows(Tensor x, Tensor W, Tensor labels, int K, int mode, float[] params) -> (Tensor, Tensor)");
+  m.def("grouped_class_rows_backward(Tensor grad_t, Tensor grad_rest, Tensor x, Tensor W, Tensor labels, Tensor rest, "
+        "int K, int mode, float[] params, bool need_x, bool need_w) -> (Tensor, Tensor)");
 }

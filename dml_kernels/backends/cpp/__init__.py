@@ -30,3 +30,4 @@ from . import mining  # noqa: F401,E402 - per-row miners (batch easy/hard, pair 
 from . import pair_margin_losses  # noqa: F401,E402 - TupletMargin, Margin, SNR contrastive in O(block × M): row blocks
 from . import grouped_columns  # noqa: F401,E402 - SubCenterArcFace / SoftTriple in O(B × chunk): whole-class column chunks
 from . import pair_terms  # noqa: F401,E402 - the contrastive family on the pair_terms op (registered for cuda; CPU-tested)
+from . import grouped_kernels  # noqa: F401,E402 - SubCenterArcFace / SoftTriple on the grouped_class_rows op (cuda backend)
