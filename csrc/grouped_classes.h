@@ -43,41 +43,58 @@ struct GroupParams {
   T w_eps = T(0);
 };
 
-// The class value of K centre values s[0..K).
+// The class value of K centre values s[0..K), and (w given: K entries) its weights: max: 1 at the first maximal
+// centre, 0 elsewhere; softmax: p_k (group_grad completes the derivative). K = 2 softmax: one exponential,
+// p = σ(±(s_0 − s_1)/γ).
 template <typename T>
-DML_HOST_DEVICE T group_value(const GroupParams<T>& p, const T* s) {
+DML_HOST_DEVICE T group_value(const GroupParams<T>& p, const T* s, T* w = nullptr) {
   DML_GROUP_MATH;
-  T m = s[0];
-  for (int64_t k = 1; k < p.k; ++k) m = s[k] > m ? s[k] : m;
-  if (p.mode == kGroupMax || p.k == 1) return m;
-  T num = T(0), den = T(0);
-  for (int64_t k = 0; k < p.k; ++k) {
-    const T e = exp((s[k] - m) * p.inv_gamma);
-    den += e;
-    num += e * s[k];
+  if (p.k == 1) {
+    if (w != nullptr) w[0] = T(1);
+    return s[0];
   }
-  return num / den;
-}
-
-// ds[k] = g · dv/ds_k for the class value v = group_value(p, s).
-template <typename T>
-DML_HOST_DEVICE void group_grad(const GroupParams<T>& p, const T* s, T v, T g, T* ds) {
-  DML_GROUP_MATH;
-  if (p.mode == kGroupMax || p.k == 1) {
+  if (p.mode == kGroupMax) {
     int64_t best = 0;  // the first maximal centre, as torch.max's index
     for (int64_t k = 1; k < p.k; ++k)
       if (s[k] > s[best]) best = k;
-    for (int64_t k = 0; k < p.k; ++k) ds[k] = k == best ? g : T(0);
-    return;
+    if (w != nullptr)
+      for (int64_t k = 0; k < p.k; ++k) w[k] = k == best ? T(1) : T(0);
+    return s[best];
+  }
+  if (p.k == 2) {
+    const T dlt = (s[0] - s[1]) * p.inv_gamma;
+    const T e = exp(dlt >= T(0) ? -dlt : dlt);  // ≤ 1
+    const T hi = T(1) / (T(1) + e), lo = e * hi;  // the larger centre's weight, the smaller's
+    const T p0 = dlt >= T(0) ? hi : lo, p1 = dlt >= T(0) ? lo : hi;
+    if (w != nullptr) {
+      w[0] = p0;
+      w[1] = p1;
+    }
+    return p0 * s[0] + p1 * s[1];
   }
   T m = s[0];
   for (int64_t k = 1; k < p.k; ++k) m = s[k] > m ? s[k] : m;
-  T den = T(0);
+  T num = T(0), den = T(0);
   for (int64_t k = 0; k < p.k; ++k) {
-    ds[k] = exp((s[k] - m) * p.inv_gamma);
-    den += ds[k];
+    const T e = exp((s[k] - m) * p.inv_gamma);
+    if (w != nullptr) w[k] = e;
+    den += e;
+    num += e * s[k];
   }
-  for (int64_t k = 0; k < p.k; ++k) ds[k] = ds[k] / den * (T(1) + (s[k] - v) * p.inv_gamma) * g;
+  if (w != nullptr)
+    for (int64_t k = 0; k < p.k; ++k) w[k] /= den;
+  return num / den;
+}
+
+// ds[k] = g · dv/ds_k for the class value v = group_value(p, s, w), from its weights w (ds may be w itself):
+// max: w_k·g; softmax: p_k (1 + (s_k − v)/γ)·g.
+template <typename T>
+DML_HOST_DEVICE void group_grad(const GroupParams<T>& p, const T* s, T v, T g, const T* w, T* ds) {
+  if (p.mode == kGroupMax || p.k == 1) {
+    for (int64_t k = 0; k < p.k; ++k) ds[k] = w[k] * g;
+    return;
+  }
+  for (int64_t k = 0; k < p.k; ++k) ds[k] = w[k] * (T(1) + (s[k] - v) * p.inv_gamma) * g;
 }
 
 // dL/dv of a class: g_t at the row's target, else g_r·a·e^{a·v − rest} (its share of the LSE's gradient).

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "../grouped_classes.h"
+#include "fast_exp.h"
 
 namespace dml {
 namespace cpu {
@@ -133,7 +134,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Problem<T>& pr) {
   const int64_t per = (nch + ngr - 1) / std::max<int64_t>(ngr, 1);
   std::vector<T> pm(ngr * b, ninf), pl(ngr * b, T(0));
   at::parallel_for(0, ngr * nrb, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<T> buf(pr.buf_elems());
+    std::vector<T> buf(pr.buf_elems()), z(pr.cpc);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t g = w / nrb, i0 = (w % nrb) * pr.rows, ni = std::min(pr.rows, b - i0);
       for (int64_t ch = g * per; ch < std::min(nch, (g + 1) * per); ++ch) {
@@ -141,14 +142,19 @@ std::tuple<Tensor, Tensor> forward_impl(const Problem<T>& pr) {
         pr.tile(i0, ni, c0, nc, buf.data());
         for (int64_t i = 0; i < ni; ++i) {
           const int64_t row = i0 + i, y = pr.yp[row];
-          OnlineLse<T> acc{pm[g * b + row], pl[g * b + row]};
-          for (int64_t c = 0; c < nc; ++c) {
+          T zmax = ninf;
+          for (int64_t c = 0; c < nc; ++c) {  // the logits a·v of the chunk's classes, −inf at the target
             const T v = group_value(pr.p, buf.data() + i * nj + c * K);
-            if (c0 + c == y)
+            z[c] = pr.p.a * v;
+            if (c0 + c == y) {
               tp[row] = v;  // the one chunk holding the target writes it
-            else
-              acc.add(pr.p.a * v);
+              z[c] = ninf;
+            }
+            zmax = z[c] > zmax ? z[c] : zmax;
           }
+          if (zmax == ninf) continue;
+          OnlineLse<T> acc{pm[g * b + row], pl[g * b + row]};
+          acc.merge(zmax, sum_exp(z.data(), nc, zmax));  // float: the vectorised exp of fast_exp.h
           pm[g * b + row] = acc.m;
           pl[g * b + row] = acc.l;
         }
@@ -186,9 +192,9 @@ void tile_edges(const Problem<T>& pr, int64_t i0, int64_t ni, int64_t c0, int64_
     const int64_t row = i0 + i, y = pr.yp[row];
     for (int64_t c = 0; c < nc; ++c) {
       T* s = buf + i * nj + c * K;
-      const T v = group_value(pr.p, s);
+      const T v = group_value(pr.p, s, ds.data());
       const T g = class_grad(c0 + c == y, v, pr.p.a, rest[row], gt[row], gr[row]);
-      group_grad(pr.p, s, v, g, ds.data());
+      group_grad(pr.p, s, v, g, ds.data(), ds.data());
       for (int64_t k = 0; k < K; ++k) s[k] = ds[k];
     }
   }

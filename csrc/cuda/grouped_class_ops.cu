@@ -115,9 +115,10 @@ __device__ __forceinline__ void tile_edges(const GroupParams<T>& p, const RowSta
       const int64_t row = i0 + r;
       if (row >= b) continue;
       const T* s = &sS[r][lane * p.k];
-      const T v = group_value(p, s);
+      T* e = &sE[r][lane * p.k];
+      const T v = group_value(p, s, e);
       const T g = class_grad(c0 + lane == rs.y[row], v, p.a, rs.rest[row], rs.gt[row], rs.gr[row]);
-      group_grad(p, s, v, g, &sE[r][lane * p.k]);
+      group_grad(p, s, v, g, e, e);
     }
   }
   __syncwarp();
