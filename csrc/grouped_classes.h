@@ -86,7 +86,7 @@ DML_HOST_DEVICE T group_value(const GroupParams<T>& p, const T* s, T* w = nullpt
   return num / den;
 }
 
-// ds[k] = g · dv/ds_k for the class value v = group_value(p, s, w), from its weights w (ds may be w itself):
+// ds[k] = g · dv/ds_k for the class value v = group_value(p, s, w), from its weights w (ds may alias w or s):
 // max: w_k·g; softmax: p_k (1 + (s_k − v)/γ)·g.
 template <typename T>
 DML_HOST_DEVICE void group_grad(const GroupParams<T>& p, const T* s, T v, T g, const T* w, T* ds) {

@@ -183,20 +183,39 @@ std::tuple<Tensor, Tensor> grouped_class_rows_cpu(const Tensor& x, const Tensor&
   });
 }
 
-// The tile in buf (ni × nj: S, scaled by rw) → E = dL/dS in place (per class: dL/dv spread over its centres).
+inline float exp_le0(float x) { return exp_nonpos(x); }  // fast_exp.h's vectorisable expf (x ≤ 0)
+inline double exp_le0(double x) { return std::exp(x); }
+
+// Per-row scratch of tile_edges: class values, their gradients, the centres' weights.
+template <typename T>
+struct EdgeScratch {
+  std::vector<T> v, g, w;
+  explicit EdgeScratch(int64_t cpc, int64_t k) : v(cpc), g(cpc), w(cpc * k) {}
+};
+
+// The tile in buf (ni × nj: S, scaled by rw) → E = dL/dS in place (per class: dL/dv spread over its centres):
+// dL/dv = g_t at the target, g_r·a·e^{a·v − rest} elsewhere (class_grad's rule; its exponentials in one
+// vectorisable loop per row), then group_grad.
 template <typename T>
 void tile_edges(const Problem<T>& pr, int64_t i0, int64_t ni, int64_t c0, int64_t nc, T* buf, const T* gt,
-                const T* gr, const T* rest, std::vector<T>& ds) {
+                const T* gr, const T* rest, EdgeScratch<T>& sc) {
   const int64_t K = pr.p.k, nj = nc * K;
+  const T a = pr.p.a;
+  T* __restrict v = sc.v.data();
+  T* __restrict g = sc.g.data();
   for (int64_t i = 0; i < ni; ++i) {
     const int64_t row = i0 + i, y = pr.yp[row];
-    for (int64_t c = 0; c < nc; ++c) {
-      T* s = buf + i * nj + c * K;
-      const T v = group_value(pr.p, s, ds.data());
-      const T g = class_grad(c0 + c == y, v, pr.p.a, rest[row], gt[row], gr[row]);
-      group_grad(pr.p, s, v, g, ds.data(), ds.data());
-      for (int64_t k = 0; k < K; ++k) s[k] = ds[k];
+    T* srow = buf + i * nj;
+    for (int64_t c = 0; c < nc; ++c) v[c] = group_value(pr.p, srow + c * K, sc.w.data() + c * K);
+    const T ga = gr[row] * a, r = rest[row];
+    if (ga != T(0)) {
+#pragma omp simd
+      for (int64_t c = 0; c < nc; ++c) g[c] = ga * exp_le0(a * v[c] - r);
+    } else {
+      std::fill(g, g + nc, T(0));
     }
+    if (y >= c0 && y < c0 + nc) g[y - c0] = gt[row];
+    for (int64_t c = 0; c < nc; ++c) group_grad(pr.p, srow + c * K, v[c], g[c], sc.w.data() + c * K, srow + c * K);
   }
 }
 
@@ -227,7 +246,8 @@ std::tuple<Tensor, Tensor> backward_impl(const Problem<T>& pr, const Tensor& g_t
     const int64_t ds0 = dW.stride(0), ds1 = dW.stride(1);
     std::vector<Tensor> part(fuse ? ngr : 0);
     at::parallel_for(0, ngr, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<T> buf(buf_elems), ds(K), wg(pr.cpc * K);
+      std::vector<T> buf(buf_elems), wg(pr.cpc * K);
+      EdgeScratch<T> ds(pr.cpc, K);
       for (int64_t g = g0; g < g1; ++g) {
         if (fuse) part[g] = at::zeros({b, d}, pr.x.options());
         for (int64_t ch = g * per; ch < std::min(nch, (g + 1) * per); ++ch) {
@@ -265,7 +285,8 @@ std::tuple<Tensor, Tensor> backward_impl(const Problem<T>& pr, const Tensor& g_t
   }
   if (need_x && !fuse) {  // row-block pass: each block owns its rows of dx
     at::parallel_for(0, nrb, 1, [&](int64_t r0, int64_t r1) {
-      std::vector<T> buf(buf_elems), ds(K);
+      std::vector<T> buf(buf_elems);
+      EdgeScratch<T> ds(pr.cpc, K);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t i0 = r * pr.rows, ni = std::min(pr.rows, b - i0);
         Tensor rows = dx.narrow(0, i0, ni);
