@@ -143,10 +143,14 @@ def test_double_backward_refused_and_retain_graph_repeatable():
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(loss, x, create_graph=True)
     loss = F.arcface_loss(x, y, W, backend="cpu")
-    first = torch.autograd.grad(loss * 3, (x, W), retain_graph=True)
-    second = torch.autograd.grad(loss * 3, (x, W))
-    for a, b in zip(first, second):
+    first = [t.clone() for t in torch.autograd.grad(loss * 3, (x, W), retain_graph=True)]
+    second = torch.autograd.grad(loss * 3, (x, W), retain_graph=True)  # (the first's buffers went to autograd)
+    third = torch.autograd.grad(loss * 2, (x, W))
+    want = torch.autograd.grad(F.arcface_loss(x, y, W, backend="reference") * 3, (x, W))
+    for a, b, c, d in zip(first, second, third, want):
         assert torch.equal(a, b)
+        torch.testing.assert_close(c * 1.5, a, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a, d, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", ["cosface", "large_margin_softmax", "proxy_nca"])
