@@ -181,7 +181,8 @@ def _naive_class_rows(A, y, scale, cs=None, qn=None, rn=None):
     rows, stats = [], []
     for i in range(n):
         yi = int(y[i])
-        raw = [float(qn[i]) + float(rn[c]) - 2 * float(A[i, c]) for c in range(C)] if rn is not None else None
+        raw = ([float(qn[i]) + float(rn[c]) - 2 * float(A[i, c]) * (1.0 if cs is None else float(cs[c]))
+                for c in range(C)] if rn is not None else None)
         if raw is not None:
             value = [max(r, 0.0) for r in raw]
         else:
@@ -205,9 +206,9 @@ def _class_rows_case(variant, dtype, n=7, C=37):
     y[0] = 0
     y[1] = C - 1
     cs = qn = rn = None
-    if variant == "col_scale":
+    if variant in ("col_scale", "sq_col_scale"):
         cs = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
-    if variant == "sq_euclid":
+    if variant in ("sq_euclid", "sq_col_scale"):
         qn = torch.rand(n, generator=g, dtype=torch.float64) * 4
         rn = torch.rand(C, generator=g, dtype=torch.float64) * 4
         A[2, min(3, C - 1)] = A[2, y[2]] = 100.0  # clamped squared distances, one at the target (raw < 0)
@@ -215,7 +216,7 @@ def _class_rows_case(variant, dtype, n=7, C=37):
     return cast(A), y, cast(cs), cast(qn), cast(rn)
 
 
-@pytest.mark.parametrize("variant", ["plain", "col_scale", "sq_euclid"])
+@pytest.mark.parametrize("variant", ["plain", "col_scale", "sq_euclid", "sq_col_scale"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("C", [37, 1, 2500])
 def test_class_rows_op_against_plain_loops(variant, dtype, C):
@@ -224,7 +225,7 @@ def test_class_rows_op_against_plain_loops(variant, dtype, C):
     A, y, cs, qn, rn = _class_rows_case(variant, dtype, C=C)
     if C == 1:
         y.zero_()
-    scale = -1.7 if variant == "sq_euclid" else 2.5
+    scale = -1.7 if variant.startswith("sq") else 2.5
     want_rows, want_stats = _naive_class_rows(A, y, scale, cs, qn, rn)
     got = A.clone()
     stats = torch.ops.dml_kernels.class_rows(got, y, scale, cs, qn, rn)
@@ -243,9 +244,9 @@ def test_class_rows_opcheck_and_errors():
     if not cl._has_class_rows():
         pytest.skip("the loaded extension has no class_rows")
     op = torch.ops.dml_kernels.class_rows
-    for variant in ("plain", "col_scale", "sq_euclid"):
+    for variant in ("plain", "col_scale", "sq_euclid", "sq_col_scale"):
         A, y, cs, qn, rn = _class_rows_case(variant, torch.float64)
-        torch.library.opcheck(op.default, (A, y, 1.5, cs, qn, rn, variant == "col_scale"))
+        torch.library.opcheck(op.default, (A, y, 1.5, cs, qn, rn, cs is not None))
     A, y, *_ = _class_rows_case("plain", torch.float64)
     with pytest.raises(RuntimeError, match="outside"):
         op(A, torch.full_like(y, 37), 1.0, None, None, None)
@@ -298,3 +299,28 @@ def test_p2sgrad_gram_function_first_and_second_order(layout):
         out.append([loss, gx, gw, hx, hw])
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("distance", ["squared_euclidean", "cosine"])
+def test_proxy_nca_normalisation_is_a_column_scale(distance, monkeypatch):
+    """ProxyNCA with normalised embeddings: the proxies are never copied normalised (C×D) — their normalisation is
+    the engine's per-column scale (squared euclidean: in class_rows) — and the result is the reference's."""
+    shapes = []
+    real = cl._NormalizeRows.apply
+    monkeypatch.setattr(cl._NormalizeRows, "apply", lambda t, eps: shapes.append(tuple(t.shape)) or real(t, eps))
+    from dml_kernels.backends.cpp import common
+    monkeypatch.setattr(common._NormalizeRows, "apply", cl._NormalizeRows.apply)
+    kw = {"distance": distance} if distance == "cosine" else {}
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    P = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 11, (13,), generator=g)
+    out = []
+    for backend in ("cpu", "reference"):
+        shapes.clear()
+        loss = F.proxy_nca_loss(x, y, P, backend=backend, **kw)
+        out.append([loss, *torch.autograd.grad(loss, (x, P))])
+        if backend == "cpu":
+            assert (11, 5) not in shapes and (13, 5) in shapes, shapes
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

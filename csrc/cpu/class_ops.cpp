@@ -5,10 +5,12 @@
 //   A (n×C, contiguous, in place): the GEMM block q_blk·Rᵀ. Per row i, with y = labels[i]:
 //     value_ic = A_ic                                  (plain),
 //              = A_ic · col_scale_c                    (col_scale given: a per-column normalisation),
-//              = max(qn_i + rn_c − 2 A_ic, 0)          (qn, rn given: squared euclidean, the kernels' formula);
+//              = max(qn_i + rn_c − 2 A_ic, 0)          (qn, rn given: squared euclidean, the kernels' formula),
+//              = max(qn_i + rn_c − 2 A_ic·col_scale_c, 0) (both: squared euclidean to normalised columns; rn_c is
+//                                                       then the normalised column's squared norm);
 //     logit_ic = scale · value_ic; m_i = max_{c≠y} logit_ic (0 when C = 1);
 //     A_ic ← exp(logit_ic − m_i) for c ≠ y, 0 at c = y, and 0 where the squared distance was clamped
-//            (qn_i + rn_c − 2 A_ic < 0: the clamp's gradient is 0 there).
+//            (raw squared distance < 0: the clamp's gradient is 0 there).
 //   scale_out (with col_scale): A_ic ← exp(logit_ic − m_i) · col_scale_c instead (the caller's GEMMs then take
 //   the normalised columns' scale with it).
 //   stats rows: v_i (the target's value; squared euclidean: before the clamp, so the caller sees the cut),
@@ -46,7 +48,7 @@ template <typename T, bool CS, bool SQ>
 __attribute__((always_inline)) inline T logit_of(T a, int64_t k, T scale, const T* __restrict cs, T qn,
                                                  const T* __restrict rn) {
   if (SQ) {
-    const T raw = qn + rn[k] - T(2) * a;
+    const T raw = qn + rn[k] - T(2) * (CS ? a * cs[k] : a);
     return scale * (raw > T(0) ? raw : T(0));
   }
   if (CS) return a * (cs[k] * scale);
@@ -61,7 +63,7 @@ __attribute__((always_inline)) inline void row_impl(T* __restrict row, int64_t C
   const T a_y = row[y];
   T v;
   if (SQ) {
-    v = qn + rn[y] - T(2) * a_y;
+    v = qn + rn[y] - T(2) * (CS ? a_y * cs[y] : a_y);
   } else if (CS) {
     v = a_y * cs[y];
   } else {
@@ -84,7 +86,7 @@ __attribute__((always_inline)) inline void row_impl(T* __restrict row, int64_t C
       const T e = exp_le0(logit_of<T, CS, SQ>(a, k, scale, cs, qn, rn) - m);
       const bool target = k == y;
       bool keep = !target;
-      if (SQ) keep = keep & !(qn + rn[k] - T(2) * a < T(0));
+      if (SQ) keep = keep & !(qn + rn[k] - T(2) * (CS ? a * cs[k] : a) < T(0));
       const T e_all = target ? T(0) : e;
       const T e_kept = keep ? e : T(0);
       s += e_all;
@@ -103,7 +105,11 @@ __attribute__((always_inline)) inline void row_impl(T* __restrict row, int64_t C
 #define DML_DEFINE_CLASS_ROW(T)                                                                                    \
   DML_CLASS_MV void class_row(T* __restrict row, int64_t C, int64_t y, T scale, const T* __restrict cs, T qn,     \
                               const T* __restrict rn, bool scale_out, T* __restrict out) {                         \
-    if (rn != nullptr) {                                                                                           \
+    if (rn != nullptr && cs != nullptr && scale_out) {                                                             \
+      row_impl<T, true, true, true>(row, C, y, scale, cs, qn, rn, out);                                            \
+    } else if (rn != nullptr && cs != nullptr) {                                                                   \
+      row_impl<T, true, true, false>(row, C, y, scale, cs, qn, rn, out);                                           \
+    } else if (rn != nullptr) {                                                                                    \
       row_impl<T, false, true, false>(row, C, y, scale, cs, qn, rn, out);                                          \
     } else if (cs != nullptr && scale_out) {                                                                       \
       row_impl<T, true, false, true>(row, C, y, scale, cs, qn, rn, out);                                           \
@@ -133,7 +139,6 @@ Tensor class_rows_cpu(Tensor& A, const Tensor& labels, double scale, const c10::
   TORCH_CHECK(labels.scalar_type() == at::kLong, "class_rows: labels must be int64");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n, "class_rows: labels must have shape (", n, ",)");
   TORCH_CHECK(qn.has_value() == rn.has_value(), "class_rows: qn and rn are given together (squared euclidean)");
-  TORCH_CHECK(!(col_scale.has_value() && rn.has_value()), "class_rows: col_scale and qn/rn are exclusive");
   TORCH_CHECK(!scale_out || col_scale.has_value(), "class_rows: scale_out needs col_scale");
   auto vec = [&](const c10::optional<Tensor>& t, int64_t len, const char* name) -> Tensor {
     if (!t.has_value()) return Tensor();

@@ -6,19 +6,26 @@ import torch
 
 from ..._registry import Unsupported
 from .loader import has_kernel
-from .common import _DIST, _LSE, _LSE1, _both, _need, _out, _prep, _sg, _zero
+from .common import _DIST, _LSE, _LSE1, _NormalizeRows, _both, _need, _out, _prep, _sg, _zero
 
 
 @_both
 def proxy_nca_loss(x, labels, proxies, *, softmax_scale, exclude_positive=False, distance, weights=None):
     if _fast_class_path(x) and _DIST[distance.name] != 1:
         s = softmax_scale * _sg(distance)
-        q, r, code = _prep(x, proxies.to(x.dtype), distance)
+        code = _DIST[distance.name]
+        # a normalising distance: the proxies' normalisation is a per-column scale of the engine's tiles (no
+        # normalised C×D copy; with the squared euclidean distance it needs the class_rows op)
+        col_norm = distance.normalize and (code == 0 or _has_class_rows())
+        q, r, _ = _prep(x, None, distance)
+        r = proxies.to(q.dtype)
+        if distance.normalize and not col_norm:
+            r = _NormalizeRows.apply(r, 1e-12)
 
         def rows(v, rest, has_rest, q, ry):
             t = s * v
             return rest - t if exclude_positive else torch.where(has_rest, torch.logaddexp(t, rest), t) - t
-        return _out(_class_ce(q, r, labels, weights, rows, scale=s, sq_euclid=code == 2), x)
+        return _out(_class_ce(q, r, labels, weights, rows, scale=s, sq_euclid=code == 2, col_norm=col_norm), x)
     _need(x, "pair_reduce")
     q, r, code = _prep(x, proxies.to(x.dtype), distance)
     classes = torch.arange(proxies.shape[0], device=x.device)
@@ -212,7 +219,6 @@ class _ClassCE(torch.autograd.Function):
 
     @staticmethod
     def run(q, R, labels, weights, row_loss, scale, col_norm, sq_euclid, need_q, need_r):
-        assert not (col_norm and sq_euclid)
         q, R = q.detach(), R.detach()
         B, D = q.shape
         C = R.shape[0]
@@ -222,14 +228,17 @@ class _ClassCE(torch.autograd.Function):
             norm = torch.linalg.vector_norm(R, dim=1)
             s = 1.0 / norm.clamp_min(col_norm)  # col_norm: the eps
             col = s * scale  # logits of the non-target columns = A_ic · s_c · scale
-        if sq_euclid:
+        if sq_euclid:  # with col_norm: rn = the normalised columns' squared norms, ‖r_c‖²·s_c²
             qn, rn = _row_dots(q, q), _row_dots(R, R)
+            if col_norm:
+                rn.mul_(s * s)
             colsum = torch.zeros(C, dtype=dt) if need_r else None
         w = None if weights is None else weights.to(dt)
         dq = torch.zeros_like(q) if need_q else None
         total = torch.zeros((), dtype=dt)
         direct = []
         fused = dt in (torch.float32, torch.float64) and _has_class_rows()
+        assert fused or not (col_norm and sq_euclid), "squared euclidean to normalised columns needs class_rows"
         nb = max(1, min(B, _BLOCK_ELEMS // max(C, 1)))
         mm = _Products(R, min(nb, B), C)
         for b0 in range(0, B, nb):
@@ -293,7 +302,7 @@ class _ClassCE(torch.autograd.Function):
                 if gry is not None:  # the loss's own use of the raw target columns (LargeMargin's ‖w_y‖)
                     direct.append((yb, gry))
                 if sq_euclid:
-                    colsum.add_(A.t() @ rho).index_add_(0, yb, gv)
+                    colsum.add_(A.t() @ rho).index_add_(0, yb, gv * s[yb] if col_norm else gv)
             if need_q:
                 if col_norm:
                     if not fused:
@@ -310,8 +319,8 @@ class _ClassCE(torch.autograd.Function):
             del A  # before the next block's logits
         G = mm.grad() if need_r else None
         if need_r:
-            if sq_euclid:
-                G.addcmul_(R, colsum.unsqueeze(1), value=-1)
+            if sq_euclid:  # (col_norm: colsum_c carries one s_c, A being P'·s; the chain through r̂_c = s_c·r_c another)
+                G.addcmul_(R, (colsum * s if col_norm else colsum).unsqueeze(1), value=-1)
             if col_norm:  # dL/dr_c = s_c (g_c − r̂_c (r̂_c·g_c)), the projection dropped where the norm is clamped
                 if fused:  # G = s_c·dL/dr̂ already: dL/dr_c = g_c − r_c s_c² (r_c·g_c)
                     coef = _row_dots(R, G) * s.pow(2) * (norm >= col_norm)
