@@ -105,3 +105,50 @@ def test_onednn_only_for_ieee_fp32_when_enabled():
     assert cl._onednn_ok(torch.float32) and not cl._onednn_ok(torch.float64)
     with torch.backends.mkldnn.flags(enabled=False):
         assert not cl._onednn_ok(torch.float32)
+
+
+# ----------------------------------------------------------------- grouped columns (SubCenterArcFace, SoftTriple)
+
+GROUPED = {
+    "subcenter_arcface": lambda x, y, W, k, b: F.subcenter_arcface_loss(x, y, W, sub_centers=k, backend=b),
+    "soft_triple": lambda x, y, W, k, b: F.soft_triple_loss(x, y, W, centers_per_class=k, backend=b),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GROUPED))
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("layout", ["pml_DxCK", "CKxD_view"])
+@pytest.mark.parametrize("stash", [True, False], ids=["B<=D", "B>D"])
+def test_grouped_onednn_equals_torch_mm_and_reference(name, k, layout, stash, monkeypatch):
+    """fp32, several whole-class chunks (a 60-element tile), W in PML's D×C·K layout (oneDNN for dW only: its
+    column slices are padded) or as the transposed view of a C·K×D leaf (all three products); B ≤ D keeps the
+    tiles in dW's buffer, B > D recomputes them."""
+    from dml_kernels.backends.cpp import grouped_columns as gc, row_blocks
+    monkeypatch.setattr(row_blocks, "TILE", 60)
+    B, D, n_cls = (6, 9, 13) if stash else (17, 5, 13)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(B, D, generator=g)
+    leaf = torch.randn(D, n_cls * k, generator=g) if layout == "pml_DxCK" else torch.randn(n_cls * k, D, generator=g)
+    y = torch.randint(0, n_cls, (B,), generator=g)
+    calls = []
+    real = cl._lin
+    monkeypatch.setattr(gc, "_lin", lambda a, b: calls.append(1) or real(a, b))
+    monkeypatch.setattr(cl, "_lin", gc._lin)  # (the tiles' products: class_losses._mm_nt)
+
+    def run(dtype, backend):
+        xr = x.to(dtype).requires_grad_()
+        lr = leaf.to(dtype).requires_grad_()
+        loss = GROUPED[name](xr, y, lr if layout == "pml_DxCK" else lr.t(), k, backend)
+        return [loss.detach(), *torch.autograd.grad(loss, (xr, lr))]
+
+    got = run(torch.float32, "cpu")
+    n_chunks = -(-n_cls // max(1, 60 // (B * k)))
+    # per chunk: dW's product; the view layout also the tile (twice when recomputed) and dq's product
+    assert len(calls) == n_chunks * (1 if layout == "pml_DxCK" else 3 + (not stash)), len(calls)
+    ref64 = run(torch.float64, "reference")
+    monkeypatch.setattr(cl, "_ONEDNN", False)
+    calls.clear()
+    mm = run(torch.float32, "cpu")
+    assert not calls
+    _close(got, mm, 2e-5)
+    _close(got, ref64, 1e-4)

@@ -147,8 +147,19 @@ def _onednn_ok(dt):
 
 
 def _lin(x, w):
-    """x·wᵀ by oneDNN (strided operands read in place, no copies)."""
+    """x·wᵀ by oneDNN (w read in place when dense; a transposed x is copied first)."""
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def _dense(t):
+    """Row- or column-major without padding: oneDNN reads such a w in place; a padded leading dimension (a column
+    slice) falls to a path measured 100–1000× slower."""
+    return t.dim() == 2 and (t.is_contiguous() or t.t().is_contiguous())
+
+
+def _mm_nt(x, w):
+    """x·wᵀ: oneDNN for fp32 dense operands, else torch.mm."""
+    return _lin(x, w) if _onednn_ok(x.dtype) and _dense(x) and _dense(w) else torch.mm(x, w.t())
 
 
 class _Products:

@@ -27,6 +27,11 @@ until the second pass overwrites it with that block's gradient — so with B ≤
 GEMM: three GEMMs of B·C·K·D in all, as PML's autograd, and no extra memory (B > D, or no weight gradient: the
 tiles are recomputed, four). No gradient wanted (``no_grad``, inputs without ``requires_grad``): one pass.
 
+fp32 products go through oneDNN where their operands are dense (class_losses._Products: ≈ 1.8× MKL's generic
+sgemm path on this AMD machine): all three when W is the transposed view of a C·K × D tensor; in PML's D × C·K
+layout only dW's (a column slice of W is padded, which oneDNN reads ~100× slower: x̂·W_chunk and dS·W_chunkᵀ stay
+on torch.mm there).
+
 Inline on the caller's thread (torch's intra-op threads do the parallel work): an earlier form dealt the chunks
 to Python worker threads, which on a quiet 2-core machine was 5–15 % slower and moved the caller onto another
 malloc arena (the process's later peak-RSS measurements grew). Double backward raises. No host sync.
@@ -38,6 +43,7 @@ import torch
 from ..._registry import Unsupported, register
 from ..reference.margin_softmax import arcface_target
 from . import row_blocks
+from .class_losses import _dense, _lin, _mm_nt, _onednn_ok
 from .common import _NormalizeRows, _kernel_dtype, _out
 
 _EPS = 1e-12
@@ -72,7 +78,7 @@ class _Ctx:
     def tile(self, j0, j1, out=None):
         """S of the chunk, centre-major (column k·c + i: centre k of the chunk's class i), scaled by rw."""
         c, k = (j1 - j0) // self.cfg.k, self.cfg.k
-        raw = self.q @ self.W[:, j0:j1]
+        raw = _mm_nt(self.q, self.W[:, j0:j1].t())
         out = torch.empty_like(raw) if out is None else out
         src = raw.view(-1, c, k).transpose(1, 2)
         if self.rw is None:
@@ -187,11 +193,20 @@ def _pass2(cx, rest, g_t, g_r, dW, need_q, chunks):
         else:
             torch.mul(ds.view(-1, k, c).transpose(1, 2), rw[j0:j1].view(c, k), out=dsn.view(-1, c, k))
         wc = W[:, j0:j1]
+        dnn = _onednn_ok(q.dtype)  # (fp32: oneDNN's products, see class_losses._Products)
         if need_q:
-            dq.addmm_(dsn, wc.t())
+            if dnn and _dense(wc):
+                dq.add_(_lin(dsn, wc))
+            else:
+                dq.addmm_(dsn, wc.t())
         if dW is not None:  # overwrites the stashed tile (read above)
             dw = dW[:, j0:j1]
-            torch.mm(q.t(), dsn, out=dw)
+            if dnn and dw.t().is_contiguous():  # W's column-major layout: dwᵀ (c·K × D) rows are contiguous
+                dw.t().copy_(_lin(dsn.t(), q.t()))
+            elif dnn:  # PML's D × C·K layout: row slices of dW
+                dw.copy_(_lin(q.t(), dsn.t()))
+            else:
+                torch.mm(q.t(), dsn, out=dw)
             if rw is not None:  # F.normalize's projection: −rw² (w·dW) w, not where the norm is clamped
                 r = rw[j0:j1]
                 dw.addcmul_(wc, torch.linalg.vecdot(wc, dw, dim=0).mul_(r * r * (r < 1 / _EPS)), value=-1.0)
