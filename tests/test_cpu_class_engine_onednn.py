@@ -152,3 +152,21 @@ def test_grouped_onednn_equals_torch_mm_and_reference(name, k, layout, stash, mo
     assert not calls
     _close(got, mm, 2e-5)
     _close(got, ref64, 1e-4)
+
+
+def test_padded_weight_slice_stays_on_torch_mm(monkeypatch):
+    """W a column slice of a wider matrix (padded rows): oneDNN's slow path for such a weight is never taken."""
+    calls = []
+    real = cl._lin
+    monkeypatch.setattr(cl, "_lin", lambda a, b: calls.append(1) or real(a, b))
+    x, y, leaf, _ = _inputs(19, 7, 40, 3, False)
+    W = leaf[:, :30]
+    xr = x.clone().requires_grad_()
+    loss = F.cosface_loss(xr, y % 30, W, backend="cpu")
+    gx = torch.autograd.grad(loss, xr)[0]
+    assert not calls
+    want = F.cosface_loss(x.double(), y % 30, W.double(), backend="reference")
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-5)
+    xd = x.double().requires_grad_()
+    want_gx = torch.autograd.grad(F.cosface_loss(xd, y % 30, W.double(), backend="reference"), xd)[0]
+    _close([gx], [want_gx], 1e-4)

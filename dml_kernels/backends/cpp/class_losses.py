@@ -172,7 +172,7 @@ class _Products:
 
     def __init__(self, R, nb, C):
         self.R, self.G = R, None
-        self.dnn = _onednn_ok(R.dtype)
+        self.dnn = _onednn_ok(R.dtype) and _dense(R)
         self.buf = None if self.dnn else torch.empty(nb, C, dtype=R.dtype)
         self.col_major = R.dim() == 2 and R.stride(0) == 1 and R.shape[1] > 1
 
