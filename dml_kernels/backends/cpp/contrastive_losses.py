@@ -232,9 +232,7 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if torch.is_grad_enabled():
-            raise RuntimeError("double backward (create_graph=True) through a fused cpu contrastive loss is not "
-                               "supported; use backend='reference' for second-order gradients")
+        RB.refuse_double_backward("contrastive loss")
         dq, dr = ctx.saved_tensors
         return (None, None, None, None if dq is None else g * dq, None if dr is None else g * dr)
 
@@ -254,9 +252,7 @@ class _RowTerms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_counts):
-        if torch.is_grad_enabled():
-            raise RuntimeError("double backward (create_graph=True) through a fused cpu contrastive loss is not "
-                               "supported; use backend='reference' for second-order gradients")
+        RB.refuse_double_backward("contrastive loss")
         q, r, *saved = ctx.saved_tensors
         sweep = ctx.sweep
         sweep.set(q, r)

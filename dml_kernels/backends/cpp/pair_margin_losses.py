@@ -35,7 +35,7 @@ import torch
 from ..._registry import Unsupported, register
 from .common import _NormalizeRows, _kernel_dtype, _out, _prep, _zero
 from .contrastive_losses import _PairDots
-from .row_blocks import _Blocks, block_rows, spans
+from .row_blocks import _Blocks, block_rows, refuse_double_backward, spans
 
 
 def _engine_blocks(n, m, part):
@@ -44,12 +44,6 @@ def _engine_blocks(n, m, part):
     (tiny blocks cost more in per-op overhead than their GEMMs)."""
     full = block_rows(n, m)
     return spans(n, max(1, full // part, min(full, (1 << 16) // max(m, 1))))
-
-
-def _refuse_double_backward(op):
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"double backward (create_graph=True) through the fused cpu {op} is not supported; use "
-                           "backend='reference' for second-order gradients")
 
 
 def _no_pairs(op, pairs):
@@ -132,7 +126,7 @@ class _Tuplet(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_cnt):
-        _refuse_double_backward("tuplet_margin_loss")
+        refuse_double_backward("tuplet_margin_loss")
         dq, dr = ctx.saved_tensors
         return (None if dq is None else dq * g, None if dr is None else dr * g, None, None, None, None, None)
 
@@ -262,7 +256,7 @@ class _MarginAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_cnt):
-        _refuse_double_backward("margin_loss")
+        refuse_double_backward("margin_loss")
         return tuple(None if t is None else t * g for t in ctx.saved_tensors) + (None,) * 5
 
 

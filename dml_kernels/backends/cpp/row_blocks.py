@@ -21,6 +21,16 @@ import torch
 TILE = 1 << 20  # elements of one block's tile (ROWS × M, or c × J × K for all triplets)
 
 
+def refuse_double_backward(what):
+    """Call at the top of a cpu fused backward (a recompute, or saved gradients that are constants): under
+    create_graph=True it would return a gradient that is not itself differentiable — PyTorch would only warn —
+    so refuse clearly. ``what`` names the op or engine in the message. (The Triton side's twin is
+    ``pair_engine.refuse_double_backward``.)"""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"double backward (create_graph=True) through the fused cpu {what} is not supported; "
+                           "use backend='reference' for second-order gradients")
+
+
 def block_rows(n, m):
     """Rows per block: a tile of ≤ TILE elements and ≤ 1/16 of the N×M matrix (at least one row)."""
     return max(1, min(n, TILE // max(m, 1), n // 16))
@@ -52,9 +62,7 @@ class _Blocks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_aux):
-        if torch.is_grad_enabled():
-            raise RuntimeError("double backward (create_graph=True) through a fused cpu row-block loss "
-                               "is not supported; use backend='reference' for second-order gradients")
+        refuse_double_backward("row-block loss")
         tensors = ctx.saved_tensors
         need = ctx.needs_input_grad[4:]
         grads = [torch.zeros_like(t) if nd else None for t, nd in zip(tensors, need)]
@@ -116,9 +124,7 @@ class ColumnLSE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if torch.is_grad_enabled():
-            raise RuntimeError("double backward (create_graph=True) through a fused cpu row-block loss is not "
-                               "supported; use backend='reference' for second-order gradients")
+        refuse_double_backward("row-block LSE")
         lse, *tensors = ctx.saved_tensors
         need = ctx.needs_input_grad[3:]
         grads = [torch.zeros_like(t) if nd else None for t, nd in zip(tensors, need)]
