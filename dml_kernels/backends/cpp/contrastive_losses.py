@@ -210,15 +210,14 @@ class _Sweep:
         return dq, (dq if self.self_mode else (torch.zeros_like(self.r) if need_r else None))
 
 
-class _Eager(torch.autograd.Function):
-    """A scalar loss whose gradient is formed in the forward's one sweep: per block, the tile, its rows'
-    statistics (complete: a block holds its rows' whole reference set) and dL/dl up to global factors, pulled to
-    q and r at once (3 GEMMs in all — no recomputing sweep); ``spec.finish`` scales by the global factors. The
-    backward multiplies the saved O((N + M)·D) gradients by the upstream scalar."""
+def _eager_run(spec, sweep):
+    """The ``row_blocks.grad_in_forward`` run of a scalar loss whose gradient is formed in the forward's one sweep:
+    per block, the tile, its rows' statistics (complete: a block holds its rows' whole reference set) and dL/dl
+    up to global factors, pulled to q and r at once (3 GEMMs in all — no recomputing sweep); ``spec.finish``
+    scales by the global factors. The backward multiplies the saved O((N + M)·D) gradients by the upstream g."""
 
-    @staticmethod
-    def forward(ctx, spec, sweep, want_grad, q, r):
-        dq, dr = sweep.grads(want_grad and q.requires_grad, want_grad and r is not None and r.requires_grad)
+    def run(tensors, needs):
+        dq, dr = sweep.grads(*needs)
         grad = dq is not None or dr is not None
         stats = []
         for r0, r1 in sweep.blocks():
@@ -226,15 +225,12 @@ class _Eager(torch.autograd.Function):
             stats.append(st)
             if grad:
                 sweep.accumulate(w, r0, r1, dq, dr)
-        loss, dq, dr = spec.finish(sweep, torch.cat(stats, 1), dq, dr)
-        ctx.save_for_backward(dq, None if sweep.self_mode else dr)
-        return loss
+        return spec.finish(sweep, torch.cat(stats, 1), dq, dr)
+    return run
 
-    @staticmethod
-    def backward(ctx, g):
-        RB.refuse_double_backward("contrastive loss")
-        dq, dr = ctx.saved_tensors
-        return (None, None, None, None if dq is None else g * dq, None if dr is None else g * dr)
+
+def _eager_apply(spec, sweep, q, r):
+    return RB.grad_in_forward(_eager_run(spec, sweep), "contrastive loss", q, r)
 
 
 class _RowTerms(torch.autograd.Function):
@@ -275,7 +271,7 @@ def _rows(spec, x, labels, ref, ref_labels, distance):
 
 def _eager(spec, x, labels, ref, ref_labels, distance, pairs=None, k=1.0):
     sweep, q, r = _sweep(x, labels, ref, ref_labels, distance, pairs, k)
-    return _out(_Eager.apply(spec, sweep, torch.is_grad_enabled(), q, r), x)
+    return _out(_eager_apply(spec, sweep, q, r), x)
 
 
 def _lse_parts(t):
@@ -559,7 +555,7 @@ def intra_pair_variance_loss(x, labels, ref, ref_labels, *, pos_eps, neg_eps, di
     if pairs is None and distance.name != "euclidean":
         sweep, q, r = _sweep(x, labels, ref, ref_labels, distance)
         ipv.prepare(sweep)
-        return _out(_Eager.apply(ipv, sweep, torch.is_grad_enabled(), q, r), x)
+        return _out(_eager_apply(ipv, sweep, q, r), x)
     zero = _zero(x)
     if pairs is None:
         vals, cnt = _rows(_IPVTwoPass(ipv), x, labels, ref, ref_labels, distance)

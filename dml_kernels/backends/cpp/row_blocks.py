@@ -8,6 +8,7 @@ is hot.
   ``grad[rows]`` through it — the same arithmetic as the forward, so a mining or selection decision taken on
   the recomputed values is the forward's.
 * :class:`ColumnLSE` — the transposed shape (few rows × many columns): a row LSE over column chunks.
+* :class:`GradInForward` — a scalar loss whose gradients its forward forms (backward = upstream × saved).
 
 Peak extra memory: a few tiles of ≤ :data:`TILE` elements (and at most 1/16 of N×M, so a block is never the
 whole matrix) plus O((N + M)·D) gradients, never N×M. Double backward raises (the blocks are recomputed
@@ -83,6 +84,32 @@ class _Blocks(torch.autograd.Function):
                     else:
                         grads[i][sl[i][0]:sl[i][1]] += gi
         return (None, None, None, None, *grads)
+
+
+class GradInForward(torch.autograd.Function):
+    """A scalar loss whose input gradients are formed in its forward (one sweep: no recomputing backward).
+    ``run(tensors, needs)`` → (loss, grad of each tensor or None), ``needs[i]`` = whether tensor i wants its
+    gradient (never for a None tensor); the backward is the upstream scalar × the saved gradients and refuses
+    double backward (the saved gradients are constants). Call through :func:`grad_in_forward`."""
+
+    @staticmethod
+    def forward(ctx, run, what, want, *tensors):
+        needs = [bool(want) and t is not None and nd for t, nd in zip(tensors, ctx.needs_input_grad[3:])]
+        loss, *grads = run(tensors, needs)
+        ctx.what = what
+        ctx.save_for_backward(*(d if nd else None for d, nd in zip(grads, needs)))
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        refuse_double_backward(ctx.what)
+        return (None, None, None, *(None if d is None else g * d for d in ctx.saved_tensors))
+
+
+def grad_in_forward(run, what, *tensors):
+    """:class:`GradInForward` of ``run`` on ``tensors`` (None allowed); gradients are formed only under grad
+    mode (inside an autograd Function's forward grad mode is off, so the caller's mode is read here)."""
+    return GradInForward.apply(run, what, torch.is_grad_enabled(), *tensors)
 
 
 def _slices(tensors, sl):
