@@ -28,6 +28,7 @@ from . import ranking_losses  # noqa: F401,E402 - FastAP / RankedList in O(block
 from . import direction, proxy_gml  # noqa: F401,E402 - direction regularisation, ProxyGML in O(block × M): row blocks
 from . import mining  # noqa: F401,E402 - per-row miners (batch easy/hard, pair margin) in O(block × M): torch row blocks
 from . import pair_margin_losses  # noqa: F401,E402 - TupletMargin, Margin, SNR contrastive in O(block × M): row blocks
+from . import intra_pair_variance  # noqa: F401,E402 - IntraPairVariance in O(block × M): one row-block sweep
 from . import grouped_columns  # noqa: F401,E402 - SubCenterArcFace / SoftTriple in O(B × chunk): whole-class column chunks
 from . import pair_terms  # noqa: F401,E402 - the contrastive family on the pair_terms op (registered for cuda; CPU-tested)
 from . import grouped_kernels  # noqa: F401,E402 - SubCenterArcFace / SoftTriple on the grouped_class_rows op (cuda backend)

@@ -3,7 +3,7 @@
 * NCA: one ``pair_reduce`` call (per-row LSE over the positive pairs and over the negative pairs; the all-pairs
   LSE is their logaddexp) plus O(N) tensor ops. SupCon: the same call plus the positive-pair row sums, linear
   in per-class sums of the reference vectors for a similarity or the squared euclidean distance.
-* Circle, ThresholdConsistentMargin, NT-Xent, IntraPairVariance: row blocks (:class:`_Sweep`, torch BLAS tiles of
+* Circle, ThresholdConsistentMargin, NT-Xent (and IntraPairVariance, ``intra_pair_variance.py``): row blocks (:class:`_Sweep`, torch BLAS tiles of
   a block of rows × all M references, ``row_blocks.block_rows``) reduced to per-row statistics while the tile is
   hot (:class:`_RowTerms`, the Triton forms' statistics): O(N) outputs, forward under no_grad; the backward
   recomputes each tile, forms its dL/dv from the saved row statistics and the upstream gradients, and pulls it
@@ -189,12 +189,16 @@ class _Sweep:
             pos[:, r0:r1].fill_diagonal_(False)
         return v, pos, neg
 
-    def accumulate(self, w, r0, r1, dq, dr):
-        """dq[r0:r1] += ∂(Σ w·l)/∂q_b, dr += ∂(Σ w·l)/∂r for the last tile (dr is dq in self mode)."""
+    def accumulate(self, w, r0, r1, dq, dr, symmetric=False):
+        """dq[r0:r1] += ∂(Σ w·l)/∂q_b, dr += ∂(Σ w·l)/∂r for the last tile (dr is dq in self mode). ``symmetric``:
+        the caller's whole dL/dl matrix is symmetric (w_ij = w_ji), so in self mode the reference side's share
+        equals the query side's: twice the query side, one GEMM instead of two."""
         alpha = self.k
         if self.code:  # dv/d(sq): 1/(2v) (0 at v = 0, as the reference), or 1 where the clamp passes
             w = torch.where(self.v > 0, w / (2 * self.v), 0) if self.code == 1 else w.where(self.raw >= 0, 0)
             alpha = -2.0 * self.k
+        if symmetric and self.self_mode:
+            alpha, dr = 2 * alpha, None
         qb = self.q[r0:r1]
         if dq is not None:
             dq[r0:r1].addmm_(w, self.r, alpha=alpha)
@@ -220,11 +224,13 @@ def _eager_run(spec, sweep):
         dq, dr = sweep.grads(*needs)
         grad = dq is not None or dr is not None
         stats = []
+        tile_block = getattr(spec, "tile_block", None)  # a spec that forms its own tile (fewer passes)
         for r0, r1 in sweep.blocks():
-            st, w = spec.block(*sweep.tile(r0, r1), r0, r1, grad)
+            st, w = (tile_block(sweep, r0, r1, grad) if tile_block is not None
+                     else spec.block(*sweep.tile(r0, r1), r0, r1, grad))
             stats.append(st)
             if grad:
-                sweep.accumulate(w, r0, r1, dq, dr)
+                sweep.accumulate(w, r0, r1, dq, dr, getattr(spec, "symmetric", False))
         return spec.finish(sweep, torch.cat(stats, 1), dq, dr)
     return run
 
@@ -447,128 +453,3 @@ def ntxent_loss(x, labels, ref, ref_labels, *, temperature, distance, pairs=None
     a, has = _segment_lse(k * nv, a2, x.shape[0])
     losses = torch.where(has[a1], F.softplus(a[a1] - k * pv, 1.0, 40.0), 0)
     return _out(losses.mean(), x)
-
-
-def _set_sums(q, r, qid, rid, code):
-    """(Σ_P v, Σ_N v, #P, #N) over the label pairs, in closed form from class sums — O((N + M)·D), no tile; linear
-    in v for a similarity and the squared euclidean distance; differentiable. r is None in self mode."""
-    self_mode = r is None
-    r = q if self_mode else r
-    n, m, slots = q.shape[0], r.shape[0], q.shape[0] + r.shape[0]
-    rid, qid = rid.long(), qid.long()
-    cls = r.new_zeros(slots, r.shape[1]).index_add(0, rid, r)[qid]  # Σ of row i's class in r
-    cnt = r.new_zeros(slots).index_add(0, rid, torch.ones_like(r[:, 0]))[qid]
-    dot = torch.linalg.vecdot(q, cls)
-    cross = torch.linalg.vecdot(q.sum(0), r.sum(0))
-    qq = torch.linalg.vecdot(q, q)
-    if code == 0:
-        same, total, diag = dot.sum(), cross, (qq.sum() if self_mode else 0)
-    else:  # Σ (|q|² + |r|² − 2 q·r); the (i, i) terms are 0
-        rr = torch.linalg.vecdot(r, r)
-        rsq = r.new_zeros(slots).index_add(0, rid, rr)[qid]
-        same = (cnt * qq + rsq - 2 * dot).sum()
-        total, diag = m * qq.sum() + n * rr.sum() - 2 * cross, 0
-    npos = cnt.sum() - (n if self_mode else 0)
-    return same - diag, total - same, npos, n * m - cnt.sum()
-
-
-class _IPV:
-    """mean_P h_P² + mean_N h_N², h the hinge around (1∓ε)·μ (the global means, in closed form before the sweep):
-    per block Σh², Σh and dL/dv = 2h·∂h/∂v/#set; the means' gradient (Σ 2h·∂h/∂μ/#set²) by the same closed
-    form after the sweep. Similarity h_P = [(1−ε⁺)μ_P − v]₊, h_N = [v − (1+ε⁻)μ_N]₊; a distance reversed."""
-
-    def __init__(self, pos_eps, neg_eps, similarity, pair_rule):
-        self.pair_rule = pair_rule
-        if similarity:  # (∂h/∂v, ∂h/∂μ) of h_P and h_N
-            self.cp, self.cn = (-1.0, 1 - pos_eps), (1.0, -(1 + neg_eps))
-        else:
-            self.cp, self.cn = (1.0, -(1 + pos_eps)), (-1.0, 1 - neg_eps)
-
-    def prepare(self, sweep):
-        with torch.no_grad():
-            sp, sn, self.np, self.nn = _set_sums(sweep.q, None if sweep.self_mode else sweep.r, sweep.qid,
-                                                 sweep.rid, sweep.code)
-        self.mu = (sp / self.np.clamp_min(1), sn / self.nn.clamp_min(1))
-        self.fp = 2 * self.cp[0] / self.np.clamp_min(1)
-        self.fn = 2 * self.cn[0] / self.nn.clamp_min(1)
-
-    def hinges(self, v, pos, neg):
-        hp = torch.where(pos, (self.cp[0] * v + self.cp[1] * self.mu[0]).clamp_min_(0), 0)
-        hn = torch.where(neg, (self.cn[0] * v + self.cn[1] * self.mu[1]).clamp_min_(0), 0)
-        return hp, hn
-
-    def block(self, v, pos, neg, r0, r1, grad):
-        hp, hn = self.hinges(v, pos, neg)
-        st = torch.stack([torch.linalg.vecdot(hp, hp), torch.linalg.vecdot(hn, hn), hp.sum(1), hn.sum(1)])
-        return st, (hp.mul_(self.fp).add_(hn.mul_(self.fn)) if grad else None)
-
-    def finish(self, sweep, st, dq, dr):
-        tp, tn = self.np.clamp_min(1), self.nn.clamp_min(1)
-        loss = torch.where(self.np > 0, st[0].sum() / tp, 0) + torch.where(self.nn > 0, st[1].sum() / tn, 0)
-        keep = torch.logical_not(_pair_rule_few(self.np, self.nn, self.pair_rule)).to(loss.dtype)
-        if dq is not None or dr is not None:  # through the means: c·∂(Σ_set v)/∂(q, r), c = Σ 2h·∂h/∂μ / #set²
-            cp, cn = 2 * self.cp[1] * st[2].sum() / tp ** 2, 2 * self.cn[1] * st[3].sum() / tn ** 2
-            leaves = [t.detach().requires_grad_() for t in (sweep.q, sweep.r)]
-            with torch.enable_grad():
-                sp, sn, _, _ = _set_sums(leaves[0], None if sweep.self_mode else leaves[1], sweep.qid, sweep.rid,
-                                         sweep.code)
-                gq, gr = torch.autograd.grad(cp * sp + cn * sn, leaves, allow_unused=True)
-            dq = None if dq is None else dq.add_(gq).mul_(keep)
-            dr = None if dr is None or sweep.self_mode else dr.add_(gr).mul_(keep)
-        return loss * keep, dq, dr
-
-
-class _IPVTwoPass:
-    """The euclidean (square-root) distance, not linear in the embeddings' sums: pass 1 Σ_P v, Σ_N v per row → the
-    means; pass 2 Σ_P h², Σ_N h² per row and Σh (for the means' gradient); a recomputing backward (_RowTerms)
-    whose dL/dv adds the means' gradient (Σ_i g_i·2·∂h/∂μ·Σh_i)/#set on every pair of the set."""
-
-    def __init__(self, ipv):
-        self.ipv = ipv
-
-    def forward(self, sweep):
-        ipv = self.ipv
-        one = torch.cat([torch.stack([torch.where(pos, v, 0).sum(1), torch.where(neg, v, 0).sum(1), pos.sum(1),
-                                      neg.sum(1)]) for v, pos, neg in (sweep.tile(*b) for b in sweep.blocks())], 1)
-        self.total = one[2:].sum(1).clamp_min(1)
-        ipv.mu = one[:2].sum(1) / self.total
-        two = torch.cat([ipv.block(*sweep.tile(r0, r1), r0, r1, False)[0] for r0, r1 in sweep.blocks()], 1)
-        return two[:2], one[2:].long(), (two[2:],)
-
-    def backward(self, saved, g):
-        ipv, (hsum,) = self.ipv, saved
-        dmu = 2 * (g * hsum).sum(1) * g.new_tensor([ipv.cp[1], ipv.cn[1]]) / self.total
-
-        def weights(v, pos, neg, r0, r1):
-            hp, hn = ipv.hinges(v, pos, neg)
-            w = torch.where(pos, (2 * ipv.cp[0]) * g[0, r0:r1, None] * hp + dmu[0], 0)
-            return w + torch.where(neg, (2 * ipv.cn[0]) * g[1, r0:r1, None] * hn + dmu[1], 0)
-        return weights
-
-
-@register("intra_pair_variance_loss", "cpu")
-def intra_pair_variance_loss(x, labels, ref, ref_labels, *, pos_eps, neg_eps, distance, pairs=None, pair_rule=True):
-    """mean_P h_P² + mean_N h_N² around the (differentiable) global means: a similarity or the squared euclidean
-    distance takes the means from class sums and one sweep gives loss and gradient; the euclidean distance two
-    sweeps forward and one backward. O(N) statistics. A PML 4-tuple (duplicates count): its O(T) pair values."""
-    ipv = _IPV(float(pos_eps), float(neg_eps), distance.is_similarity, pair_rule)
-    if pairs is None and distance.name != "euclidean":
-        sweep, q, r = _sweep(x, labels, ref, ref_labels, distance)
-        ipv.prepare(sweep)
-        return _out(_eager_apply(ipv, sweep, q, r), x)
-    zero = _zero(x)
-    if pairs is None:
-        vals, cnt = _rows(_IPVTwoPass(ipv), x, labels, ref, ref_labels, distance)
-        tp, tn = cnt[0].sum(), cnt[1].sum()
-        loss = (torch.where(tp > 0, vals[0].sum() / tp.clamp_min(1), 0)
-                + torch.where(tn > 0, vals[1].sum() / tn.clamp_min(1), 0))
-        return _out(torch.where(_pair_rule_few(tp, tn, pair_rule), 0, loss) + zero, x)
-    pv, a1, nv, a2 = _listed(x, ref, distance, pairs)
-    if pair_rule and len(a1) <= 1 and len(a2) <= 1:
-        return _out(zero.to(pv.dtype), x)
-    total = zero.to(pv.dtype)
-    for vals, eps, inc in ((pv, pos_eps, distance.is_similarity), (nv, neg_eps, not distance.is_similarity)):
-        if len(vals):
-            mean = vals.mean()
-            total = total + torch.relu((1 - eps) * mean - vals if inc else vals - (1 + eps) * mean).pow(2).mean()
-    return _out(total, x)

@@ -1,0 +1,67 @@
+"""Details of the cpu contrastive forms that the family tests (tests/test_cpu_contrastive_rowblocks.py) do not reach.
+
+* IntraPairVariance's one-sweep block (``backends/cpp/intra_pair_variance.py``): the (i, i) pair is neither
+  positive nor negative even where its hinge would count (an un-normalised dot similarity whose own-row value
+  |q_i|² is below (1 − ε)·μ_P); in self mode its symmetric dL/dv goes back through ONE GEMM per block.
+"""
+import pytest
+import torch
+
+import dml_kernels as dk
+from dml_kernels import _registry
+from dml_kernels.backends.cpp import contrastive_losses as CL
+
+F = dk.functional
+TOL = 1e-9
+pytestmark = [pytest.mark.skipif(_registry.unavailable_reason("cpu", "cpu") is not None, reason="no cpu backend"),
+              pytest.mark.usefixtures("one_thread")]  # tests/conftest.py
+
+
+def _loss_and_grad(fn, x, backend, **kw):
+    x = x.detach().clone().requires_grad_()
+    loss = fn(x, backend=backend, **kw)
+    (g,) = torch.autograd.grad(loss, x)
+    return loss.detach(), g
+
+
+def _assert_close(got, want):
+    (v1, g1), (v2, g2) = got, want
+    assert abs(float(v1) - float(v2)) <= TOL * max(1.0, abs(float(v2))), (float(v1), float(v2))
+    assert float((g1 - g2).abs().max()) <= TOL * max(1.0, float(g2.abs().max()))
+
+
+def test_ipv_own_pair_excluded_where_its_hinge_would_count():
+    """Dot similarity, rows of very different norms: for a small-norm row i, q_i·q_i < (1 − ε)·μ_P, so a
+    positive (i, i) pair would add a hinge term (and its sum to the means' gradient). The cpu form equals the
+    reference, which never counts the (i, i) pair."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 5, dtype=torch.float64, generator=g)
+    x = x * torch.tensor([0.05, 4.0, 3.0, 0.1, 5.0, 2.0, 0.2, 3.5, 1.0], dtype=torch.float64)[:, None]
+    x[1], x[2] = x[0] * 80, x[0] * 60  # big rows along the small row 0: μ_P ≫ |q_0|²
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    kw = dict(labels=y, distance="dot", normalize_embeddings=False, pos_eps=0.2, neg_eps=0.1)
+    fn = lambda x, **k: F.intra_pair_variance_loss(x, **k)  # noqa: E731
+    positive = (y[:, None] == y[None, :]) & ~torch.eye(9, dtype=torch.bool)
+    mu_p = float((x @ x.T)[positive].mean())
+    assert int(((x * x).sum(1) < 0.8 * mu_p).sum()) >= 2  # the case the test is about
+    _assert_close(_loss_and_grad(fn, x, "cpu", **kw), _loss_and_grad(fn, x, "reference", **kw))
+
+
+@pytest.mark.parametrize("distance", ["cosine", "squared_euclidean"])
+def test_ipv_self_mode_one_gemm_per_block(monkeypatch, distance):
+    """Self mode: every block's dL/dv goes back through the query side only (the reference side's share is the
+    same by symmetry, doubled); with ref_emb both sides run. Values and gradients equal the reference."""
+    calls = []
+    real = CL._Sweep.accumulate
+
+    def spy(self, w, r0, r1, dq, dr, symmetric=False):
+        calls.append((self.self_mode, symmetric))
+        return real(self, w, r0, r1, dq, dr, symmetric)
+
+    monkeypatch.setattr(CL._Sweep, "accumulate", spy)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(33, 6, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 4, (33,), generator=g)
+    fn = lambda x, **k: F.intra_pair_variance_loss(x, y, distance=distance, **k)  # noqa: E731
+    _assert_close(_loss_and_grad(fn, x, "cpu"), _loss_and_grad(fn, x, "reference"))
+    assert calls and all(c == (True, True) for c in calls)
