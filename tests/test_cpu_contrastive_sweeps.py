@@ -3,6 +3,8 @@
 * IntraPairVariance's one-sweep block (``backends/cpp/intra_pair_variance.py``): the (i, i) pair is neither
   positive nor negative even where its hinge would count (an un-normalised dot similarity whose own-row value
   |q_i|² is below (1 − ε)·μ_P); in self mode its symmetric dL/dv goes back through ONE GEMM per block.
+* SupCon (``contrastive_losses.supcon_loss``, registered for cpu and cuda): no host sync forward or backward (the
+  GPU checks are in tests/test_cuda_supcon.py).
 """
 import pytest
 import torch
@@ -65,3 +67,35 @@ def test_ipv_self_mode_one_gemm_per_block(monkeypatch, distance):
     fn = lambda x, **k: F.intra_pair_variance_loss(x, y, distance=distance, **k)  # noqa: E731
     _assert_close(_loss_and_grad(fn, x, "cpu"), _loss_and_grad(fn, x, "reference"))
     assert calls and all(c == (True, True) for c in calls)
+
+
+# ------------------------------------------------------------------------------- SupCon: no host sync
+
+def _supcon_watch(backend, with_ref, distance):
+    from memory import TensorWatch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    r = torch.randn(30, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    y, ry = torch.randint(0, 5, (40,), generator=g), torch.randint(2, 8, (30,), generator=g)
+    extra = dict(ref_emb=r, ref_labels=ry) if with_ref else {}
+    with TensorWatch() as w:
+        F.supcon_loss(x, y, distance=distance, backend=backend, check_inputs=False, **extra).backward()
+    return w
+
+
+@pytest.mark.parametrize("distance", ["cosine", "squared_euclidean"])
+@pytest.mark.parametrize("with_ref", [False, True], ids=["self", "ref"])
+def test_supcon_no_host_sync(with_ref, distance):
+    """Forward + backward of the cpu SupCon (the form the cuda backend runs too): no host-syncing op — the
+    positive-pair sums' class slots are sized N + M, not by the largest label id read from the device. The
+    same watch sees the reference's syncs (it can fail)."""
+    assert _supcon_watch("reference", with_ref, distance).syncs
+    w = _supcon_watch("cpu", with_ref, distance)
+    assert not w.syncs, w.syncs
+
+
+def test_supcon_registered_for_cuda():
+    """SupCon is registered for the cuda backend as well (its pair_reduce has CUDA kernels), like NCA."""
+    assert "cuda" in _registry.implemented("nca_loss")
+    assert "cuda" in _registry.implemented("supcon_loss")

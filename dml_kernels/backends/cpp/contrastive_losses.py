@@ -50,13 +50,14 @@ def nca_loss(x, labels, ref, ref_labels, *, softmax_scale, distance, weights=Non
 def _positive_sums(q, r, labels, ref_labels, code):
     """Σ_{k ∈ P_i} v(q_i, r_k) for every row, in O((N + M)·D) without any N×M buffer: for a similarity (dot)
     v is linear in r_k, so the sum is q_i · (sum of the reference vectors of row i's class), minus q_i·q_i in
-    self mode (the (i, i) pair is not a positive); squared euclidean expands the same way. Differentiable."""
+    self mode (the (i, i) pair is not a positive); squared euclidean expands the same way. Differentiable. No host
+    sync (a CUDA form): the labels' dense ids come from a sort and the class-sum buffers have N + M slots (a bound
+    on the number of classes), never a size read from the device."""
     self_mode = r is None
     rr = q if self_mode else r
-    rl = labels if self_mode else ref_labels
-    _, inv = torch.unique(torch.cat([labels, rl]), return_inverse=True)
-    inv_q, inv_r = inv[: labels.shape[0]], inv[labels.shape[0]:]
-    k = int(inv.max()) + 1 if inv.numel() else 1
+    qid, rid = _dense_ids(labels, None if self_mode else ref_labels)
+    inv_q, inv_r = qid.long(), rid.long()
+    k = labels.shape[0] + rr.shape[0]
     class_sum = rr.new_zeros(k, rr.shape[1]).index_add(0, inv_r, rr)
     dot = torch.linalg.vecdot(q, class_sum[inv_q])
     qq = torch.linalg.vecdot(q, q)
@@ -73,7 +74,7 @@ def _positive_sums(q, r, labels, ref_labels, code):
     return count * qq + class_sq - 2 * dot
 
 
-@register("supcon_loss", "cpu")
+@_both
 def supcon_loss(x, labels, ref, ref_labels, *, temperature, distance, pairs=None, pair_rule=True):
     """Per row: LSE over P_i ∪ N_i of s/τ (one pair_reduce: the positive-set and negative-set LSEs, then
     logaddexp) minus the mean over P_i of s/τ (a row sum, linear in the class sums: ``_positive_sums``);
