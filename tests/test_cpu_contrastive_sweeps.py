@@ -99,3 +99,60 @@ def test_supcon_registered_for_cuda():
     """SupCon is registered for the cuda backend as well (its pair_reduce has CUDA kernels), like NCA."""
     assert "cuda" in _registry.implemented("nca_loss")
     assert "cuda" in _registry.implemented("supcon_loss")
+
+
+# ---------------------------------------------------------------------------- SNR contrastive: equal rows
+
+def _dup_batch(dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 7, dtype=dtype, generator=g)
+    x[1] = x[0]  # a duplicated row: PML's var(q − r) is exactly 0 for the pair (0, 1)
+    return x, torch.tensor([0, 0, 1, 1, 2, 2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("neg_margin", [1.0, 0.0])
+def test_snr_equal_rows_distance_exactly_zero(seed, dtype, neg_margin):
+    """pos_margin = 0 (PML's default): the pair of equal rows has distance exactly 0, so AvgNonZero does not count
+    it — the cpu form equals the reference and PML 2.9 (without the equal-row ids its rounding residue > 0 is
+    counted where it rounds above 0: 6 positive terms instead of 4 — caught on two of these cases)."""
+    x, y = _dup_batch(dtype, seed)
+    kw = dict(neg_margin=neg_margin)
+    fn = lambda x, **k: F.signal_to_noise_ratio_contrastive_loss(x, y, **k)  # noqa: E731
+    got, want = _loss_and_grad(fn, x, "cpu", **kw), _loss_and_grad(fn, x, "reference", **kw)
+    if dtype == torch.float64:
+        _assert_close(got, want)
+    else:
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    from pytorch_metric_learning import losses as pl
+
+    pml = pl.SignalToNoiseRatioContrastiveLoss(neg_margin=neg_margin)(x, y)
+    torch.testing.assert_close(got[0], pml, rtol=1e-9 if dtype == torch.float64 else 1e-5, atol=1e-12)
+
+
+def test_snr_equal_rows_with_ref_emb():
+    """A query row repeated in ref_emb (a memory bank holding the batch): that pair's distance is exactly 0."""
+    x, y = _dup_batch()
+    r = torch.cat([x[:3], torch.randn(4, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(5))])
+    ry = torch.tensor([0, 0, 1, 1, 2, 2, 0])
+    kw = dict(ref_emb=r, ref_labels=ry)
+    fn = lambda x, **k: F.signal_to_noise_ratio_contrastive_loss(x, y, **k)  # noqa: E731
+    _assert_close(_loss_and_grad(fn, x, "cpu", **kw), _loss_and_grad(fn, x, "reference", **kw))
+
+
+def test_equal_row_ids():
+    """Bitwise-equal rows share an id (−0.0 equals 0.0, as q − r = 0 there); rows one ulp apart never do."""
+    from dml_kernels.backends.cpp.pair_margin_losses import _equal_row_ids
+
+    a = torch.randn(5, dtype=torch.float64)
+    b = a.clone()
+    b[-1] = torch.nextafter(a[-1], torch.tensor(float("inf"), dtype=torch.float64))
+    z, nz = torch.zeros(5, dtype=torch.float64), torch.full((5,), -0.0, dtype=torch.float64)
+    q = torch.stack([a, b, a, z, torch.randn(5, dtype=torch.float64)])
+    r = torch.stack([nz, b, a])
+    iq, ir = _equal_row_ids(q, r)
+    assert iq[0] == iq[2] == ir[2] and iq[1] == ir[1] and iq[3] == ir[0]
+    assert len({int(iq[0]), int(iq[1]), int(iq[3]), int(iq[4])}) == 4
+    iq_self, ir_self = _equal_row_ids(q, None)
+    assert torch.equal(iq_self, ir_self) and iq_self[0] == iq_self[2] and iq_self[0] != iq_self[1]

@@ -17,7 +17,8 @@ row blocks meet all M references through one BLAS tile and form their row terms 
 
 * SNR contrastive — var(q − r)/var(q) (PML's SNRDistance: unbiased variances; the ÷(D − 1) cancels) is
   (‖c_q‖² + ‖c_r‖² − 2·c_q·c_r)/‖c_q‖² with c the row minus its mean: a tile of centred dot products plus O(N)
-  row norms. Two AvgNonZero means (positive and negative pairs): each block returns both row sums, laid out
+  row norms; exactly 0 for bitwise-equal rows, as PML's (``_equal_row_ids``: else a rounding residue that
+  pos_margin = 0 would count in AvgNonZero). Two AvgNonZero means (positive and negative pairs): each block returns both row sums, laid out
   as out[2·r0 : 2·r1] = (positive sums, negative sums).
 
 TupletMargin and Margin form their gradient while each tile is hot (the loss is a scalar; three GEMMs a block,
@@ -290,10 +291,26 @@ def margin_loss(x, labels, ref, ref_labels, beta, *, margin, nu, learn_beta, dis
 
 
 def _centred(v, normalize):
+    """(centred rows, their squared norms, the rows PML's SNRDistance subtracts: normalised or raw)."""
     if normalize:
         v = _NormalizeRows.apply(v, 1e-12)
     c = v - v.mean(1, keepdim=True)
-    return c, torch.linalg.vecdot(c, c)
+    return c, torch.linalg.vecdot(c, c), v
+
+
+def _equal_row_ids(q, r):
+    """int64 ids of the rows of q (and r) such that bitwise-equal rows share an id and different rows never do:
+    the rows sorted by a fingerprint (a weighted row sum), each compared exactly with its predecessor (O((N + M)·D),
+    a sort, no host sync). Equal rows whose fingerprints tie with a different row's may get different ids (then
+    their distance is the expansion's rounding residue, as without ids) — never a false match."""
+    rows = (q if r is None else torch.cat([q, r])).detach()
+    key = (rows * torch.linspace(1, 2, rows.shape[1], dtype=rows.dtype)).sum(1)
+    order = torch.argsort(key, stable=True)
+    srt = rows[order]
+    new = torch.ones(rows.shape[0], dtype=torch.long)
+    new[1:] = (srt[1:] != srt[:-1]).any(1)
+    ids = torch.empty_like(new).scatter_(0, order, torch.cumsum(new, 0) - 1)
+    return ids[: q.shape[0]], (ids if r is None else ids[q.shape[0]:])
 
 
 @register("snr_contrastive_loss", "cpu")
@@ -301,15 +318,17 @@ def snr_contrastive_loss(x, labels, ref, ref_labels, *, pos_margin, neg_margin, 
                          pair_rule=True):
     _no_pairs("snr_contrastive_loss", pairs)
     dt = _kernel_dtype(x)
-    cq, nq = _centred(x.to(dt), normalize)
+    cq, nq, vq = _centred(x.to(dt), normalize)
     self_mode = ref is None
-    cr, nr = (cq, nq) if self_mode else _centred(ref.to(dt), normalize)
+    cr, nr, vr = (cq, nq, None) if self_mode else _centred(ref.to(dt), normalize)
     lr = labels if self_mode else ref_labels
     n, m = cq.shape[0], cr.shape[0]
     pos_margin, neg_margin = float(pos_margin), float(neg_margin)
+    eq_q, eq_r = _equal_row_ids(vq, vr)  # equal rows: PML's var(q − r) is exactly 0, the expansion a residue
 
-    def fn(cb, nb, lb, ib, cv, nv, lv):
+    def fn(cb, nb, lb, ib, eb, cv, nv, lv, ev):
         d = (nb[:, None] + nv[None, :] - 2 * (cb @ cv.T)).clamp_min(0) / nb[:, None]
+        d = d.masked_fill(eb[:, None] == ev[None, :], 0)
         pos, neg = _masks(lb, ib, lv, self_mode)
         hp = torch.relu(d - pos_margin).where(pos, 0)
         hn = torch.relu(neg_margin - d).where(neg, 0)
@@ -317,9 +336,8 @@ def snr_contrastive_loss(x, labels, ref, ref_labels, *, pos_margin, neg_margin, 
         return torch.cat([hp.sum(1), hn.sum(1)]), stats.to(d.dtype)
 
     # out[2·r0 : 2·r1] = (the block's positive-pair row sums, its negative-pair row sums)
-    blocks = [((2 * r0, 2 * r1), ((r0, r1), (r0, r1), (r0, r1), (r0, r1), None, None, None))
-              for r0, r1 in _engine_blocks(n, m, 4)]
-    sums, cnt = _Blocks.apply(fn, blocks, 2 * n, 2, cq, nq, labels, torch.arange(n), cr, nr, lr)
+    blocks = [((2 * r0, 2 * r1), ((r0, r1),) * 5 + (None,) * 4) for r0, r1 in _engine_blocks(n, m, 4)]
+    sums, cnt = _Blocks.apply(fn, blocks, 2 * n, 2, cq, nq, labels, torch.arange(n), eq_q, cr, nr, lr, eq_r)
     first = torch.cat([torch.arange(r0, r1) + r0 for r0, r1 in _engine_blocks(n, m, 4)])
     is_pos = torch.zeros(2 * n, dtype=torch.bool).index_fill_(0, first, True)
     zero = _zero(x).to(sums.dtype)
