@@ -24,32 +24,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..._miner_rules import check_strategies, largest_sides
 from ..._pairs import PackedPairMask, pack_bits
 from ..._registry import Unsupported, register
 from ...distances import Distance
 from ..reference.mining import pml_matrix
 from .row_blocks import block_rows, spans
-
-STRATEGIES = ("hard", "semihard", "easy", "all")
-
-
-def check_strategies(pos_strategy, neg_strategy):
-    """PML's accepted strategy pairs (ValueError otherwise)."""
-    if pos_strategy not in STRATEGIES or neg_strategy not in STRATEGIES:
-        raise ValueError(f"pos_strategy and neg_strategy must be one of {STRATEGIES}, "
-                         f"got {pos_strategy!r}, {neg_strategy!r}")
-    both = (pos_strategy, neg_strategy)
-    if "semihard" in both and (pos_strategy == neg_strategy or "all" in both):
-        raise ValueError(f"pos_strategy={pos_strategy!r} with neg_strategy={neg_strategy!r} is not allowed")
-
-
-def largest_sides(pos_strategy, neg_strategy, is_similarity):
-    """(pos_largest, neg_largest): whether each side picks the largest value of its row (closest for a
-    similarity, farthest for a distance) or the smallest."""
-    pos_largest = is_similarity if pos_strategy == "easy" else not is_similarity
-    neg_largest = (not is_similarity) if neg_strategy == "easy" else is_similarity
-    return pos_largest, neg_largest
-
 
 def _check_distance(distance):
     if not isinstance(distance, Distance):

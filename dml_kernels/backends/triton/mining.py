@@ -23,31 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._miner_rules import check_strategies, largest_sides
 from ..._pairs import PackedPairMask
 from ..._registry import Unsupported, register
 from ...distances import Distance
 from . import pair_engine
 from .multi_similarity import _pack_bits
 from .similarity import _best
-
-
-STRATEGIES = ("hard", "semihard", "easy", "all")
-
-
-def check_strategies(pos_strategy, neg_strategy):
-    """PML's accepted strategy pairs (ValueError otherwise), as the cpu form checks them."""
-    if pos_strategy not in STRATEGIES or neg_strategy not in STRATEGIES:
-        raise ValueError(f"pos_strategy and neg_strategy must be one of {STRATEGIES}, "
-                         f"got {pos_strategy!r}, {neg_strategy!r}")
-    if "semihard" in (pos_strategy, neg_strategy) and (pos_strategy == neg_strategy
-                                                       or "all" in (pos_strategy, neg_strategy)):
-        raise ValueError(f"pos_strategy={pos_strategy!r} with neg_strategy={neg_strategy!r} is not allowed")
-
-
-def largest_sides(pos_strategy, neg_strategy, is_similarity):
-    """(P_LARGEST, N_LARGEST): "easy" positives / "hard" and "semihard" negatives are the closest ones."""
-    return (is_similarity if pos_strategy == "easy" else not is_similarity,
-            (not is_similarity) if neg_strategy == "easy" else is_similarity)
 
 
 @triton.jit
