@@ -183,7 +183,9 @@ def _finite(t):
 
 class _Rows(torch.autograd.Function):
     """(vals (K, N), counts (2, N)) = spec.forward(x, ref, extra); backward: the engine's gradient kernels with
-    ``spec``'s st (forward statistics + upstream gradients) and the gradient of the scalars ``extra``."""
+    the epilogue ``spec.bwd_epilogue`` (default :func:`cf_bwd`; the pair-margin losses' ``pm_bwd``), ``spec``'s st
+    (forward statistics + upstream gradients) and the gradient of the per-row / scalar input ``extra``. The one
+    row-statistics Function of the Triton contrastive and pair-margin families."""
 
     @staticmethod
     def forward(ctx, spec, tiles, x, s, n, r, sr, nr, extra):
@@ -204,13 +206,13 @@ class _Rows(torch.autograd.Function):
         g_vals = g_vals.to(tiles.ct)
         st, d_extra = spec.backward(tiles, saved, g_vals, extra)
         sc = torch.zeros(1, dtype=tiles.ct, device=tiles.device)
-        acc, dn, acc_r, dn_r = tiles.grad((x, s, n, r, sr, nr), cf_bwd, st, sc, flag=spec.bwd_flag,
-                                          need_x=need_x, need_r=need_r)
+        acc, dn, acc_r, dn_r = tiles.grad((x, s, n, r, sr, nr), getattr(spec, "bwd_epilogue", cf_bwd), st, sc,
+                                          flag=spec.bwd_flag, need_x=need_x, need_r=need_r)
         dx, ds, dnx = pair_engine.embedding_grads(x, s, acc, dn, needs[2:5])
         dr = dsr = dnr = None
         if need_r:
             dr, dsr, dnr = pair_engine.embedding_grads(r, sr, acc_r, dn_r, needs[5:8])
-        return None, None, dx, ds, dnx, dr, dsr, dnr, (d_extra if needs[8] else None)
+        return None, None, dx, ds, dnx, dr, dsr, dnr, (d_extra.to(extra.dtype) if needs[8] else None)
 
 
 class _OnePass:

@@ -2,7 +2,7 @@
 from tiles, backward by recomputed tiles (the engine's row kernel, and its column kernel with a reference set),
 no atomics, no N×M buffer, no host sync.
 
-As in ``contrastive_losses.py`` each loss is a *row-statistics op* (:class:`_Rows`, one autograd Function over the
+As in ``contrastive_losses.py`` each loss is a *row-statistics op* (its ``_Rows``, one autograd Function over the
 engine) plus O(N) PyTorch on its outputs; the Function gets one upstream gradient per statistic and row, and a
 per-row input ``extra`` (β per anchor, 1/‖c‖²) whose gradient comes from per-row sums saved in the forward.
 
@@ -41,7 +41,7 @@ import triton.language as tl
 from ..._registry import Unsupported, register
 from ...distances import Distance
 from . import pair_engine
-from .contrastive_losses import _par, _row, _sigmoid, _softplus, _st, _tuple_mask, _zero
+from .contrastive_losses import _par, _row, _Rows, _sigmoid, _softplus, _st, _tuple_mask, _zero
 from .pair_engine import LSE, NONE, SUM
 
 TUP1, TUP2, MARGIN, SNR = range(4)
@@ -111,39 +111,9 @@ def pm_bwd(v, pos, neg, ia, ib, na, nb, st, nst, sc, p0, p1, p2, p3, DIST: tl.co
 # ---------------------------------------------------------------------------------------------- host side
 
 
-class _Rows(torch.autograd.Function):
-    """(vals (K, N), counts) = spec.forward(tiles, xs, extra); backward: the engine's gradient kernels with
-    :func:`pm_bwd` and ``spec``'s st, plus the gradient of the per-row input ``extra``."""
-
-    @staticmethod
-    def forward(ctx, spec, tiles, x, s, n, r, sr, nr, extra):
-        vals, counts, saved = spec.forward(tiles, (x, s, n, r, sr, nr), extra)
-        ctx.spec, ctx.tiles = spec, tiles
-        ctx.save_for_backward(x, s, n, r, sr, nr, extra, saved)
-        ctx.mark_non_differentiable(counts)
-        return vals, counts
-
-    @staticmethod
-    def backward(ctx, g_vals, _g_counts):
-        pair_engine.refuse_double_backward()
-        x, s, n, r, sr, nr, extra, saved = ctx.saved_tensors
-        spec, tiles = ctx.spec, ctx.tiles
-        needs = ctx.needs_input_grad
-        need_x, need_r = any(needs[2:5]), (r is not None and any(needs[5:8]))
-        st, d_extra = spec.backward(tiles, saved, g_vals.to(tiles.ct), extra)
-        sc = torch.zeros(1, dtype=tiles.ct, device=tiles.device)
-        acc, dn, acc_r, dn_r = tiles.grad((x, s, n, r, sr, nr), pm_bwd, st, sc, flag=spec.bwd_flag,
-                                          need_x=need_x, need_r=need_r)
-        dx, ds, dnx = pair_engine.embedding_grads(x, s, acc, dn, needs[2:5])
-        dr = dsr = dnr = None
-        if need_r:
-            dr, dsr, dnr = pair_engine.embedding_grads(r, sr, acc_r, dn_r, needs[5:8])
-        return None, None, dx, ds, dnx, dr, dsr, dnr, (d_extra.to(extra.dtype) if needs[8] else None)
-
-
 class _Tuplet:
     """vals: (Σ_P softplus(z),); counts: (|P|, |N|)."""
-    bwd_flag = TUP2
+    bwd_flag, bwd_epilogue = TUP2, pm_bwd
 
     def __init__(self, scale, margin):
         self.params = (scale, math.cos(margin), math.sin(margin))
@@ -163,7 +133,7 @@ class _Tuplet:
 
 class _Margin:
     """extra: β per anchor row; vals: (S⁺, S⁻); counts: (#⁺, #⁻, |P|, |N|)."""
-    bwd_flag = MARGIN
+    bwd_flag, bwd_epilogue = MARGIN, pm_bwd
 
     def __init__(self, margin, sg):
         self.params, self.sg = (margin,), sg
@@ -179,7 +149,7 @@ class _Margin:
 
 class _SNR:
     """extra: q = 1/‖c‖² per row; vals: (Σ_P h⁺, Σ_N h⁻); counts: (#[h⁺>0], #[h⁻>0])."""
-    bwd_flag = SNR
+    bwd_flag, bwd_epilogue = SNR, pm_bwd
 
     def __init__(self, pos_margin, neg_margin):
         self.params = (pos_margin, neg_margin)
