@@ -169,8 +169,8 @@ class _Sweep:
         same = same[self.qid.long()]
         return same - int(self.self_mode), self.m - same
 
-    def blocks(self):
-        return RB.spans(self.n, max(1, min(RB.block_rows(self.n, self.m), _TILE // max(self.m, 1))))
+    def blocks(self, tile=_TILE):
+        return RB.spans(self.n, max(1, min(RB.block_rows(self.n, self.m), tile // max(self.m, 1))))
 
     def tile(self, r0, r1):
         """(l, pos, neg) of rows r0:r1; l = k·v, v the distance's values as the reference's pairwise matrix."""
@@ -226,7 +226,7 @@ def _eager_run(spec, sweep):
         grad = dq is not None or dr is not None
         stats = []
         tile_block = getattr(spec, "tile_block", None)  # a spec that forms its own tile (fewer passes)
-        for r0, r1 in sweep.blocks():
+        for r0, r1 in sweep.blocks(getattr(spec, "tile", _TILE)):
             st, w = (tile_block(sweep, r0, r1, grad) if tile_block is not None
                      else spec.block(*sweep.tile(r0, r1), r0, r1, grad))
             stats.append(st)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..._registry import register
+from . import row_blocks as RB
 from .common import _out, _zero
 from .contrastive_losses import _eager_apply, _listed, _pair_rule_few, _rows, _sweep
 
@@ -54,6 +55,12 @@ class _IPV:
     by the same closed form after the sweep. Similarity h_P = [(1−ε⁺)μ_P − v]₊, h_N = [v − (1+ε⁻)μ_N]₊; a distance reversed."""
 
     symmetric = True  # dL/dv_ij depends on v_ij and the pair's set only: in self mode one GEMM pulls it back
+
+    @property
+    def tile(self):
+        """Elements of a block's tile: row_blocks' (4× the contrastive sweep's) — fewer, larger blocks, 1.4–1.6× the
+        reference instead of 1.3× on a loaded 2-core machine (load ~4, B = 4096), as fast on one quiet thread."""
+        return RB.TILE
 
     def __init__(self, pos_eps, neg_eps, similarity, pair_rule):
         self.pair_rule = pair_rule
