@@ -8,8 +8,8 @@ Map (the same in every backend package; the engines themselves are C++, in ``csr
 * ``similarity.py``   — the similarity matrix and the miners.
 * ``pair_losses.py``  — the pair family.
 * ``class_losses.py`` — the class-weight family (proxies), and one class shard's statistics.
-* ``contrastive_losses.py`` — NCA, SupCon on ``pair_reduce`` (+ O(N) row terms); Circle, ThresholdConsistentMargin,
-  IntraPairVariance, NT-Xent on row blocks (per-row statistics, the gradient formed in the same sweep).
+* ``contrastive_losses.py`` — NCA, SupCon on ``pair_reduce`` (+ O(N) row terms; both also on cuda); Circle,
+  ThresholdConsistentMargin, NT-Xent on row blocks (per-row statistics, the gradient formed in the same sweep).
 * ``margin_softmax.py`` — NormalizedSoftmax, CosFace, ArcFace, LargeMargin, SphereFace (one ``pair_reduce``:
   target logit and the LSE of the rest per row, then the margin in O(B)), P2SGrad.
 * ``row_stats.py``    — per-row reduction statistics of contrastive / triplet elements for a non-default reducer.
@@ -17,7 +17,13 @@ Map (the same in every backend package; the engines themselves are C++, in ``csr
   under no_grad, backward recomputes each block): direction, ProxyGML and other row-local losses.
 * ``mining.py``       — per-row miners (batch easy/hard; pair margin as packed bits) in O(block × M), row blocks.
 * ``pair_margin_losses.py`` — TupletMargin, Margin (all / given triplets), SNR contrastive on row blocks.
+* ``intra_pair_variance.py`` — IntraPairVariance on row blocks (class-sum means, one signed hinge tile per block).
 * ``grouped_columns.py`` — SubCenterArcFace, SoftTriple (K centres per class) in O(B × chunk), torch.mm tiles.
+* ``pair_terms.py``   — the contrastive family on the ``pair_terms`` op (one engine, loss-specific pair terms of
+  ``csrc/pair_terms.h``): the cuda backend's NT-Xent, Circle, ThresholdConsistentMargin, IntraPairVariance,
+  TupletMargin, SNR, Margin; device-agnostic, tested on CPU tensors through the op's CPU kernel.
+* ``grouped_kernels.py`` — SubCenterArcFace, SoftTriple on the ``grouped_class_rows`` op (cuda backend; the same
+  functions tested on CPU tensors).
 * ``evaluation.py``   — k-nearest neighbours in O(block × chunk) memory (torch.mm + top-k merge, no C++).
 """
 from . import class_losses, contrastive_losses, evaluation, margin_softmax, pair_losses, similarity  # noqa: F401

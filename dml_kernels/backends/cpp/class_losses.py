@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..._registry import Unsupported
+from .library import refuse_double_backward
 from .loader import has_kernel
 from .common import _DIST, _LSE, _LSE1, _NormalizeRows, _both, _need, _out, _prep, _sg, _zero
 
@@ -218,9 +219,7 @@ class _ClassCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if torch.is_grad_enabled():
-            raise RuntimeError("double backward (create_graph=True) through the fused C++ class engine is not "
-                               "supported; use backend='reference' for second-order gradients")
+        refuse_double_backward("cpu class engine")
         if ctx.grads is None:  # a second backward (retain_graph=True): the first handed its buffers on
             q, R = ctx.saved_tensors
             ctx.grads = _ClassCE.run(q, R, *ctx.args, ctx.needs_input_grad[0], ctx.needs_input_grad[1])[1:]

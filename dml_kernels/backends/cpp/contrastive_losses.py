@@ -23,6 +23,7 @@ from ..._registry import Unsupported, register
 from ...distances import Distance
 from . import row_blocks as RB
 from .common import _LSE, _bits, _both, _need, _out, _prep, _sg, _zero
+from .library import refuse_double_backward
 
 _COSINE = Distance("cosine", True)
 _TILE = 1 << 18  # elements of a tile (≤ row_blocks.TILE): a block's handful of tile-sized temporaries stay ~1 MiB each
@@ -255,7 +256,7 @@ class _RowTerms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_counts):
-        RB.refuse_double_backward("contrastive loss")
+        refuse_double_backward("cpu contrastive loss")
         q, r, *saved = ctx.saved_tensors
         sweep = ctx.sweep
         sweep.set(q, r)

@@ -45,6 +45,7 @@ from ..reference.margin_softmax import arcface_target
 from . import row_blocks
 from .class_losses import _dense, _lin, _mm_nt, _onednn_ok
 from .common import _NormalizeRows, _kernel_dtype, _out
+from .library import refuse_double_backward
 
 _EPS = 1e-12
 
@@ -267,9 +268,7 @@ class _GroupedCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if torch.is_grad_enabled():
-            raise RuntimeError("double backward (create_graph=True) through the fused cpu subcenter_arcface_loss / "
-                               "soft_triple_loss is not supported; use backend='reference' for second-order gradients")
+        refuse_double_backward("cpu subcenter_arcface_loss / soft_triple_loss")
         need_q, need_w = ctx.needs_input_grad[:2]
         if ctx.grads is None and (need_q or need_w):  # a second backward (retain_graph): recompute the gradients
             q, W, rw, labels, rest = ctx.saved_tensors

@@ -67,7 +67,7 @@ def register_ops():
         ctx.save_for_backward(x, W, labels, output[1])
 
     def backward(ctx, g_t, g_rest):
-        refuse_double_backward("grouped_class_rows")
+        refuse_double_backward("C++ op dml_kernels::grouped_class_rows")
         x, W, labels, rest = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
         g_t = torch.zeros_like(rest) if g_t is None else g_t

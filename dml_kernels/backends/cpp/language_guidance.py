@@ -16,6 +16,7 @@ import math
 import torch
 
 from ..._registry import register
+from .library import refuse_double_backward
 
 TILE = 1 << 20  # elements of one block's logit tile (ROWS × B)
 
@@ -57,9 +58,7 @@ class _LanguageGuidanceCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if torch.is_grad_enabled():
-            raise RuntimeError("double backward (create_graph=True) through the fused cpu language_guidance_loss is "
-                               "not supported; use backend='reference' for second-order gradients")
+        refuse_double_backward("cpu language_guidance_loss")
         xn, ln, labels, st = ctx.saved_tensors
         temperature, shift, forward_kl, mask = ctx.args
         n = xn.shape[0]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 
-def refuse_double_backward(op):
-    """Call at the top of a kernel backward. Under ``create_graph=True`` (grad mode on inside backward) the
-    kernel's result would be a gradient that is not itself differentiable — a wrong second-order gradient
-    with only a PyTorch warning — so raise instead."""
+def refuse_double_backward(what):
+    """Call at the top of every fused C++ / cpu backward (a kernel backward, a tile recompute, or saved gradients
+    that are constants). Under ``create_graph=True`` (grad mode on inside backward) its result would be a gradient
+    that is not itself differentiable — a wrong second-order gradient with only a PyTorch warning — so raise
+    instead. ``what`` names the op or engine (the Triton side's twin is ``pair_engine.refuse_double_backward``)."""
     if torch.is_grad_enabled():
-        raise RuntimeError(f"double backward (create_graph=True) through the fused C++ op dml_kernels::{op} is "
-                           "not supported; use backend='reference' for second-order gradients")
+        raise RuntimeError(f"double backward (create_graph=True) through the fused {what} is not supported; "
+                           "use backend='reference' for second-order gradients")
 
 _PY_REGISTERED = False
 
@@ -73,7 +74,7 @@ def register_python_side():
         ctx.save_for_backward(q, r, labels, ref_labels)
 
     def triplet_backward(ctx, g_total, _g_count):
-        refuse_double_backward("triplet_all")
+        refuse_double_backward("C++ op dml_kernels::triplet_all")
         q, r, labels, ref_labels = ctx.saved_tensors
         dq, dr = torch.ops.dml_kernels.triplet_all_backward(g_total, q, r if ctx.has_r else None, labels,
                                                             ref_labels if ctx.has_r else None, *ctx.params)
@@ -95,7 +96,7 @@ def register_python_side():
         ctx.save_for_backward(q, labels, a, has_neg)
 
     def lifted_backward(ctx, g_sum, _g_count):
-        refuse_double_backward("lifted_pos")
+        refuse_double_backward("C++ op dml_kernels::lifted_pos")
         q, labels, a, has_neg = ctx.saved_tensors
         dq, da = torch.ops.dml_kernels.lifted_pos_backward(g_sum, q, labels, a, has_neg, *ctx.params)
         return dq, None, da.to(a.dtype), None, None, None
@@ -109,7 +110,7 @@ def register_python_side():
         ctx.save_for_backward(q, r, output)
 
     def values_backward(ctx, grad):
-        refuse_double_backward("pair_values")
+        refuse_double_backward("C++ op dml_kernels::pair_values")
         q, r, out = ctx.saved_tensors
         dq, dr = torch.ops.dml_kernels.pair_values_backward(grad, out, q, r if ctx.has_r else None, ctx.dist)
         return dq, (dr if ctx.has_r else None), None
@@ -125,7 +126,7 @@ def register_python_side():
         ctx.save_for_backward(q, r, labels, ref_labels, pos_bits, neg_bits, red_pos, red_neg, thr, col_mask)
 
     def reduce_backward(ctx, gp, gn, _gthr, _gcnt):
-        refuse_double_backward("pair_reduce")
+        refuse_double_backward("C++ op dml_kernels::pair_reduce")
         q, r, labels, ref_labels, pos_bits, neg_bits, red_pos, red_neg, thr, col_mask = ctx.saved_tensors
         gp = torch.zeros_like(red_pos) if gp is None else gp
         gn = torch.zeros_like(red_neg) if gn is None else gn
@@ -153,7 +154,7 @@ def register_python_side():
         ctx.save_for_backward(q, r, labels, ref_labels)
 
     def hinge_backward(ctx, g_sums, _g_counts):
-        refuse_double_backward("hinge_stats")
+        refuse_double_backward("C++ op dml_kernels::hinge_stats")
         q, r, labels, ref_labels = ctx.saved_tensors
         need_r = ctx.has_r and ctx.needs_input_grad[1]
         dq, dr = torch.ops.dml_kernels.hinge_stats_backward(
@@ -177,7 +178,7 @@ def register_python_side():
         ctx.save_for_backward(q, r, labels, ref_labels)
 
     def tstats_backward(ctx, g_sums, _g_counts):
-        refuse_double_backward("triplet_stats")
+        refuse_double_backward("C++ op dml_kernels::triplet_stats")
         q, r, labels, ref_labels = ctx.saved_tensors
         dq, dr = torch.ops.dml_kernels.triplet_stats_backward(
             g_sums, q, r if ctx.has_r else None, labels, ref_labels if ctx.has_r else None, *ctx.params)

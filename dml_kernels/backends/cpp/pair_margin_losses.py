@@ -36,7 +36,8 @@ import torch
 from ..._registry import Unsupported, register
 from .common import _NormalizeRows, _kernel_dtype, _out, _prep, _zero
 from .contrastive_losses import _PairDots
-from .row_blocks import _Blocks, block_rows, refuse_double_backward, spans
+from .library import refuse_double_backward
+from .row_blocks import _Blocks, block_rows, spans
 
 
 def _engine_blocks(n, m, part):
@@ -127,7 +128,7 @@ class _Tuplet(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_cnt):
-        refuse_double_backward("tuplet_margin_loss")
+        refuse_double_backward("cpu tuplet_margin_loss")
         dq, dr = ctx.saved_tensors
         return (None if dq is None else dq * g, None if dr is None else dr * g, None, None, None, None, None)
 
@@ -257,7 +258,7 @@ class _MarginAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_cnt):
-        refuse_double_backward("margin_loss")
+        refuse_double_backward("cpu margin_loss")
         return tuple(None if t is None else t * g for t in ctx.saved_tensors) + (None,) * 5
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..._pairs import PackedPairMask
 from ..._registry import Unsupported, register
 from . import contrastive_losses as _cl
+from . import intra_pair_variance as _ipv
 from . import pair_margin_losses as _pm
 from .common import _LSE, _bits, _kernel_dtype, _need, _out, _prep, _sg, _zero
 from .library import refuse_double_backward
@@ -61,7 +62,7 @@ def ensure_registered():
         ctx.save_for_backward(q, r, labels, ref_labels, pos_bits, neg_bits, row_stats, output[0])
 
     def backward(ctx, g_sums, _g_counts):
-        refuse_double_backward("pair_terms")
+        refuse_double_backward("C++ op dml_kernels::pair_terms")
         q, r, labels, ref_labels, pos_bits, neg_bits, row_stats, sums = ctx.saved_tensors
         g_sums = torch.zeros_like(sums) if g_sums is None else g_sums
         need_r = ctx.has_r and ctx.needs_input_grad[1]
@@ -152,7 +153,7 @@ def intra_pair_variance_loss(x, labels, ref, ref_labels, *, pos_eps, neg_eps, di
     """mean_P h_P² + mean_N h_N² around the global means μ_P, μ_N (pass 1: per-row value sums, kValues; not
     detached), pass 2 the hinges' squares with μ as row statistics."""
     if _listed(pairs):
-        return _cl.intra_pair_variance_loss(x, labels, ref, ref_labels, pos_eps=pos_eps, neg_eps=neg_eps,
+        return _ipv.intra_pair_variance_loss(x, labels, ref, ref_labels, pos_eps=pos_eps, neg_eps=neg_eps,
                                             distance=distance, pairs=pairs, pair_rule=pair_rule)
     q, r, code = _prep(x, ref, distance)
     bits = _bits(pairs, q.device)
@@ -199,7 +200,7 @@ def snr_contrastive_loss(x, labels, ref, ref_labels, *, pos_margin, neg_margin, 
         raise Unsupported("the cuda snr_contrastive_loss takes no explicit pairs (PML counts duplicated pairs); "
                           "backend='auto' runs the reference")
     dt = _kernel_dtype(x)
-    cq, nq = _pm._centred(x.to(dt), normalize)
+    cq, nq, _ = _pm._centred(x.to(dt), normalize)
     cr = None if ref is None else _pm._centred(ref.to(dt), normalize)[0]
     sums, cnt = pair_terms(cq, cr, labels, ref_labels, (None, None), 2, SNR, [pos_margin, neg_margin], nq[None])
     zero = _zero(x).to(sums.dtype)

@@ -19,6 +19,7 @@ import torch
 from ..._registry import Unsupported, register
 from ..reference.ranking_losses import fastap_ap, fastap_bin_centres
 from ..reference.similarity import normalize_rows
+from .library import refuse_double_backward
 
 TILE = 1 << 19  # elements of one row block's distance tile (rows × N)
 
@@ -72,9 +73,7 @@ class _RowBlockStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError("double backward (create_graph=True) through a fused cpu ranking loss is not "
-                               "supported; use backend='reference' for second-order gradients")
+        refuse_double_backward("cpu ranking loss")
         q, sqn, labels = ctx.saved_tensors
         spec = ctx.spec
         dq = torch.zeros_like(q)

@@ -19,17 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from .library import refuse_double_backward  # noqa: F401  (re-exported: the row-block engines call it)
+
 TILE = 1 << 20  # elements of one block's tile (ROWS × M, or c × J × K for all triplets)
-
-
-def refuse_double_backward(what):
-    """Call at the top of a cpu fused backward (a recompute, or saved gradients that are constants): under
-    create_graph=True it would return a gradient that is not itself differentiable — PyTorch would only warn —
-    so refuse clearly. ``what`` names the op or engine in the message. (The Triton side's twin is
-    ``pair_engine.refuse_double_backward``.)"""
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"double backward (create_graph=True) through the fused cpu {what} is not supported; "
-                           "use backend='reference' for second-order gradients")
 
 
 def block_rows(n, m):
@@ -63,7 +55,7 @@ class _Blocks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_aux):
-        refuse_double_backward("row-block loss")
+        refuse_double_backward("cpu row-block loss")
         tensors = ctx.saved_tensors
         need = ctx.needs_input_grad[4:]
         grads = [torch.zeros_like(t) if nd else None for t, nd in zip(tensors, need)]
@@ -102,7 +94,7 @@ class GradInForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        refuse_double_backward(ctx.what)
+        refuse_double_backward(f"cpu {ctx.what}")
         return (None, None, None, *(None if d is None else g * d for d in ctx.saved_tensors))
 
 
@@ -151,7 +143,7 @@ class ColumnLSE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        refuse_double_backward("row-block LSE")
+        refuse_double_backward("cpu row-block LSE")
         lse, *tensors = ctx.saved_tensors
         need = ctx.needs_input_grad[3:]
         grads = [torch.zeros_like(t) if nd else None for t, nd in zip(tensors, need)]
