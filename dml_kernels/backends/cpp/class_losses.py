@@ -7,6 +7,7 @@ import torch
 from ..._registry import Unsupported
 from .library import refuse_double_backward
 from .loader import has_kernel
+from .library import refuse_double_backward
 from .common import _DIST, _LSE, _LSE1, _NormalizeRows, _both, _need, _out, _prep, _sg, _zero
 
 
@@ -45,9 +46,15 @@ def proxy_nca_loss(x, labels, proxies, *, softmax_scale, exclude_positive=False,
 
 @_both
 def proxy_anchor_loss(x, labels, proxies, *, margin, alpha, distance, weights=None):
-    _need(x, "pair_reduce")
     if weights is not None:
         raise Unsupported("the C++ proxy_anchor_loss takes no miner weights")
+    if _pa_fast(x, proxies, distance, alpha):
+        q = x.to(torch.float32)
+        if distance.normalize:
+            q = _NormalizeRows.apply(q, 1e-12)
+        return _out(_proxy_anchor_blocks(q, proxies.to(torch.float32), labels, float(margin), float(alpha),
+                                        distance.normalize), x)
+    _need(x, "pair_reduce")
     num_classes = proxies.shape[0]
     # Transposed: rows = proxies, columns = embeddings, so each proxy's LSE is a row reduction.
     q, r, code = _prep(proxies.to(x.dtype), x, distance)
@@ -58,6 +65,14 @@ def proxy_anchor_loss(x, labels, proxies, *, margin, alpha, distance, weights=No
     num_with_pos = (cnt[0] > 0).sum()
     pos_loss = torch.where(num_with_pos > 0, lp.sum() / num_with_pos.clamp_min(1), _zero(lp))
     return _out(pos_loss + ln.sum() / num_classes, x)
+
+
+def _pa_fast(x, proxies, distance, alpha):
+    """fp32 Proxy Anchor on oneDNN class blocks (proxy_anchor_engine): CPU, outside torch.compile, a cosine / dot
+    similarity, alpha > 0, row-major proxies, a non-empty batch; else pair_reduce's form."""
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling() and x.dtype == torch.float32
+            and _DIST[distance.name] == 0 and distance.is_similarity and float(alpha) > 0 and x.shape[0] > 0
+            and proxies.dtype == torch.float32 and proxies.is_contiguous() and _onednn_ok(torch.float32))
 
 
 # ----------------------------------------------------------------- statistics of one class shard (distributed)
@@ -341,3 +356,106 @@ class _ClassCE(torch.autograd.Function):
             for yb, gry in direct:
                 _add_rows(G, yb, gry)
         return total / B, dq, G
+
+
+# ----------------------------------------------------------------- Proxy Anchor on oneDNN class blocks (fp32)
+# Transposed blocks: rows = a block of classes, columns = all B embeddings (Aᵀ = P_blk·qᵀ, one oneDNN product), so
+# each class's negative LSE completes inside its block and its gradient is formed there, no recompute: 3 products
+# (Aᵀ, dP_blk = E·q, dq += Eᵀ·P_blk) against pair_reduce's 4. The positives (one per row) are B values: their
+# per-class LSEs and gradients come from q_i·p_{y_i} before the blocks. Cosine: the proxies' normalisation is a
+# per-row scale s_c of the blocks (no normalised C×D copy); its backward is the block's projection, written into
+# dP's slice. Memory: one block of ≤ _BLOCK_ELEMS logits, its dP block, dP (the proxies' size), dq.
+
+
+def _proxy_anchor_blocks(q, P, labels, margin, alpha, normalize):
+    if torch.is_grad_enabled() and (q.requires_grad or P.requires_grad):
+        return _ProxyAnchor.apply(q, P, labels, margin, alpha, normalize)
+    with torch.no_grad():
+        return _ProxyAnchor.run(q, P, labels, margin, alpha, normalize, False, False)[0]
+
+
+class _ProxyAnchor(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, P, labels, margin, alpha, normalize):
+        ctx.args = (labels, margin, alpha, normalize)
+        loss, *grads = _ProxyAnchor.run(q, P, *ctx.args, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        ctx.grads = tuple(grads)
+        ctx.save_for_backward(q, P)  # a second backward (retain_graph=True) recomputes
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        refuse_double_backward("proxy_anchor (oneDNN class blocks)")
+        if ctx.grads is None:
+            q, P = ctx.saved_tensors
+            ctx.grads = _ProxyAnchor.run(q, P, *ctx.args, ctx.needs_input_grad[0], ctx.needs_input_grad[1])[1:]
+        dq, dP = ctx.grads
+        ctx.grads = None
+        return (None if dq is None else dq.mul_(g)), (None if dP is None else dP.mul_(g)), *(None,) * 4
+
+    @staticmethod
+    def run(q, P, labels, margin, alpha, normalize, need_q=True, need_p=True):
+        q, P = q.detach(), P.detach()
+        B, C = q.shape[0], P.shape[0]
+        any_grad = need_q or need_p
+        dt = q.dtype
+        if normalize:
+            norm = torch.linalg.vector_norm(P, dim=1)
+            s = 1.0 / norm.clamp_min(1e-12)
+        else:
+            s = torch.ones(C, dtype=dt)
+        y = labels
+        ar = torch.arange(B)
+        # positives: l_i = −α (v_i − margin), v_i = s_y q_i·p_y; T⁺_c = log(1 + Σ_{y_i=c} e^{l_i})
+        sy = s.index_select(0, y)
+        py = P.index_select(0, y)
+        v = _row_dots(q, py) * sy
+        lpos = (v - margin) * -alpha
+        m = torch.zeros(C, dtype=dt).scatter_reduce_(0, y, lpos, "amax")  # include_self: the "1 +" term's 0
+        e = (lpos - m.index_select(0, y)).exp_()
+        S = torch.exp(-m).index_add_(0, y, e)
+        n_pos = torch.zeros(C, dtype=dt).index_fill_(0, y, 1.0).sum()
+        pos_loss = (m + S.log()).sum() / n_pos  # (B > 0: n_pos ≥ 1)
+        gv = e / S.index_select(0, y) / n_pos * -alpha  # dL/dv_i
+        dq = torch.addcmul(torch.zeros_like(q), py, (gv * sy).unsqueeze(1)) if need_q else None  # gv_i s_y p_y
+        dP = torch.empty_like(P) if need_p else None
+        neg = torch.zeros((), dtype=dt)
+        src = q * (gv * sy).unsqueeze(1) if need_p else None  # s_y · dL/dp̂_y from the positives
+        # negatives, per block of classes: A = P̂_blk·q_extᵀ (q_ext: q and a zero dummy row B, the column class_rows
+        # leaves out), positives set to a sentinel whose logit (−1e30) class_rows' exp takes to 0
+        q_ext = torch.cat([q, q.new_zeros(1, q.shape[1])])
+        cb = max(1, min(C, _BLOCK_ELEMS // (B + 1)))
+        dummy = torch.full((cb,), B, dtype=torch.long)
+        sentinel = torch.tensor(-1e30 / alpha, dtype=dt)
+        for c0 in range(0, C, cb):
+            Pb = P[c0:c0 + cb]
+            n = Pb.shape[0]
+            sb = s[c0:c0 + n]
+            Ph = Pb * sb.unsqueeze(1) if normalize else Pb
+            A = _lin(Ph, q_ext)  # n×(B+1)
+            inb = (y >= c0) & (y < c0 + n)
+            rows = (y - c0).clamp_(0, n - 1)
+            A.index_put_((rows, torch.where(inb, ar, B)), sentinel)  # (out-of-block labels: the dummy column)
+            _, m, S, _ = torch.ops.dml_kernels.class_rows(A, dummy[:n], alpha, None, None, None, False).unbind(0)
+            z = m + S.log() + alpha * margin  # T_c = log(1 + e^z) = log(1 + Σ_{y_i≠c} e^{α(p̂_c·q_i + margin)})
+            T = z.clamp_min(0) + torch.log1p(torch.exp(-z.abs()))
+            neg += T.sum()
+            if not any_grad:
+                continue
+            r = torch.exp(z - T) / S * (alpha / C)  # dL/dÂ_ci = A_ci · r_c (A ← e^{logit − m}, 0 at positives)
+            A.mul_((r * sb if normalize else r).unsqueeze(1))  # with s_c: dq takes the raw p_c, dP s_c·dL/dp̂_c
+            if need_q:
+                # oneDNN copies a transposed x: the smaller of P_blk (n×D, giving dqᵀ) and the block (n×(B+1))
+                dq.add_(_lin(Pb.t(), A.t()).t()[:B] if Pb.shape[1] <= B + 1 else _lin(A.t(), Pb.t())[:B])
+            if need_p:
+                h = _lin(A, q_ext.t())
+                _add_rows(h, rows, src * inb.unsqueeze(1))
+                if normalize:  # dL/dp_c = s_c (g − p̂ (p̂·g)) = h − p̂_c (p̂_c·h_c) (h = s_c g), 0 projection if clamped
+                    coef = _row_dots(Ph, h) * (norm[c0:c0 + n] >= 1e-12)
+                    torch.addcmul(h, Ph, coef.neg_().unsqueeze(1), out=dP[c0:c0 + n])
+                elif n == C:
+                    dP = h
+                else:
+                    dP[c0:c0 + n] = h
+            del A
+        return pos_loss + neg / C, dq, dP
