@@ -68,11 +68,12 @@ def proxy_anchor_loss(x, labels, proxies, *, margin, alpha, distance, weights=No
 
 
 def _pa_fast(x, proxies, distance, alpha):
-    """fp32 Proxy Anchor on oneDNN class blocks (proxy_anchor_engine): CPU, outside torch.compile, a cosine / dot
+    """fp32 Proxy Anchor on oneDNN class blocks (_ProxyAnchor below): CPU, outside torch.compile, a cosine / dot
     similarity, alpha > 0, row-major proxies, a non-empty batch; else pair_reduce's form."""
     return (x.device.type == "cpu" and not torch.compiler.is_compiling() and x.dtype == torch.float32
             and _DIST[distance.name] == 0 and distance.is_similarity and float(alpha) > 0 and x.shape[0] > 0
-            and proxies.dtype == torch.float32 and proxies.is_contiguous() and _onednn_ok(torch.float32))
+            and proxies.dtype == torch.float32 and proxies.is_contiguous() and _onednn_ok(torch.float32)
+            and _has_class_rows())
 
 
 # ----------------------------------------------------------------- statistics of one class shard (distributed)
