@@ -1,5 +1,14 @@
-"""The class-weight family (ProxyNCA, Proxy Anchor) on ``pair_reduce``: proxies are the references (ProxyNCA)
-or the queries (Proxy Anchor: a per-proxy LSE is a row reduction of the transposed problem)."""
+"""The class-weight family on the cpu backend (ProxyNCA, Proxy Anchor; the margin-softmax losses use the same
+engine from margin_softmax.py / grouped_columns.py).
+
+* The class engine (``_class_ce`` / ``_ClassCE``): row blocks of all C logits, the block's softmax work in one C++
+  pass (op ``class_rows``), the gradient formed in the forward (3 products, no recompute); a column normalisation is
+  a per-column scale, never a normalised C×D copy. fp32 products through oneDNN where the operands are dense
+  (``_Products``, ``_mm_nt``), else torch.mm.
+* Proxy Anchor, fp32: blocks of classes × all B embeddings (``_ProxyAnchor``), each class's statistics complete in
+  its block, the gradient formed there; float64 and the other cases on ``pair_reduce`` (the proxies as queries: a
+  per-proxy LSE is a row reduction of the transposed problem), as ProxyNCA's fallback without ``class_rows``.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,7 +16,6 @@ import torch
 from ..._registry import Unsupported
 from .library import refuse_double_backward
 from .loader import has_kernel
-from .library import refuse_double_backward
 from .common import _DIST, _LSE, _LSE1, _NormalizeRows, _both, _need, _out, _prep, _sg, _zero
 
 
@@ -386,7 +394,7 @@ class _ProxyAnchor(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        refuse_double_backward("proxy_anchor (oneDNN class blocks)")
+        refuse_double_backward("cpu proxy_anchor_loss (oneDNN class blocks)")
         if ctx.grads is None:
             q, P = ctx.saved_tensors
             ctx.grads = _ProxyAnchor.run(q, P, *ctx.args, ctx.needs_input_grad[0], ctx.needs_input_grad[1])[1:]
