@@ -120,8 +120,8 @@ GROUPED = {
 @pytest.mark.parametrize("layout", ["pml_DxCK", "CKxD_view"])
 @pytest.mark.parametrize("stash", [True, False], ids=["B<=D", "B>D"])
 def test_grouped_onednn_equals_torch_mm_and_reference(name, k, layout, stash, monkeypatch):
-    """fp32, several whole-class chunks (a 60-element tile), W in PML's D×C·K layout (oneDNN for dW only: its
-    column slices are padded) or as the transposed view of a C·K×D leaf (all three products); B ≤ D keeps the
+    """fp32, several whole-class chunks (a 60-element tile), W in PML's D×C·K layout (its padded column slices packed
+    per chunk) or as the transposed view of a C·K×D leaf: all three products on oneDNN either way; B ≤ D keeps the
     tiles in dW's buffer, B > D recomputes them."""
     from dml_kernels.backends.cpp import grouped_columns as gc, row_blocks
     monkeypatch.setattr(row_blocks, "TILE", 60)
@@ -143,8 +143,8 @@ def test_grouped_onednn_equals_torch_mm_and_reference(name, k, layout, stash, mo
 
     got = run(torch.float32, "cpu")
     n_chunks = -(-n_cls // max(1, 60 // (B * k)))
-    # per chunk: dW's product; the view layout also the tile (twice when recomputed) and dq's product
-    assert len(calls) == n_chunks * (1 if layout == "pml_DxCK" else 3 + (not stash)), len(calls)
+    # per chunk: the tile (twice when recomputed), dq's and dW's products
+    assert len(calls) == n_chunks * (3 + (not stash)), len(calls)
     ref64 = run(torch.float64, "reference")
     monkeypatch.setattr(cl, "_ONEDNN", False)
     calls.clear()

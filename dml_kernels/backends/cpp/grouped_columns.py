@@ -27,10 +27,10 @@ until the second pass overwrites it with that block's gradient — so with B ≤
 GEMM: three GEMMs of B·C·K·D in all, as PML's autograd, and no extra memory (B > D, or no weight gradient: the
 tiles are recomputed, four). No gradient wanted (``no_grad``, inputs without ``requires_grad``): one pass.
 
-fp32 products go through oneDNN where their operands are dense (class_losses._Products: ≈ 1.8× MKL's generic
-sgemm path on this AMD machine): all three when W is the transposed view of a C·K × D tensor; in PML's D × C·K
-layout only dW's (a column slice of W is padded, which oneDNN reads ~100× slower: x̂·W_chunk and dS·W_chunkᵀ stay
-on torch.mm there).
+fp32 products go through oneDNN (class_losses._Products: ≈ 1.8× MKL's generic sgemm path on this AMD machine).
+Its operands must be dense: a column slice of PML's D × C·K layout is padded (oneDNN reads it ~100× slower), so
+there each chunk's columns are first packed into a c·K × D copy (``_Ctx.wchunk``: one chunk, ≤ TILE / B rows of W,
+never all of W); when W is the transposed view of a C·K × D tensor its slices are dense already.
 
 Inline on the caller's thread (torch's intra-op threads do the parallel work): an earlier form dealt the chunks
 to Python worker threads, which on a quiet 2-core machine was 5–15 % slower and moved the caller onto another
@@ -76,10 +76,18 @@ class _Ctx:
             return self.stash.t()[j0:j1].reshape(-1)[:b * (j1 - j0)].view(b, j1 - j0)
         return self.stash[:b, j0:j1]
 
-    def tile(self, j0, j1, out=None):
+    def wchunk(self, j0, j1):
+        """W's columns [j0, j1) (D × c·K) for the products: a dense view, or — a padded column slice of PML's layout
+        under oneDNN — a contiguous copy of the slice (values unchanged)."""
+        wc = self.W[:, j0:j1]
+        if _onednn_ok(wc.dtype) and not _dense(wc):
+            wc = wc.contiguous()
+        return wc
+
+    def tile(self, j0, j1, out=None, wc=None):
         """S of the chunk, centre-major (column k·c + i: centre k of the chunk's class i), scaled by rw."""
         c, k = (j1 - j0) // self.cfg.k, self.cfg.k
-        raw = _mm_nt(self.q, self.W[:, j0:j1].t())
+        raw = _mm_nt(self.q, (self.wchunk(j0, j1) if wc is None else wc).t())
         out = torch.empty_like(raw) if out is None else out
         src = raw.view(-1, c, k).transpose(1, 2)
         if self.rw is None:
@@ -154,12 +162,13 @@ def _pass1(cx, chunks):
 def _pass2(cx, rest, g_t, g_r, dW, need_q, chunks):
     """Over ``chunks``: dL/dq (their share) and dL/dW into their columns of ``dW`` (None: not wanted) for the
     loss's upstream scalar 1, given dL/dt and dL/dR per row; tiles from the stash, else recomputed."""
-    cfg, q, W, rw, k = cx.cfg, cx.q, cx.W, cx.rw, cx.cfg.k
+    cfg, q, rw, k = cx.cfg, cx.q, cx.rw, cx.cfg.k
     dq = torch.zeros_like(q) if need_q else None
     shift, ga = (rest / cfg.a).unsqueeze(1), (g_r * cfg.a).unsqueeze(1)
     for c0, c1 in chunks:
         c, j0, j1 = c1 - c0, c0 * k, c1 * k
-        s = cx.tile(j0, j1) if cx.stash is None else cx.store(j0, j1)
+        wc = cx.wchunk(j0, j1)
+        s = cx.tile(j0, j1, wc=wc) if cx.stash is None else cx.store(j0, j1)
         v, e, den = _reduce(s, c, cfg)
         idx, inside = _target_slot(cx.labels, c0, c1)
         g = torch.sub(v, shift).mul_(cfg.a).exp_().mul_(ga)  # dL/dv = dL/dR·a·e^{a·v − R} off the target
@@ -193,7 +202,6 @@ def _pass2(cx, rest, g_t, g_r, dW, need_q, chunks):
             dsn.view(-1, c, k).copy_(ds.view(-1, k, c).transpose(1, 2))
         else:
             torch.mul(ds.view(-1, k, c).transpose(1, 2), rw[j0:j1].view(c, k), out=dsn.view(-1, c, k))
-        wc = W[:, j0:j1]
         dnn = _onednn_ok(q.dtype)  # (fp32: oneDNN's products, see class_losses._Products)
         if need_q:
             if dnn and _dense(wc):
@@ -202,16 +210,25 @@ def _pass2(cx, rest, g_t, g_r, dW, need_q, chunks):
                 dq.addmm_(dsn, wc.t())
         if dW is not None:  # overwrites the stashed tile (read above)
             dw = dW[:, j0:j1]
-            if dnn and dw.t().is_contiguous():  # W's column-major layout: dwᵀ (c·K × D) rows are contiguous
+            if dnn and not dw.t().is_contiguous():  # PML's D × C·K layout: the block formed densely, then copied
+                block = _lin(q.t(), dsn.t())
+                _project(block, wc, rw, j0, j1)
+                dw.copy_(block)
+                continue
+            if dnn:  # W's column-major layout: dwᵀ (c·K × D) rows are contiguous
                 dw.t().copy_(_lin(dsn.t(), q.t()))
-            elif dnn:  # PML's D × C·K layout: row slices of dW
-                dw.copy_(_lin(q.t(), dsn.t()))
             else:
                 torch.mm(q.t(), dsn, out=dw)
-            if rw is not None:  # F.normalize's projection: −rw² (w·dW) w, not where the norm is clamped
-                r = rw[j0:j1]
-                dw.addcmul_(wc, torch.linalg.vecdot(wc, dw, dim=0).mul_(r * r * (r < 1 / _EPS)), value=-1.0)
+            _project(dw, wc, rw, j0, j1)
     return dq
+
+
+def _project(dw, wc, rw, j0, j1):
+    """F.normalize's chain on the chunk's weight gradient (D × c·K) in place: −rw² (w·dW) w per column of W, not
+    where the norm is clamped; nothing without normalisation (rw None)."""
+    if rw is not None:
+        r = rw[j0:j1]
+        dw.addcmul_(wc, torch.linalg.vecdot(wc, dw, dim=0).mul_(r * r * (r < 1 / _EPS)), value=-1.0)
 
 
 def _parallel(fn, chunks):
