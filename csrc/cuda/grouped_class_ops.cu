@@ -62,16 +62,6 @@ __device__ __forceinline__ void stage_cols(const Cols<T>& W, int64_t j0, int64_t
   }
 }
 
-// Stage rows [i0, i0 + 32) × d-columns [d0, d0 + 32) of x (b × d, contiguous) into sA[r][c].
-template <typename T>
-__device__ __forceinline__ void stage_rows(const T* __restrict__ x, int64_t b, int64_t i0, int64_t d0, int64_t d,
-                                           T (*sA)[kTile + 1]) {
-  for (int t = threadIdx.x; t < kTile * kTile; t += kThreads) {
-    const int r = t / kTile, c = t % kTile;
-    sA[r][c] = (i0 + r < b && d0 + c < d) ? x[(i0 + r) * d + d0 + c] : T(0);
-  }
-}
-
 // The tile S[r][jj] = x̂_{i0+r}·ŵ_{j0+jj} (× rw) into sS; 0 outside the rows / the tile's nj columns. Every thread
 // calls; on return the warp's own rows of sS are visible to the warp.
 template <typename T>
@@ -190,21 +180,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < kRowsPerWarp; ++j) sE[warp * kRowsPerWarp + j][lane] *= W.rw[j0 + lane];
     }
     __syncwarp();
-    // dx[i0 + r, :] += E (32 × nj) · W[:, j0 : j0 + nj]ᵀ, 32 embedding columns at a time
-    for (int64_t d0 = 0; d0 < d; d0 += kTile) {
-      stage_cols(W, j0, nj, d0, d, sm.b);
-      __syncthreads();
-#pragma unroll
-      for (int j = 0; j < kRowsPerWarp; ++j) {
-        const int r = warp * kRowsPerWarp + j;
-        T s = T(0);
-#pragma unroll 8
-        for (int jj = 0; jj < kTile; ++jj) s = fma(sE[r][jj], sm.b[jj][lane], s);
-        const int64_t row = i0 + r;
-        if (row < b && d0 + lane < d) dx[row * d + d0 + lane] += s;  // this CTA owns the row
-      }
-      __syncthreads();
-    }
+    // dx[i0 + r, :] += E (32 × nj) · W[:, j0 : j0 + nj]ᵀ
+    add_edge_product(
+        sE, sm.b, [&](int64_t d0, T(*sB)[kTile + 1]) { stage_cols(W, j0, nj, d0, d, sB); }, d, i0, b, dx);
   }
 }
 

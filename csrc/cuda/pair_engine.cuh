@@ -118,6 +118,40 @@ __device__ __forceinline__ void tile_dots(const T* __restrict__ A, int64_t na, i
   }
 }
 
+// Stage rows [i0, i0 + 32) × columns [d0, d0 + 32) of x (n × d, contiguous) into sA[r][c] (zero past the ends).
+template <typename T>
+__device__ __forceinline__ void stage_rows(const T* __restrict__ x, int64_t n, int64_t i0, int64_t d0, int64_t d,
+                                           T (*sA)[kTile + 1]) {
+  for (int t = threadIdx.x; t < kTile * kTile; t += kThreads) {
+    const int r = t / kTile, c = t % kTile;
+    sA[r][c] = (i0 + r < n && d0 + c < d) ? x[(i0 + r) * d + d0 + c] : T(0);
+  }
+}
+
+// The backward's row update of every kernel: out[a0 + r, :] += E (32 × 32, shared: sE[r][k]) · B for the CTA's 32
+// rows, B's 32 rows staged 32 columns at a time by stage(c0, sB) (sB[k][c] = B[k][c0 + c], zero past the ends).
+// Every thread calls; the caller has made sE visible. The CTA owns rows a0 .. a0 + 31 of out: no race.
+template <typename T, typename Stage>
+__device__ __forceinline__ void add_edge_product(const T (*sE)[kTile + 1], T (*sB)[kTile + 1], Stage&& stage,
+                                                 int64_t d, int64_t a0, int64_t nrows, T* __restrict__ out) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t c0 = 0; c0 < d; c0 += kTile) {
+    stage(c0, sB);
+    __syncthreads();
+    const int64_t gc = c0 + lane;
+#pragma unroll
+    for (int j = 0; j < kRowsPerWarp; ++j) {
+      const int row = warp * kRowsPerWarp + j;
+      T s = T(0);
+#pragma unroll 8
+      for (int kk = 0; kk < kTile; ++kk) s = fma(sE[row][kk], sB[kk][lane], s);
+      const int64_t a = a0 + row;
+      if (a < nrows && gc < d) out[a * d + gc] += s;
+    }
+    __syncthreads();
+  }
+}
+
 // One side of the pair matrix: its rows x (n × d, contiguous) and their squared norms (read for distances
 // only). The kernels take these pointers as __restrict__ parameters (read-only data path) and build the
 // sides inside.

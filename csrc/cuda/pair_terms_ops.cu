@@ -182,25 +182,9 @@ __global__ void __launch_bounds__(kThreads)
       },
       [&](int64_t b0) {
         __syncthreads();
-        for (int64_t c0 = 0; c0 < d; c0 += kTile) {
-          for (int t = tid; t < kTile * kTile; t += kThreads) {
-            const int kk = t / kTile, c = t % kTile;
-            const int64_t gb = b0 + kk, gc = c0 + c;
-            sm.b[kk][c] = (gb < ncols && gc < d) ? cols_x[gb * d + gc] : T(0);
-          }
-          __syncthreads();
-          const int64_t gc = c0 + lane;
-#pragma unroll
-          for (int j = 0; j < kRowsPerWarp; ++j) {
-            const int row = warp * kRowsPerWarp + j;
-            T acc = T(0);
-#pragma unroll 8
-            for (int kk = 0; kk < kTile; ++kk) acc = fma(sE[row][kk], sm.b[kk][lane], acc);
-            const int64_t a = sw.a0 + row;
-            if (a < nrows && gc < d) out[a * d + gc] += acc;  // this CTA owns row a
-          }
-          __syncthreads();
-        }
+        add_edge_product(
+            sE, sm.b, [&](int64_t c0, T(*sB)[kTile + 1]) { stage_rows(cols_x, ncols, b0, c0, d, sB); }, d, sw.a0,
+            nrows, out);
       });
   const int ns = term_stats(tg.tp.loss);
 #pragma unroll
